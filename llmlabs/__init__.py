@@ -1,0 +1,1 @@
+"""llm-labs: a compact LLM research lab."""

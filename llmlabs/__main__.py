@@ -1,0 +1,5 @@
+import sys
+
+from llmlabs.cli import main
+
+sys.exit(main())

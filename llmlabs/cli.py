@@ -1,0 +1,41 @@
+"""`llmlabs <command>`: a thin dispatcher. Each command's module defines add_args(parser) and
+run(args); the module is imported only when its command runs, so `llmlabs prepare` never imports
+the model and `--help` is instant."""
+import argparse
+import importlib
+import sys
+
+from llmlabs.common import LabError
+
+COMMANDS = {
+    "prepare": ("llmlabs.data.prepare", "build a data directory: tokenizer + token shards (the only step that may use the network)"),
+    "train": ("llmlabs.train", "train a GPT and report val_bpb"),
+    "eval": ("llmlabs.evaluate", "print val_bpb of a run's checkpoint"),
+    "sample": ("llmlabs.engine", "generate text from a run's checkpoint"),
+    "auto": ("llmlabs.auto.cli", "autoresearch: agent-driven fixed-budget experiments"),
+}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: llmlabs <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}: pick one of {', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+        return 0
+    name = argv[0]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"llmlabs {name}", description=COMMANDS[name][1])
+    module.add_args(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return module.run(args) or 0
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

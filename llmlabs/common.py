@@ -1,0 +1,123 @@
+"""Small shared helpers: errors, paths, atomic writes, device and distributed setup, peak FLOPs."""
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class LabError(Exception):
+    """A user-facing problem. The CLI prints it as one line (`error: ...`) and exits non-zero.
+    The message names the file or value at fault and the fix."""
+
+
+def llmlabs_home() -> Path:
+    """Where prepared data and runs live by default; LLMLABS_HOME overrides ~/.cache/llmlabs."""
+    return Path(os.environ.get("LLMLABS_HOME") or Path.home() / ".cache" / "llmlabs")
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write to a temporary name in the same directory, fsync, then rename: a reader sees either the
+    old file or the whole new one, never half of it (also after Ctrl-C or a kill)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and processes
+
+def dist_info():
+    """(is_distributed, rank, local_rank, world_size) from torchrun's environment variables."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    if dist_info()[1] == 0:
+        print(*args, **kwargs)
+
+
+def autodetect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device: str | None = None):
+    """Pick the device, set matmul precision, and join the process group under torchrun.
+    Returns (device: torch.device, rank, local_rank, world_size)."""
+    device = device or autodetect_device()
+    if device not in ("cpu", "cuda", "mps"):
+        raise LabError(f"unknown device {device!r}: use cpu, cuda or mps")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LabError("--device cuda asked for, but torch sees no CUDA device: drop the flag to run on CPU")
+    ddp, rank, local_rank, world = dist_info()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        if ddp and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device(device)
+        if ddp and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+    return dev, rank, local_rank, world
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# Dense bf16 tensor-core peak (no sparsity), from the vendors' datasheets, keyed by a substring of
+# torch.cuda.get_device_name(). MFU = achieved model FLOP/s / this number.
+PEAK_BF16_FLOPS = [
+    ("H200", 989.5e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.5e12),  # SXM
+    ("H800", 989.5e12),
+    ("GH200", 989.5e12),
+    ("B200", 2.25e15),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense FLOP/s for MFU, or None where no number is known (CPU, unknown GPU): then MFU is
+    reported as 0 rather than guessed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
