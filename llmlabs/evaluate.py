@@ -1,0 +1,101 @@
+"""val_bpb, the one definition, and the `llmlabs eval RUN` command.
+
+bits per byte = (summed nats over target tokens) / (ln 2 x summed UTF-8 bytes of those targets).
+Special tokens (BOS, image tokens) have 0 bytes and are left out of both sums, so the number does not
+depend on the tokenizer's vocabulary and can be compared across vocab sizes. The harness computes the
+loss from the model's logits itself: the model never sees the targets during evaluation, so an edit
+to the model's loss cannot change the score.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from llmlabs.common import LabError
+
+
+@torch.no_grad()
+def evaluate_bpb(model, data, split="val", *, batch_size, seq_len, max_tokens, device, autocast=None):
+    """Score `model` on the first `max_tokens` target tokens of `split` (BOS-aligned rows, seed 0, so
+    every call sees the same tokens). Under torchrun each rank scores its slice and the sums are
+    reduced. Returns val_bpb plus the same tokens scored by a unigram model fit on the train split
+    (the baseline a trained model must beat)."""
+    from llmlabs.data.loader import BestFitLoader
+
+    tok = data.tokenizer
+    token_bytes = tok.token_bytes().to(device)
+    unigram_logp = unigram_log_probs(data).to(device)
+    rank, world = _rank_world()
+    loader = BestFitLoader(data, split, batch_size, seq_len, seed=0, rank=rank, world_size=world,
+                           device=device, loop=False)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, bytes, unigram nats, tokens
+    budget = max(1, max_tokens // world)
+    seen = 0
+    for x, y in loader:
+        if seen >= budget:
+            break
+        with autocast or torch.autocast(device.type, enabled=False):
+            logits = model(x)
+        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        nbytes = token_bytes[y.flatten()]
+        counted = nbytes > 0
+        sums[0] += (nats * counted).sum(dtype=torch.float64)
+        sums[1] += nbytes.sum(dtype=torch.float64)
+        sums[2] += (-unigram_logp[y.flatten()] * counted).sum(dtype=torch.float64)
+        sums[3] += y.numel()
+        seen += y.numel()
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    nats, nbytes, uni_nats, ntok = sums.tolist()
+    if nbytes == 0:
+        raise LabError(f"the {split} split of {data.path} holds no scorable tokens: prepare more data "
+                       "(a larger source or a larger split fraction)")
+    return {"bpb": nats / (math.log(2) * nbytes), "unigram_bpb": uni_nats / (math.log(2) * nbytes),
+            "tokens": int(ntok), "bytes": int(nbytes)}
+
+
+def unigram_log_probs(data):
+    """log p(token) from train-split counts with add-one smoothing (so an unseen token costs a finite
+    amount); specials are scored by no one, their value is irrelevant."""
+    counts = torch.as_tensor(data.token_counts("train"), dtype=torch.float64)
+    return torch.log((counts + 1) / (counts.sum() + counts.numel()))
+
+
+def _rank_world():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------------------------
+# `llmlabs eval RUN`
+
+def add_args(p):
+    p.add_argument("run", help="a run directory written by `llmlabs train`")
+    p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split to score")
+    p.add_argument("--tokens", type=int, help="target tokens to score (default: the run's --eval-tokens)")
+    p.add_argument("--data", help="data directory (default: the one the run was trained on)")
+    p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
+
+
+def run(args):
+    from llmlabs.checkpoint import load_run
+    from llmlabs.common import compute_init
+    from llmlabs.data.shards import DataDir
+
+    device = compute_init(args.device)[0]
+    model, ckpt = load_run(args.run, device)
+    cfg = ckpt["run_config"]
+    data = DataDir.open(args.data or cfg["data"])
+    if data.tokenizer.hash != ckpt["tokenizer_hash"]:
+        raise LabError(f"tokenizer of {data.path} ({data.tokenizer.hash[:12]}) differs from the one {args.run} "
+                       f"was trained with ({ckpt['tokenizer_hash'][:12]}): pass --data with the run's data directory")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    res = evaluate_bpb(model, data, args.split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
+                       max_tokens=args.tokens or cfg["eval_tokens"], device=device, autocast=autocast)
+    print(f"{args.split}_bpb: {res['bpb']:.6f}")
+    print(f"unigram_bpb: {res['unigram_bpb']:.6f}")
+    print(f"eval_tokens: {res['tokens']}")

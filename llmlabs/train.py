@@ -1,0 +1,424 @@
+"""`llmlabs train`: the one training loop of the lab.
+
+Every entry point (this CLI, torchrun, the autoresearch runner, sweeps) runs this same loop with a
+different budget. Read it top to bottom: flags, setup, the loop (schedules, accumulation, step,
+status, checkpoints), then the final evaluation and the summary block.
+
+Budgets: training ends when the first of --time-budget / --tokens / --target-flops /
+--param-data-ratio is used up. Every schedule (LR warmup and warmdown, Muon momentum ramp,
+weight-decay decay) is a function of `progress`, the fraction of that budget used, so the same
+schedule shape holds for a 30-second test and a 5-minute GPU run.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from llmlabs import checkpoint
+from llmlabs.common import LabError, atomic_write_json, compute_init, peak_flops, print0, seed_all
+
+# What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
+# 2-core machine prepare + training + evaluation take under 5 minutes; the GPU preset is the
+# autoresearch d8 experiment (5 minutes of training, seq 2048, batch 2^19 tokens, windows SSSL).
+CPU_PRESET = dict(depth=4, aspect_ratio=32, head_dim=32, seq_len=256, window_pattern="L",
+                  total_batch_size=4096, device_batch_size=16, time_budget=150.0, eval_tokens=2**17)
+GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_pattern="SSSL",
+                  total_batch_size=2**19, device_batch_size=64, time_budget=300.0, eval_tokens=2**21)
+UNTIMED_STEPS = 2        # compiled runs: steps not charged to --time-budget (torch.compile runs in them)
+MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
+SAMPLE_PROMPTS = ["def ", "import ", "class ", "    return "]
+
+
+def add_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="prepared data directory (default: the pystdlib corpus, prepared on first use)")
+    g = p.add_argument_group("model (the one dial is --depth; unset values come from the CPU or GPU preset)")
+    g.add_argument("--depth", type=_depth, help="d4..d26 or a number: width = depth x aspect ratio")
+    g.add_argument("--aspect-ratio", type=int, help="width per layer of depth")
+    g.add_argument("--head-dim", type=int, help="attention head size")
+    g.add_argument("--n-kv-head", type=int, help="key/value heads for grouped-query attention (default: = heads)")
+    g.add_argument("--seq-len", type=int, help="context length in tokens")
+    g.add_argument("--window-pattern", help='sliding-window pattern over layers, e.g. "SSSL" or "L"')
+    g = p.add_argument_group("budget (training stops at the first one used up)")
+    g.add_argument("--time-budget", type=float, help="seconds of training, compile and warm-up excluded")
+    g.add_argument("--tokens", type=float, help="training tokens, e.g. 2e8")
+    g.add_argument("--target-flops", type=float, help="training FLOPs (model FLOPs per token x tokens)")
+    g.add_argument("--param-data-ratio", type=float, help="training tokens per model parameter (Chinchilla: 20)")
+    g = p.add_argument_group("batch and optimizer (unset values follow the depth's scaling rules)")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, across accumulation and ranks")
+    g.add_argument("--device-batch-size", type=int, help="rows per forward pass; lower it on out-of-memory")
+    g.add_argument("--matrix-lr", type=float, help="Muon learning rate for the block matrices")
+    g.add_argument("--embedding-lr", type=float, help="AdamW learning rate for embeddings")
+    g.add_argument("--unembedding-lr", type=float, help="AdamW learning rate for the output head")
+    g.add_argument("--scalar-lr", type=float, help="AdamW learning rate for per-layer scalars")
+    g.add_argument("--weight-decay", type=float, help="cautious weight decay of the Muon matrices")
+    g.add_argument("--warmup-frac", type=float, default=0.0, help="fraction of the budget spent warming up the LR")
+    g.add_argument("--warmdown-frac", type=float, default=0.5, help="fraction of the budget at the end spent decaying the LR")
+    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-tokens", type=int, help="validation target tokens scored for val_bpb")
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-split", choices=["val", "test"], default="val",
+                   help="split of the final evaluation (test: held-out confirmation runs only)")
+    g.add_argument("--run-dir", help="where config, metrics, checkpoints and the summary go (default: runs/<time>-d<depth>)")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    g.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard in RUN/tb")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", help="cpu | cuda | mps (default: best available)")
+    g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA (slower; quicker start)")
+    g.add_argument("--attention", choices=["auto", "fa3", "sdpa", "flex", "cpu"], help="force an attention backend")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights and the data order")
+    g.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
+
+
+def _depth(s):
+    try:
+        return int(s[1:] if s.lower().startswith("d") else s)
+    except ValueError:
+        raise LabError(f"--depth {s!r} is not a depth: use a number or a preset name like d8") from None
+
+
+def run(args):
+    return train(args)
+
+
+def main(argv=None):
+    """In-process entry for tests and other modules: main(["--tokens", "1e5", ...])."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    return train(p.parse_args(argv))
+
+
+def resolve_config(args, device):
+    """Fill every unset flag from the preset for the hardware, then from the depth's scaling rules.
+    The result is the complete, self-describing run configuration saved as RUN/config.json."""
+    preset = GPU_PRESET if device.type == "cuda" else CPU_PRESET
+    cfg = {k: v for k, v in vars(args).items() if v is not None}
+    explicit_budget = any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio"))
+    for k, v in preset.items():
+        if k == "time_budget" and explicit_budget:
+            continue
+        cfg.setdefault(k, v)
+    return cfg
+
+
+def train(args):
+    t_start = time.time()
+    from llmlabs import attention
+    from llmlabs.config import config_for_depth, hyperparams_for
+    from llmlabs.data.loader import BestFitLoader
+    from llmlabs.model import build_model
+
+    device, rank, _, world = compute_init(args.device)
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.exists():
+            raise LabError(f"--resume {run_dir}: no config.json there; give a run directory of `llmlabs train`")
+        cfg = json.loads(cfg_path.read_text())
+    else:
+        cfg = resolve_config(args, device)
+    seed_all(cfg["seed"] + rank)
+    if cfg.get("attention"):
+        attention.set_backend(cfg["attention"])
+
+    # ---- data: prepared once, never re-tokenized here
+    data = _open_data(cfg.get("data"))
+    cfg["data"] = str(data.path)
+
+    # ---- model, sized by the depth dial; hyperparameters from the documented scaling rules
+    mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],
+                            aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
+                            n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"])
+    model = build_model(mcfg, device)
+    for k, v in hyperparams_for(mcfg).items():
+        cfg.setdefault(k, v)
+    counts = model.num_params()
+    flops_per_token = model.flops_per_token()
+    T, B = cfg["seq_len"], cfg["device_batch_size"]
+    tokens_per_micro = B * T * world
+    if cfg["total_batch_size"] % tokens_per_micro:
+        raise LabError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of device batch x seq len x "
+                       f"ranks = {tokens_per_micro}: pick a multiple")
+    accum = cfg["total_batch_size"] // tokens_per_micro
+    budget_tokens = _token_budget(cfg, counts, flops_per_token)
+    if budget_tokens is None and "time_budget" not in cfg:
+        raise LabError("no budget: give --time-budget, --tokens, --target-flops or --param-data-ratio")
+
+    optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
+                                      unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
+                                      weight_decay=cfg["weight_decay"])
+    loader = BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world, device=device)
+
+    # ---- run directory and resume
+    if not args.resume:
+        run_dir = Path(cfg.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-d{cfg['depth']}")
+        if checkpoint.latest(run_dir) is not None:
+            raise LabError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, or another --run-dir")
+    cfg["run_dir"] = str(run_dir)
+    step, tokens_done, timed_tokens, train_time = 0, 0, 0, 0.0
+    if args.resume:
+        ck_path = checkpoint.latest(run_dir)
+        if ck_path is None:
+            raise LabError(f"--resume {run_dir}: no checkpoint in it (checkpoints/LATEST missing); start a new run instead")
+        ck = checkpoint.load(ck_path, device)
+        if ck["state"]["tokenizer_hash"] != data.tokenizer.hash:
+            raise LabError(f"--resume {run_dir}: its tokenizer differs from the one of {data.path}: resume with the "
+                           "run's own data directory")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        loader.load_state_dict(ck["state"]["loader"])
+        checkpoint.set_rng_state(ck["rng"])
+        step, tokens_done = ck["step"], ck["state"]["tokens_done"]
+        timed_tokens, train_time = ck["state"]["timed_tokens"], ck["state"]["train_time"]
+        print0(f"resumed {run_dir} at step {step} ({tokens_done / 1e6:.2f}M tokens)")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", cfg)
+        data.tokenizer.save(run_dir / "tokenizer.json")  # sample/eval work even if the data dir moves
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+    tb = _tensorboard(run_dir) if cfg.get("tensorboard") and rank == 0 else None
+
+    use_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    compiled = use_cuda and not cfg.get("no_compile")
+    fwd = torch.compile(model, fullgraph=True) if compiled else model
+    untimed_steps = UNTIMED_STEPS if compiled else 0
+    peak = peak_flops(device)
+    print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
+           f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
+           f"{world} ranks x {accum} accum; attention {attention.describe()}")
+
+    def progress():
+        fracs = [tokens_done / budget_tokens] if budget_tokens else []
+        if "time_budget" in cfg:
+            fracs.append(train_time / cfg["time_budget"])
+        return max(fracs)
+
+    def save_state():
+        state = {"loader": loader.state_dict(), "tokens_done": tokens_done, "train_time": train_time,
+                 "timed_tokens": timed_tokens,
+                 "model_config": vars(mcfg), "run_config": cfg, "tokenizer_hash": data.tokenizer.hash}
+        return checkpoint.save(run_dir, step, model, optimizer, state) if rank == 0 else None
+
+    stop = {"sigint": False}
+    prev_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
+    last_status, eval_bpb = 0.0, None
+    try:
+        # ---- the loop
+        while progress() < 1.0:
+            p = progress()
+            _set_schedules(optimizer, p, cfg)
+            torch.cuda.synchronize() if use_cuda else None
+            t0 = time.time()
+            loss_sum = torch.zeros((), device=device)
+            try:
+                for _ in range(accum):
+                    x, y = next(loader)
+                    with autocast:
+                        loss = fwd(x, y)
+                    (loss / accum).backward()
+                    loss_sum += loss.detach()
+                if world > 1:  # plain gradient averaging until the distributed optimizer lands
+                    for prm in model.parameters():
+                        torch.distributed.all_reduce(prm.grad, op=torch.distributed.ReduceOp.AVG)
+                optimizer.step()
+            except torch.cuda.OutOfMemoryError:
+                raise LabError(f"CUDA out of memory at --device-batch-size {B} (depth {cfg['depth']}, seq {T}): "
+                               f"lower --device-batch-size (accumulation keeps the total batch)") from None
+            model.zero_grad(set_to_none=True)
+            loss_val = loss_sum.item() / accum  # the one host sync per step
+            dt = time.time() - t0
+            if not math.isfinite(loss_val):
+                good = checkpoint.latest(run_dir)
+                raise LabError(f"loss became {loss_val} at step {step}: stopped; last good checkpoint "
+                               f"{good or 'none (use --save-every)'}; lower the learning rates or check the last change")
+            step += 1
+            tokens_done += cfg["total_batch_size"]
+            if step > untimed_steps:
+                train_time += dt
+                timed_tokens += cfg["total_batch_size"]
+            tok_s = cfg["total_batch_size"] / dt
+            mfu = 100 * flops_per_token * tok_s / (peak * world) if peak else 0.0
+            row = {"step": step, "loss": loss_val, "lr_mult": optimizer.param_groups[0]["lr"] /
+                   optimizer.param_groups[0]["initial_lr"], "tok_per_sec": tok_s, "mfu": mfu,
+                   "progress": progress(), "train_time": train_time, "tokens": tokens_done}
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if tb:
+                    for k in ("loss", "lr_mult", "tok_per_sec", "mfu"):
+                        tb.add_scalar(k, row[k], step)
+            if time.time() - last_status > (0.5 if sys.stdout.isatty() else 10) or progress() >= 1:
+                last_status = time.time()
+                _status(step, row, t_start)
+            if cfg.get("eval_every") and step % cfg["eval_every"] == 0:
+                eval_bpb = _evaluate(model, data, "val", cfg, device, autocast)["bpb"]
+                print0(f"\nstep {step}: val_bpb {eval_bpb:.4f}")
+                if rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": step, "val_bpb": eval_bpb}) + "\n")
+            if stop["sigint"]:
+                path = save_state()
+                print0(f"\ninterrupted at step {step}: checkpoint {path}; continue with "
+                       f"`llmlabs train --resume {run_dir}`")
+                return 130
+            if cfg.get("save_every") and step % cfg["save_every"] == 0:
+                save_state()
+    finally:
+        signal.signal(signal.SIGINT, prev_handler)
+    print0()
+
+    # ---- final evaluation, samples, summary
+    save_state()
+    res = _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
+    tok_per_sec = timed_tokens / train_time if train_time > 0 else 0.0
+    summary = {
+        f"{cfg['eval_split']}_bpb": round(res["bpb"], 6),
+        "unigram_bpb": round(res["unigram_bpb"], 6),
+        "training_seconds": round(train_time, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if use_cuda else 0.0,
+        "mfu_percent": round(100 * flops_per_token * tok_per_sec / (peak * world), 2) if peak else 0.0,
+        "total_tokens_M": round(tokens_done / 1e6, 2),
+        "num_steps": step,
+        "num_params_M": round(counts["total"] / 1e6, 2),
+        "depth": cfg["depth"],
+        "tok_per_sec": round(tok_per_sec),
+        "eval_tokens": res["tokens"],
+        "attention": ",".join(f"{k}={v}" for k, v in attention.describe().items()),
+        "device": torch.cuda.get_device_name(device) if use_cuda else device.type,
+        "seed": cfg["seed"],
+    }
+    if rank == 0:
+        _write_samples(model, data.tokenizer, run_dir / "samples.txt")
+        _plot_loss(metrics_path, run_dir / "loss.png")
+        atomic_write_json(run_dir / "summary.json", summary)
+        if tb:
+            tb.close()
+    print0("---")
+    for k, v in summary.items():
+        print0(f"{k + ':':<18}{v}")
+    return 0
+
+
+def _open_data(path):
+    from llmlabs.data.prepare import default_data_dir, prepare
+    from llmlabs.data.shards import DataDir
+
+    if path:
+        return DataDir.open(path)
+    default = default_data_dir("pystdlib", 8192)
+    if not (default / "manifest.json").exists():
+        print0(f"no --data given and {default} is not prepared yet: preparing the offline default corpus (once)")
+        prepare("pystdlib", vocab_size=8192)
+    return DataDir.open(default)
+
+
+def _token_budget(cfg, counts, flops_per_token):
+    options = []
+    if cfg.get("tokens"):
+        options.append(cfg["tokens"])
+    if cfg.get("target_flops"):
+        options.append(cfg["target_flops"] / flops_per_token)
+    if cfg.get("param_data_ratio"):
+        options.append(cfg["param_data_ratio"] * counts["total"])
+    if any(o <= 0 for o in options) or cfg.get("time_budget", 1) <= 0:
+        raise LabError("budgets must be positive")
+    return min(options) if options else None
+
+
+def lr_multiplier(p, warmup, warmdown, final):
+    """Trapezoid on budget progress p in [0, 1]: linear warmup, flat, linear warmdown to `final`."""
+    if warmup > 0 and p < warmup:
+        return max(p, 1e-3) / warmup
+    if p <= 1 - warmdown:
+        return 1.0
+    return final + (1 - final) * max(0.0, 1 - p) / warmdown
+
+
+def _set_schedules(optimizer, p, cfg):
+    lrm = lr_multiplier(p, cfg["warmup_frac"], cfg["warmdown_frac"], cfg["final_lr_frac"])
+    ramp = min(p / MOMENTUM_RAMP, 1.0)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = 0.85 + 0.10 * ramp
+            group["weight_decay"] = cfg["weight_decay"] * (1 - p)  # decays to 0 with the budget
+
+
+def _evaluate(model, data, split, cfg, device, autocast):
+    from llmlabs.evaluate import evaluate_bpb
+
+    return evaluate_bpb(model, data, split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
+                        max_tokens=cfg["eval_tokens"], device=device,
+                        autocast=autocast if device.type == "cuda" else None)
+
+
+def _status(step, row, t_start):
+    p = row["progress"]
+    eta = (time.time() - t_start) * (1 - p) / max(p, 1e-9)
+    line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
+            f"MFU {row['mfu']:5.1f}% | ETA {eta:5.0f}s")
+    print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
+
+
+def _truncate_metrics(path, step):
+    """On resume, drop rows written after the checkpoint, so metrics.jsonl reads as one clean run."""
+    if not path.exists():
+        return
+    rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _tensorboard(run_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LabError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+def _write_samples(model, tokenizer, path):
+    from llmlabs.engine import complete
+
+    model.eval()
+    out = []
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        out.append(prompt + complete(model, tokenizer, prompt, 64, temperature=0.8, top_k=50, seed=i))
+    path.write_text("\n\n-----\n\n".join(out) + "\n")
+    model.train()
+
+
+def _plot_loss(metrics_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(r) for r in metrics_path.read_text().splitlines() if r]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), lw=1, label="train loss (nats/token)")
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "o-", color="C1", label="val_bpb")
+        ax2.set_ylabel("val_bpb")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(png_path.parent.name)
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)

@@ -1,0 +1,337 @@
+"""The training loop, checkpoints, evaluation and generation, on a tiny real corpus (CPU, fp32)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmlabs import checkpoint, cli, train
+from llmlabs.common import LabError
+
+REPO = Path(__file__).resolve().parents[1]
+# a model small enough that a step takes milliseconds on 2 cores
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--seq-len", "64", "--window-pattern", "SL",
+        "--device-batch-size", "4", "--total-batch-size", "512", "--eval-tokens", "2048", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A real corpus (60 stdlib modules), prepared with a small vocab."""
+    import sysconfig
+
+    from llmlabs.data.prepare import prepare
+
+    src = tmp_path_factory.mktemp("src")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(stdlib.glob("*.py"))[:60]:
+        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    return prepare(str(src), out=tmp_path_factory.mktemp("data") / "d", vocab_size=512)
+
+
+def run_train(data_dir, run_dir, *extra):
+    return train.main(TINY + ["--data", str(data_dir), "--run-dir", str(run_dir), *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(r) for r in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
+    assert run_train(data_dir, tmp_path / "run", "--tokens", "8192", "--save-every", "4") == 0
+    out = capsys.readouterr().out
+    block = out.split("\n---\n")[-1]
+    summary = dict(line.split(":", 1) for line in block.strip().splitlines())
+    for key in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                "num_steps", "num_params_M", "depth", "tok_per_sec", "attention"):
+        assert key in summary, key
+    assert int(summary["num_steps"]) == 16 and float(summary["total_tokens_M"]) == pytest.approx(0.008192, abs=1e-5)
+    # a real model after 16 steps beats nothing yet; the unigram comparison is the main job's (README)
+    assert 0 < float(summary["val_bpb"]) < 20
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "summary.json", "samples.txt", "loss.png", "tokenizer.json"):
+        assert (run / name).exists(), name
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((run / "summary.json").read_text())["num_steps"] == 16
+
+
+def test_loss_goes_down(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "run", "--tokens", "40960", "--matrix-lr", "0.02")
+    rows = metrics(tmp_path / "run")
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+
+
+def test_budgets_pick_the_same_token_count(data_dir, tmp_path):
+    """--tokens, --target-flops and --param-data-ratio all become a token budget; each ends the run
+    at the step where that budget is used up."""
+    run_train(data_dir, tmp_path / "a", "--tokens", "4096")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    from llmlabs.config import config_for_depth
+    from llmlabs.model import build_model
+
+    model = build_model(config_for_depth(2, vocab_size=512, sequence_len=64, aspect_ratio=32, head_dim=16,
+                                         window_pattern="SL"), "cpu")
+    fpt, nparams = model.flops_per_token(), model.num_params()["total"]
+    run_train(data_dir, tmp_path / "b", "--target-flops", str(fpt * 4096))
+    run_train(data_dir, tmp_path / "c", "--param-data-ratio", str(4096 / nparams))
+    for name in "abc":
+        assert metrics(tmp_path / name)[-1]["tokens"] == 4096, name
+    assert cfg["tokens"] == 4096
+
+
+def test_time_budget_stops_on_time(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path / "run", "--time-budget", "3")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 3.0 <= summary["training_seconds"] < 4.5
+    assert metrics(tmp_path / "run")[-1]["progress"] >= 1.0
+
+
+def test_lr_schedule_shape():
+    f = train.lr_multiplier
+    assert f(0.0, 0.1, 0.5, 0.0) == pytest.approx(0.01)  # warmup starts low but not at zero
+    assert f(0.05, 0.1, 0.5, 0.0) == pytest.approx(0.5)
+    assert f(0.3, 0.1, 0.5, 0.0) == 1.0
+    assert f(0.75, 0.0, 0.5, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(1.0, 0.0, 0.5, 0.1) == pytest.approx(0.1)
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted(data_dir, tmp_path):
+    """Ctrl-C saves a checkpoint and exits 130; --resume continues to the same loss trajectory."""
+    args = ["--tokens", str(512 * 30)]
+    run_train(data_dir, tmp_path / "full", *args)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "llmlabs", "train", *TINY, "--data", str(data_dir),
+           "--run-dir", str(tmp_path / "cut"), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    mpath = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not mpath.exists() or len(mpath.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted at step" in out and "--resume" in out
+    cut_step = checkpoint.load(checkpoint.latest(tmp_path / "cut"))["step"]
+    assert 5 <= cut_step < 30
+    assert train.main(["--resume", str(tmp_path / "cut")]) == 0
+    full, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(full, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
+    sa = json.loads((tmp_path / "full" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert sb["val_bpb"] == pytest.approx(sa["val_bpb"], rel=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    from llmlabs.model import GPT
+
+    calls = {"n": 0}
+    real_forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, **kw):
+        out = real_forward(self, idx, targets, **kw)
+        if targets is not None:
+            calls["n"] += 1
+            if calls["n"] > 7:  # step 8 onwards
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(LabError, match=r"loss became nan at step 7.*step_000006"):
+        run_train(data_dir, tmp_path / "run", "--tokens", "20480", "--save-every", "3")
+    good = checkpoint.latest(tmp_path / "run")
+    ck = checkpoint.load(good)
+    assert ck["step"] == 6 and all(torch.isfinite(t).all() for t in ck["model"].values())
+
+
+def test_out_of_memory_names_the_flag(data_dir, tmp_path, monkeypatch):
+    from llmlabs.model import GPT
+
+    def oom(self, *a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GPT, "forward", oom)
+    with pytest.raises(LabError, match="lower --device-batch-size"):
+        run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+
+
+def test_killed_checkpoint_write_leaves_previous_loadable(data_dir, tmp_path, monkeypatch):
+    run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+    before = checkpoint.latest(tmp_path / "run")
+    ck = checkpoint.load(before)
+
+    def killed(tensors, path, *a, **kw):  # the process dies half-way through writing the weights
+        Path(path).write_bytes(b"\x00" * 100)
+        raise KeyboardInterrupt
+
+    from llmlabs.config import GPTConfig
+    from llmlabs.model import build_model
+
+    model = build_model(GPTConfig(**ck["state"]["model_config"]), "cpu")
+    model.load_state_dict(ck["model"])
+    monkeypatch.setattr(checkpoint, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "run", 99, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
+    assert checkpoint.latest(tmp_path / "run") == before
+    again = checkpoint.load(before)
+    assert all(torch.equal(again["model"][k], ck["model"][k]) for k in ck["model"])
+
+
+def test_corrupt_checkpoint_is_one_line_error(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+    path = checkpoint.latest(tmp_path / "run")
+    blob = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(LabError, match=r"checkpoint .*step_000004 is unreadable"):
+        checkpoint.load(path)
+
+
+def test_checkpoint_state_round_trip():
+    state = {"a": [1, 2.5, "x", None, True], "b": {3: torch.randn(4, 5), "c": (torch.arange(3), 7)},
+             "nested": [{"t": torch.randn(2, dtype=torch.float64)}]}
+    skel, tensors = checkpoint.flatten(state)
+    json.dumps(skel)  # everything that is not a tensor is plain JSON
+    back = checkpoint.unflatten(json.loads(json.dumps(skel)), tensors)
+    assert back["a"] == [1, 2.5, "x", None, True]
+    assert torch.equal(back["b"][3], state["b"][3]) and 3 in back["b"]
+    assert torch.equal(back["b"]["c"][0], torch.arange(3)) and back["b"]["c"][1] == 7
+    assert torch.equal(back["nested"][0]["t"], state["nested"][0]["t"])
+
+
+def test_val_bpb_equals_hand_computation(data_dir):
+    """evaluate_bpb against a float64 loop over the same rows: nats of non-special targets over
+    ln 2 x their UTF-8 bytes, with token bytes counted from the tokenizer's own byte strings."""
+    from llmlabs.config import config_for_depth
+    from llmlabs.data.loader import BestFitLoader
+    from llmlabs.data.shards import DataDir
+    from llmlabs.evaluate import evaluate_bpb
+    from llmlabs.model import build_model
+
+    data = DataDir.open(data_dir)
+    torch.manual_seed(0)
+    model = build_model(config_for_depth(2, vocab_size=512, sequence_len=64, aspect_ratio=32, head_dim=16,
+                                         window_pattern="SL"), "cpu")
+    with torch.no_grad():  # random weights everywhere, so the logits are far from uniform
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    res = evaluate_bpb(model, data, "val", batch_size=3, seq_len=64, max_tokens=600, device=torch.device("cpu"))
+    tb = data.tokenizer.token_bytes()
+    nats = nbytes = 0.0
+    seen = 0
+    for x, y in BestFitLoader(data, "val", 3, 64, seed=0, loop=False):
+        if seen >= 600:
+            break
+        with torch.no_grad():
+            logp = F.log_softmax(model(x).double(), dim=-1)
+        for b in range(y.shape[0]):
+            for t in range(y.shape[1]):
+                tok = int(y[b, t])
+                if tb[tok] > 0:
+                    nats -= float(logp[b, t, tok])
+                    nbytes += int(tb[tok])
+        seen += y.numel()
+    assert res["tokens"] == 4 * 3 * 64 and seen == res["tokens"]
+    assert res["bpb"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-6)
+    assert res["bytes"] == nbytes
+
+
+def test_eval_and_sample_commands(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path / "run", "--tokens", "4096")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("val_bpb:")[1].split()[0]) == pytest.approx(summary["val_bpb"], rel=1e-5)
+    assert cli.main(["eval", str(tmp_path / "run"), "--split", "test", "--tokens", "1024"]) == 0
+    assert "test_bpb:" in capsys.readouterr().out
+    assert cli.main(["sample", str(tmp_path / "run"), "--prompt", "import os", "--max-tokens", "8",
+                     "--num-samples", "2", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("-" * 40 + "\n")
+    assert first.startswith("import os") and first == second  # greedy: the same text twice
+
+
+def test_eval_with_other_tokenizer_is_one_line_error(data_dir, tmp_path, capsys):
+    from llmlabs.data.prepare import prepare
+
+    run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+    src = tmp_path / "other"
+    src.mkdir()
+    (src / "a.txt").write_text("completely different text " * 400 + "".join(chr(0x4e00 + i) for i in range(300)))
+    other = prepare(str(src), out=tmp_path / "other-data", vocab_size=300)
+    assert cli.main(["eval", str(tmp_path / "run"), "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: tokenizer of") and "--data" in err and "\n" not in err
+
+
+def test_tensorboard_logging(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(data_dir, tmp_path / "run", "--tokens", "4096", "--tensorboard")
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    assert losses == pytest.approx([r["loss"] for r in metrics(tmp_path / "run")], rel=1e-6)
+
+
+def test_existing_run_dir_is_refused(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+    with pytest.raises(LabError, match="--resume"):
+        run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+
+
+def test_eval_every_logs_val_bpb(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "run", "--tokens", "4096", "--eval-every", "4")
+    vals = [r for r in metrics(tmp_path / "run") if "val_bpb" in r]
+    assert [r["step"] for r in vals] == [4, 8]
+
+
+def test_seed_changes_weights_and_data_order(data_dir, tmp_path):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        run_train(data_dir, tmp_path / name, "--tokens", "2048", "--seed", seed)
+    a, b, c = ([r["loss"] for r in metrics(tmp_path / n)] for n in "abc")
+    assert a == b and a != c
+
+
+def test_optimizer_and_schedule_flags_reach_the_optimizer(data_dir, tmp_path):
+    lrs = {"--matrix-lr": 0.011, "--embedding-lr": 0.12, "--unembedding-lr": 0.0013, "--scalar-lr": 0.17}
+    flags = [str(x) for kv in lrs.items() for x in kv]
+    run_train(data_dir, tmp_path / "run", "--tokens", str(512 * 20), "--weight-decay", "0.05", "--warmup-frac", "0.2",
+              "--warmdown-frac", "0.3", "--final-lr-frac", "0.25", "--n-kv-head", "1", "--eval-split", "test", *flags)
+    ck = checkpoint.load(checkpoint.latest(tmp_path / "run"))
+    initial = sorted(g["initial_lr"] for g in ck["optimizer"]["param_groups"])
+    assert set(lrs.values()) <= set(round(x, 6) for x in initial)
+    cfg = ck["state"]["model_config"]
+    assert cfg["n_kv_head"] == 1 and cfg["n_head"] == 4
+    rows = metrics(tmp_path / "run")
+    # progress before step k (1-based) is (k-1)/20: warmup over the first 20%, warmdown over the last 30%
+    expect = [train.lr_multiplier((k - 1) / 20, 0.2, 0.3, 0.25) for k in range(1, 21)]
+    assert [r["lr_mult"] for r in rows] == pytest.approx(expect)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "test_bpb" in summary and "val_bpb" not in summary
+
+
+def test_attention_flag_forces_backend(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "run", "--tokens", "1024", "--attention", "cpu")
+    assert "cpu" in json.loads((tmp_path / "run" / "summary.json").read_text())["attention"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compile and bf16 autocast path")
+def test_cuda_compiled_and_eager_runs_agree(data_dir, tmp_path):
+    common = ["--tokens", str(512 * 12), "--device", "cuda"]
+    tiny = [a for a in TINY if a not in ("--device", "cpu")]
+    train.main(tiny + ["--data", str(data_dir), "--run-dir", str(tmp_path / "c"), *common])
+    train.main(tiny + ["--data", str(data_dir), "--run-dir", str(tmp_path / "e"), *common, "--no-compile"])
+    c, e = metrics(tmp_path / "c"), metrics(tmp_path / "e")
+    assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in e], rel=2e-2)
