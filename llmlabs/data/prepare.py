@@ -6,6 +6,7 @@ built in `<out>.tmp-<pid>` and renamed into place after manifest.json is written
 never leaves a directory that looks complete. This is the only command that may use the network (hub
 corpora); downloads go to $LLMLABS_HOME/hub and resume across runs.
 """
+import itertools
 import json
 import os
 import shutil
@@ -79,18 +80,24 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
     tmp.mkdir(parents=True)
     fracs = settings["val_frac"], settings["test_frac"]
     t0 = time.time()
-    chars = 0
+    chars = seen = 0
 
     def train_texts():  # pass 1: the train split's documents, up to the character cap
-        nonlocal chars
+        nonlocal chars, seen
         for text, _, digest in unique_documents(src, Counter()):
             if chars >= settings["tokenizer_chars"]:
                 return
+            seen += 1
             if split_of(digest, *fracs) == "train":
                 chars += len(text)
                 yield text
 
-    docs_bar = tqdm(train_texts(), desc="tokenizer text", unit="doc")
+    texts = train_texts()
+    first = next(texts, None)
+    if first is None:
+        raise LabError(f"source {settings['source']} has no non-empty documents: point it at text" if not seen else
+                       f"the train split of {settings['source']} is empty ({seen} documents in all): add documents")
+    docs_bar = tqdm(itertools.chain([first], texts), desc="tokenizer text", unit="doc")
     tokenizer = Tokenizer.train(docs_bar, settings["vocab_size"])
     docs_bar.close()
     tokenizer.save(tmp / TOKENIZER_FILE)
@@ -128,9 +135,7 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
         shard_list = writers[split].close()
         splits[split] = {"documents": counts[split]["documents"], "bytes": counts[split]["bytes"],
                          "tokens": sum(s["num_tokens"] for s in shard_list), "shards": shard_list}
-    if sum(c["documents"] for c in counts.values()) == 0:
-        raise LabError(f"source {settings['source']} has no non-empty documents: point it at text")
-    for split, frac in (("train", 1), ("val", fracs[0]), ("test", fracs[1])):
+    for split, frac in (("val", fracs[0]), ("test", fracs[1])):
         if frac and not splits[split]["documents"]:
             raise LabError(f"the {split} split of {settings['source']} is empty ({sum(c['documents'] for c in counts.values())} "
                            f"documents in all): add documents or raise its fraction")

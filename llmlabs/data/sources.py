@@ -159,12 +159,12 @@ def read_local(path: Path, stats: Counter) -> Iterator[str]:
                            f"downloaded again)") from None
 
 
-def _separated_reader(separator: str):
-    """Reader for big text files holding many documents between separators, streamed in 16 MB pieces."""
+def _separated_reader(separator: str, piece_chars: int = 1 << 24):
+    """Reader for big text files holding many documents between separators, streamed in pieces."""
     def read(path: Path, stats: Counter) -> Iterator[str]:
         rest = ""
         with open(path, encoding="utf-8", errors="replace") as f:
-            while piece := f.read(1 << 24):
+            while piece := f.read(piece_chars):
                 parts = (rest + piece).split(separator)
                 rest = parts.pop()
                 yield from (doc for doc in map(str.strip, parts) if doc)
