@@ -1,0 +1,106 @@
+"""`llmlabs auto <init|baseline|run|loop|confirm|report>`: the autoresearch commands (program.md
+tells an agent how to use them)."""
+import json
+import os
+
+from llmlabs.auto import runner
+from llmlabs.auto.session import init_session, locate
+from llmlabs.common import LabError
+
+
+def add_args(p):
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{init,baseline,run,loop,confirm,report}")
+
+    def cmd(name, help_):
+        s = sub.add_parser(name, help=help_, description=help_)
+        if name != "init":
+            s.add_argument("--tag", help="the session (default: the one whose worktree you are in, or the only one)")
+        return s
+
+    s = cmd("init", "start a session: branch auto/TAG in its own worktree, ledger, harness fingerprint")
+    s.add_argument("--tag", required=True, help="session name; the branch is auto/TAG")
+    s.add_argument("--data", help="prepared data directory (default: the pystdlib corpus at vocab 8192)")
+    s.add_argument("--time-budget", type=float, default=300.0, help="seconds of training per experiment")
+    s.add_argument("--timeout", type=float, help="hard wall-clock limit per run (default 1.5 x budget + 180 s)")
+    s.add_argument("--train-args", default="", help='further fixed `llmlabs train` flags, e.g. "--depth 8 --device cuda"')
+    s.add_argument("--k", type=float, default=2.0, help="keep when val_bpb improves by more than k x sigma_d")
+    s.add_argument("--repeat-near", type=int, default=1,
+                   help="extra seeds for a result within one sigma_d of the threshold")
+
+    s = cmd("baseline", "measure the noise: the unchanged frontier commit under several seeds")
+    s.add_argument("--repeats", type=int, default=3, help="runs, one seed each")
+    s.add_argument("--gpus", help="spread the runs over these GPUs, e.g. 0,1,2,3")
+
+    s = cmd("run", "commit the working change, train it under the budget, keep or discard it")
+    s.add_argument("-m", "--message", required=True, help="what this experiment tries (one line)")
+    s.add_argument("--seed", type=int, help="first seed (default: one no run of the session has used)")
+
+    s = cmd("loop", "call an agent once per iteration and run its change, forever or --iterations times")
+    s.add_argument("--agent", required=True, help='a command ("claude -p", prompt on stdin or {prompt_file}) '
+                                                  "or openai:URL for an OpenAI-compatible chat endpoint")
+    s.add_argument("--model", help="model name for --agent openai:URL")
+    s.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
+    s.add_argument("--agent-timeout", type=float, default=1800.0, help="seconds one agent turn may take")
+    s.add_argument("--iterations", type=int, default=0, help="experiments per worker (0: until Ctrl-C)")
+    s.add_argument("--gpus", help="one worker per GPU, each in its own worktree, e.g. 0,1,2,3")
+    s.add_argument("--baseline-repeats", type=int, default=3, help="seeds of the baseline, if none was run yet")
+
+    s = cmd("confirm", "re-run the best kept commit and the start on the held-out test split")
+    s.add_argument("--seeds", type=int, default=3, help="runs per commit")
+    s.add_argument("--gpus", help="spread the runs over these GPUs")
+
+    s = cmd("report", "progress plot, kept changes, crashes and time; --json for agents")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--out", help="directory for report.png and report.md (default: the session directory)")
+
+
+def _workers(session, gpus, default_worker="main"):
+    if not gpus:
+        return [session.worker(default_worker)]
+    try:
+        ids = [int(g) for g in gpus.split(",")]
+    except ValueError:
+        raise LabError(f"--gpus {gpus!r}: give GPU indices separated by commas, e.g. 0,1,2") from None
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise LabError(f"--gpus {gpus!r}: each GPU once, indices >= 0 (never two experiments on one GPU)")
+    return [session.worker(f"gpu{i}") for i in ids]
+
+
+def run(args):
+    if args.cmd == "init":
+        s = init_session(os.getcwd(), args.tag, data=args.data, time_budget=args.time_budget, timeout=args.timeout,
+                         train_args=args.train_args, k=args.k, repeat_near=args.repeat_near)
+        print(f"session {s.tag}: {s.dir}\nbranch auto/{s.tag} from {s.base[:12]}, worktree {s.worker('main').path}\n"
+              f"fingerprint {s.cfg['fingerprint'][:16]} ({len(s.cfg['expected']['harness'])} harness files, "
+              f"data {s.data}, budget {s.time_budget:g} s, timeout {s.timeout:g} s)\n"
+              f"next: llmlabs auto baseline --repeats 3")
+        return 0
+    session, worker = locate(os.getcwd(), args.tag)
+    if args.cmd == "baseline":
+        rows = runner.baseline(session, _workers(session, args.gpus, worker), args.repeats)
+        vals = [r["val_bpb"] for r in rows]
+        print(f"baseline {rows[0]['commit']}: val_bpb {', '.join(f'{v:.6f}' for v in vals)}; "
+              f"sigma {rows[0]['sigma']:.6f} (all baseline runs so far)")
+    elif args.cmd == "run":
+        out = runner.experiment(session, session.worker(worker), args.message, args.seed)
+        print("---")
+        for k in ("status", "commit", "val_bpb", "delta", "sigma", "parent", "memory_gb", "wall_s", "run", "reason"):
+            print(f"{k + ':':<11}{'' if out[k] is None else out[k]}")
+    elif args.cmd == "loop":
+        from llmlabs.auto.agents import make_agent
+        from llmlabs.auto.loop import loop
+
+        agent = make_agent(args.agent, args.model, args.key_env, args.agent_timeout)
+        loop(session, _workers(session, args.gpus, worker), agent, args.iterations, args.baseline_repeats)
+    elif args.cmd == "confirm":
+        res = runner.confirm(session, _workers(session, args.gpus, worker), args.seeds)
+        for name in ("start", "best"):
+            c = res["commits"][name]
+            print(f"{name:<6}{c['commit']}  test_bpb {c['mean']:.6f} +- {c['std']:.6f} over {len(c['test_bpb'])} seeds")
+        print(f"difference {res['diff']:+.6f} +- {res['se']:.6f} (standard error), z = {res['z']:.1f}")
+    elif args.cmd == "report":
+        from llmlabs.auto.report import write_report
+
+        summary, png, md = write_report(session, args.out)
+        print(json.dumps(summary, indent=2) if args.json else md.read_text() + f"\nplot: {png}\ntable: {md}")
+    return 0

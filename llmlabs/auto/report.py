@@ -1,0 +1,131 @@
+"""`llmlabs auto report`: where the session stands, from the ledger alone.
+
+report.png: every run's val_bpb in ledger order (coloured by status, crashes marked at the top),
+the kept frontier as a step line, and the noise band (frontier +- one seed's sigma) that a change
+has to clear. report.md: the numbers, the kept changes with delta and sigma_d, crashes, time, and
+the test-split confirmation when `llmlabs auto confirm` has run. --json: the same for agents.
+"""
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from llmlabs.auto import gitops, runner
+from llmlabs.auto.session import Session
+from llmlabs.common import atomic_write_bytes
+
+COLORS = {"baseline": "C0", "keep": "C2", "discard": "0.6", "invalid": "C1", "crash": "C3"}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(session: Session) -> dict:
+    rows = session.ledger.read()
+    sigma, dof = runner.noise_sigma(rows)
+    start = gitops.short(session.repo, session.base)
+    best = runner.frontier(rows)
+    kept, seen = [], set()
+    for r in rows:
+        if r["status"] == "keep" and r["commit"] not in seen:
+            seen.add(r["commit"])
+            delta, sd = float(r["delta"]), float(r["sigma"])
+            kept.append({"commit": r["commit"], "val_bpb": _mean(runner.scores(rows, r["commit"])), "delta": delta,
+                         "sigma": sd, "z": delta / sd if sd else None, "description": r["description"]})
+    crashes = [{"commit": r["commit"], "run": r["run"], "reason": r["reason"], "description": r["description"],
+                "tail": runner.tail(session.dir / "logs" / f"{r['run']}.log", 15) if r["run"] else ""}
+               for r in rows if r["status"] == "crash"]
+    walls = [float(r["wall_s"]) for r in rows if r["wall_s"]]
+    ends = [float(r["started"]) + float(r["wall_s"] or 0) for r in rows]
+    confirm = session.dir / "confirm.json"
+    return {
+        "tag": session.tag, "branch": f"auto/{session.tag}", "time_budget_s": session.time_budget, "k": session.k,
+        "sigma": sigma, "sigma_dof": dof, "runs": len(rows), "counts": dict(Counter(r["status"] for r in rows)),
+        "start": {"commit": start, "val_bpb": _mean(runner.scores(rows, start))},
+        "best": {"commit": best, "val_bpb": _mean(runner.scores(rows, best)) if best else None},
+        "kept": kept, "crashes": crashes,
+        "run_hours": sum(walls) / 3600,
+        "span_hours": (max(ends) - min(float(r["started"]) for r in rows)) / 3600 if rows else 0.0,
+        "confirm": json.loads(confirm.read_text()) if confirm.exists() else None,
+    }
+
+
+def plot(session: Session, summary: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = session.ledger.read()
+    bpbs = [float(r["val_bpb"]) for r in rows if r["val_bpb"]]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    top = max(bpbs) if bpbs else 1.0
+    for status, color in COLORS.items():
+        pts = [(i, float(r["val_bpb"]) if r["val_bpb"] else top) for i, r in enumerate(rows) if r["status"] == status]
+        if pts:
+            marker = {"crash": "v", "invalid": "x"}.get(status, "o")
+            ax.scatter(*zip(*pts), c=color, marker=marker, s=40 if status == "keep" else 18, zorder=3,
+                       label=f"{status} ({len(pts)})" + (" at top: no bpb" if status == "crash" else ""))
+    # the frontier after each row: mean bpb of the commit to beat at that point
+    xs, ys = [], []
+    for i in range(len(rows)):
+        best = runner.frontier(rows[:i + 1])
+        if best:
+            xs.append(i)
+            ys.append(_mean(runner.scores(rows[:i + 1], best)))
+    if xs:
+        ax.step(xs, ys, where="post", c="C2", lw=1.5, label="kept frontier")
+        if summary["sigma"]:
+            s = summary["sigma"]
+            ax.fill_between(xs, [y - s for y in ys], [y + s for y in ys], step="post", color="C2", alpha=0.15,
+                            label=f"noise band: frontier +- sigma ({s:.4f})")
+    ax.set_xlabel("run (ledger order)")
+    ax.set_ylabel("val_bpb")
+    b, st = summary["best"]["val_bpb"], summary["start"]["val_bpb"]
+    ax.set_title(f"auto/{session.tag}: {summary['runs']} runs, {summary['counts'].get('keep', 0)} kept"
+                 + (f"; val_bpb {st:.4f} -> {b:.4f}" if b is not None and st is not None else ""))
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def markdown(summary: dict) -> str:
+    f = lambda x, n=4: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
+    st, b = summary["start"], summary["best"]
+    lines = [f"# autoresearch report: auto/{summary['tag']}", "",
+             f"- budget per run: {summary['time_budget_s']:g} s; keep rule: improvement > {summary['k']:g} x sigma_d",
+             f"- noise: sigma = {f(summary['sigma'], 5)} bpb between seeds ({summary['sigma_dof']} degrees of freedom)",
+             f"- start {st['commit']}: val_bpb {f(st['val_bpb'])}; best {b['commit']}: val_bpb {f(b['val_bpb'])}",
+             f"- runs: {summary['runs']} (" + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
+             + f"); training wall time {summary['run_hours']:.2f} h over {summary['span_hours']:.2f} h",
+             "", "## Kept changes", "", "| commit | val_bpb | delta | sigma_d | z | description |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {k['commit']} | {f(k['val_bpb'])} | {f(k['delta'])} | {f(k['sigma'])} | {f(k['z'], 1)} | "
+              f"{k['description']} |" for k in summary["kept"]] or ["| - | | | | | nothing kept yet |"]
+    if summary["crashes"]:
+        lines += ["", f"## Crashes ({len(summary['crashes'])})", "", "| commit | reason | description |", "|---|---|---|"]
+        lines += [f"| {c['commit']} | {c['reason']} | {c['description']} |" for c in summary["crashes"]]
+    c = summary["confirm"]
+    if c:
+        a, bb = c["commits"]["start"], c["commits"]["best"]
+        lines += ["", f"## Confirmation on the held-out {c['split']} split ({len(c['seeds'])} seeds each)", "",
+                  "| commit | test_bpb mean | std |", "|---|---|---|",
+                  f"| start {a['commit']} | {f(a['mean'])} | {f(a['std'], 5)} |",
+                  f"| best {bb['commit']} | {f(bb['mean'])} | {f(bb['std'], 5)} |", "",
+                  f"difference {f(c['diff'])} +- {f(c['se'])} (standard error; z = {f(c['z'], 1)})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(session: Session, out_dir=None) -> tuple[dict, Path, Path]:
+    out = Path(out_dir or session.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(session)
+    png, md = out / "report.png", out / "report.md"
+    plot(session, summary, png)
+    atomic_write_bytes(md, markdown(summary).encode())
+    return summary, png, md
