@@ -70,7 +70,7 @@ def test_tokenizer_sees_only_train_documents(corpus, tmp_path, monkeypatch):
 def test_tokenizer_chars_caps_training_text(corpus, tmp_path):
     out = prepare(str(corpus[0]), out=tmp_path / "d", vocab_size=300, tokenizer_chars=2000, val_frac=0.15, test_frac=0.1)
     m = json.loads((out / "manifest.json").read_text())
-    assert 2000 <= m["tokenizer"]["train_chars"] < 2000 + max(len(t) for t in corpus[1].values())
+    assert 2000 <= m["tokenizer_training"]["chars"] < 2000 + max(len(t) for t in corpus[1].values())
     assert "--tokenizer-chars 2000" in m["command"]
 
 
