@@ -214,3 +214,9 @@ def test_empty_train_or_val_split(tmp_path):
     (tmp_path / "src" / "two.txt").write_text(" ".join(f"another document {i}" for i in range(300)))
     with pytest.raises(LabError, match="val split of .* is empty"):
         prepare(str(tmp_path / "src"), out=tmp_path / "b", vocab_size=280, val_frac=0.0001, test_frac=0.0)
+
+
+def test_unreadable_manifest(broken):
+    (broken / "manifest.json").write_text('{"format": "llmlabs-data-v1", "command": "x"}')
+    with pytest.raises(LabError, match="manifest.json is unreadable \\(KeyError.*--force"):
+        DataDir.open(broken)

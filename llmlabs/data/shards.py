@@ -111,17 +111,19 @@ class DataDir:
             raise LabError(f"{path} is not a data directory: it {why}; run `llmlabs prepare SOURCE --out {path}`")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-            rebuild = f"{manifest['command']} --force"
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r} is not {FORMAT!r}")
-        except (ValueError, KeyError, TypeError) as e:
-            raise LabError(f"{path / MANIFEST} is unreadable ({e}): rebuild with `llmlabs prepare ... --force`") from None
+            rebuild, want_hash, files = f"{manifest['command']} --force", manifest["tokenizer"]["hash"], manifest["files"]
+            if missing := [s for s in SPLITS if "shards" not in manifest["splits"].get(s, {})]:
+                raise KeyError(f"splits {missing}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LabError(f"{path / MANIFEST} is unreadable ({type(e).__name__}: {e}): rebuild with "
+                           f"`llmlabs prepare SOURCE --out {path} --force`") from None
         tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
-        if tokenizer.hash != manifest["tokenizer"]["hash"]:
+        if tokenizer.hash != want_hash:
             raise LabError(f"{path / TOKENIZER_FILE} does not match the shards: its hash is {tokenizer.hash[:12]}, the "
-                           f"shards were made with {manifest['tokenizer']['hash'][:12]}; restore it or rebuild with "
-                           f"`{rebuild}`")
-        for name, want in manifest["files"].items():
+                           f"shards were made with {want_hash[:12]}; restore it or rebuild with `{rebuild}`")
+        for name, want in files.items():
             f = path / name
             size = f.stat().st_size if f.exists() else None
             if size != want["bytes"]:
