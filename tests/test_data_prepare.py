@@ -70,7 +70,7 @@ def test_tokenizer_sees_only_train_documents(corpus, tmp_path, monkeypatch):
 def test_tokenizer_chars_caps_training_text(corpus, tmp_path):
     out = prepare(str(corpus[0]), out=tmp_path / "d", vocab_size=300, tokenizer_chars=2000, val_frac=0.15, test_frac=0.1)
     m = json.loads((out / "manifest.json").read_text())
-    assert 2000 <= m["tokenizer"]["train_chars"] < 2000 + max(len(t) for t in corpus[1].values())
+    assert 2000 <= m["tokenizer_training"]["chars"] < 2000 + max(len(t) for t in corpus[1].values())
     assert "--tokenizer-chars 2000" in m["command"]
 
 
@@ -214,3 +214,9 @@ def test_empty_train_or_val_split(tmp_path):
     (tmp_path / "src" / "two.txt").write_text(" ".join(f"another document {i}" for i in range(300)))
     with pytest.raises(LabError, match="val split of .* is empty"):
         prepare(str(tmp_path / "src"), out=tmp_path / "b", vocab_size=280, val_frac=0.0001, test_frac=0.0)
+
+
+def test_unreadable_manifest(broken):
+    (broken / "manifest.json").write_text('{"format": "llmlabs-data-v1", "command": "x"}')
+    with pytest.raises(LabError, match="manifest.json is unreadable \\(KeyError.*--force"):
+        DataDir.open(broken)

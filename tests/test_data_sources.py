@@ -109,3 +109,11 @@ def test_bad_sources(tmp_path, make, kwargs, match):
         spec = "pystdlib"
     with pytest.raises(LabError, match=match):
         list(resolve_source(spec, **kwargs).documents(Counter()))
+
+
+def test_pysrc_adds_each_site_packages_once():
+    files = resolve_source("pysrc").files()
+    assert len(files) == len(set(files))
+    assert set(resolve_source("pystdlib").files()) < set(files)
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert any(site in f.parents for f in files)

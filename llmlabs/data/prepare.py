@@ -16,10 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llmlabs.common import LabError, atomic_write_json, llmlabs_home, print0
-from llmlabs.data.shards import FORMAT, MANIFEST, SPLITS, TOKENIZER_FILE, ShardWriter, sha256_file, token_dtype
+from llmlabs.common import LabError, llmlabs_home, print0
+from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
-from llmlabs.data.tokenizer import SPECIAL_NAMES, Tokenizer
+from llmlabs.data.tokenizer import Tokenizer
 
 VAL_FRAC = 0.05  # pystdlib: ~300K val tokens, ~140K test tokens
 TEST_FRAC = 0.02
@@ -100,28 +100,24 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
     docs_bar = tqdm(itertools.chain([first], texts), desc="tokenizer text", unit="doc")
     tokenizer = Tokenizer.train(docs_bar, settings["vocab_size"])
     docs_bar.close()
-    tokenizer.save(tmp / TOKENIZER_FILE)
     tok_seconds = time.time() - t0
 
     # pass 2: encode everything, batch by batch, into per-split shards
     stats = Counter()
     writers = {s: ShardWriter(tmp, s, tokenizer.bos_id, token_dtype(tokenizer.vocab_size)) for s in SPLITS}
-    counts = {s: Counter() for s in SPLITS}
     bar = tqdm(desc="tokenize", unit="doc", total=src.count_hint())
     batch, batch_chars = [], 0
 
     def flush():
-        encoded = tokenizer.encode_batch([text for text, _ in batch], num_threads=workers)
+        encoded = tokenizer.encode_batch([text for text, _, _ in batch], num_threads=workers)
         for split in SPLITS:
-            writers[split].add([ids for (_, s), ids in zip(batch, encoded) if s == split])
+            writers[split].add([ids for (_, _, s), ids in zip(batch, encoded) if s == split],
+                               sum(n for _, n, s in batch if s == split))
         bar.update(stats["documents"] - bar.n)
         batch.clear()
 
     for text, data, digest in unique_documents(src, stats):
-        split = split_of(digest, *fracs)
-        counts[split]["documents"] += 1
-        counts[split]["bytes"] += len(data)
-        batch.append((text, split))
+        batch.append((text, len(data), split_of(digest, *fracs)))
         batch_chars += len(text)
         if batch_chars >= BATCH_CHARS:
             flush()
@@ -130,30 +126,13 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
         flush()
     bar.close()
 
-    splits = {}
-    for split in SPLITS:
-        shard_list = writers[split].close()
-        splits[split] = {"documents": counts[split]["documents"], "bytes": counts[split]["bytes"],
-                         "tokens": sum(s["num_tokens"] for s in shard_list), "shards": shard_list}
+    splits = {s: w.close() for s, w in writers.items()}
     for split, frac in (("val", fracs[0]), ("test", fracs[1])):
         if frac and not splits[split]["documents"]:
-            raise LabError(f"the {split} split of {settings['source']} is empty ({sum(c['documents'] for c in counts.values())} "
+            raise LabError(f"the {split} split of {settings['source']} is empty ({sum(s['documents'] for s in splits.values())} "
                            f"documents in all): add documents or raise its fraction")
-    files = {}
-    for entry in (s for sp in splits.values() for s in sp["shards"]):
-        for name in (entry["tokens"], entry["docs"]):
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-    manifest = {
-        "format": FORMAT, "command": command, "settings": settings, "source": src.description,
-        "stats": dict(stats), "splits": splits, "files": files,
-        "tokenizer": {"file": TOKENIZER_FILE, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
-                      "bos_id": tokenizer.bos_id, "num_special": len(SPECIAL_NAMES), "train_chars": chars,
-                      "seconds": round(tok_seconds, 2)},
-        "dtype": token_dtype(tokenizer.vocab_size).name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_json(tmp / MANIFEST, manifest)  # last: only now is this a data directory
-    return manifest
+    return finish_data_dir(tmp, tokenizer, splits, command=command, settings=settings, source=src.description,
+                           stats=dict(stats), tokenizer_training={"chars": chars, "seconds": round(tok_seconds, 2)})
 
 
 def _command(source: str, out: Path, settings: dict) -> str:
@@ -187,11 +166,11 @@ def _alive(pid: int) -> bool:
 
 
 def _print_summary(out: Path, src, m: dict, seconds: float):
-    st, tk = m["stats"], m["tokenizer"]
+    st, tk, tt = m["stats"], m["tokenizer"], m["tokenizer_training"]
     skipped = ", ".join(f"{v:,} {k}" for k, v in sorted(st.items()) if k not in ("files", "documents") and v) or "none"
     lines = [f"data: {out}", f"source: {src.description}", f"  {st.get('files', 0):,} files, {st.get('documents', 0):,} documents read; dropped: {skipped}",
-             f"tokenizer: {tk['vocab_size']:,} ids ({tk['num_special']} special), BPE trained on "
-             f"{tk['train_chars'] / 1e6:.1f}M chars of train in {tk['seconds']:.1f} s",
+             f"tokenizer: {tk['vocab_size']:,} ids ({len(tk['special_ids'])} special), BPE trained on "
+             f"{tt['chars'] / 1e6:.1f}M chars of train in {tt['seconds']:.1f} s",
              f"{'split':<6} {'documents':>10} {'tokens':>13} {'bytes/token':>12}"]
     for split in SPLITS:
         s = m["splits"][split]

@@ -8,11 +8,12 @@ with a header (dtype, shape): it memory-maps without copying and loads without p
 import hashlib
 import itertools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
-from llmlabs.common import LabError
+from llmlabs.common import LabError, atomic_write_json
 from llmlabs.data.tokenizer import Tokenizer
 
 FORMAT = "llmlabs-data-v1"
@@ -41,9 +42,11 @@ class ShardWriter:
         self.directory, self.split, self.bos_id, self.dtype = Path(directory), split, bos_id, dtype
         self.shard_tokens = shard_tokens
         self.shards = []  # manifest entries of finished shards
+        self.documents = self.tokens = self.bytes = 0
         self._chunks, self._lengths, self._pending = [], [], 0
 
-    def add(self, docs: list[list[int]]):
+    def add(self, docs: list[list[int]], text_bytes: int):
+        """docs: token ids of each document; text_bytes: their total UTF-8 length (for bytes/token)."""
         if not docs:
             return
         lengths = np.fromiter(map(len, docs), np.int64, len(docs))
@@ -51,7 +54,10 @@ class ShardWriter:
         # one BOS in front of each document
         self._chunks.append(np.insert(flat, np.cumsum(lengths) - lengths, self.bos_id))
         self._lengths.append(lengths + 1)
-        self._pending += int(lengths.sum()) + len(docs)
+        self._pending += len(flat) + len(docs)
+        self.documents += len(docs)
+        self.tokens += len(flat) + len(docs)
+        self.bytes += text_bytes
         if self._pending >= self.shard_tokens:
             self._flush()
 
@@ -67,9 +73,26 @@ class ShardWriter:
                             "documents": len(offsets) - 1, "num_tokens": len(tokens)})
         self._chunks, self._lengths, self._pending = [], [], 0
 
-    def close(self) -> list[dict]:
+    def close(self) -> dict:
+        """Write what is buffered; returns the split's manifest entry."""
         self._flush()
-        return self.shards
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
+
+
+def finish_data_dir(directory: Path, tokenizer: Tokenizer, splits: dict, **info) -> dict:
+    """Save the tokenizer, checksum every shard and write manifest.json, last: a directory becomes a data
+    directory only when the manifest lands (`info` adds command, settings, source, stats...)."""
+    tokenizer.save(directory / TOKENIZER_FILE)
+    files = {}
+    for entry in (s for sp in splits.values() for s in sp["shards"]):
+        for name in (entry["tokens"], entry["docs"]):
+            files[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+    manifest = {"format": FORMAT, "splits": splits, "files": files, "dtype": token_dtype(tokenizer.vocab_size).name,
+                "tokenizer": {"file": TOKENIZER_FILE, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
+                              "bos_id": tokenizer.bos_id, "special_ids": tokenizer.special_ids},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
+    atomic_write_json(directory / MANIFEST, manifest)
+    return manifest
 
 
 class DataDir:
@@ -88,17 +111,19 @@ class DataDir:
             raise LabError(f"{path} is not a data directory: it {why}; run `llmlabs prepare SOURCE --out {path}`")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-            rebuild = f"{manifest['command']} --force"
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r} is not {FORMAT!r}")
-        except (ValueError, KeyError, TypeError) as e:
-            raise LabError(f"{path / MANIFEST} is unreadable ({e}): rebuild with `llmlabs prepare ... --force`") from None
+            rebuild, want_hash, files = f"{manifest['command']} --force", manifest["tokenizer"]["hash"], manifest["files"]
+            if missing := [s for s in SPLITS if "shards" not in manifest["splits"].get(s, {})]:
+                raise KeyError(f"splits {missing}")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LabError(f"{path / MANIFEST} is unreadable ({type(e).__name__}: {e}): rebuild with "
+                           f"`llmlabs prepare SOURCE --out {path} --force`") from None
         tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
-        if tokenizer.hash != manifest["tokenizer"]["hash"]:
+        if tokenizer.hash != want_hash:
             raise LabError(f"{path / TOKENIZER_FILE} does not match the shards: its hash is {tokenizer.hash[:12]}, the "
-                           f"shards were made with {manifest['tokenizer']['hash'][:12]}; restore it or rebuild with "
-                           f"`{rebuild}`")
-        for name, want in manifest["files"].items():
+                           f"shards were made with {want_hash[:12]}; restore it or rebuild with `{rebuild}`")
+        for name, want in files.items():
             f = path / name
             size = f.stat().st_size if f.exists() else None
             if size != want["bytes"]:

@@ -68,10 +68,8 @@ def resolve_source(spec: str, *, glob: str | None = None, shards: int | None = N
         raise LabError(f"--shards applies to hub corpora ({', '.join(HUB_CORPORA)}), not to {spec!r}: drop it")
     if spec in ("pystdlib", "pysrc"):
         paths = sysconfig.get_paths()
-        roots = [Path(paths["stdlib"])]
-        if spec == "pysrc":
-            roots += [Path(paths[k]) for k in ("purelib", "platlib") if Path(paths[k]) not in roots]
-        roots = [r for r in roots if r.is_dir()]
+        keys = ("stdlib", "purelib", "platlib") if spec == "pysrc" else ("stdlib",)
+        roots = [r for r in dict.fromkeys(Path(paths[k]) for k in keys) if r.is_dir()]  # purelib is often platlib
         what = "standard library" if spec == "pystdlib" else "standard library and site-packages"
         return Source(spec, f"Python {python} {what} ({', '.join(map(str, roots))})",
                       {"source": spec, "python": python, "glob": glob},
