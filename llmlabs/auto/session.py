@@ -11,9 +11,9 @@ from llmlabs.auto.ledger import Ledger
 from llmlabs.common import LabError, atomic_write_json, llmlabs_home
 
 SESSIONS = ".auto"
-# flags the runner sets itself for every run; a session may not fix them
-RUNNER_FLAGS = ("--data", "--time-budget", "--seed", "--run-dir", "--eval-split", "--resume", "--tokens",
-                "--target-flops", "--param-data-ratio")
+# flags the runner sets itself for every run; a session may not fix them. (A token or FLOP cap may
+# be fixed on top of the time budget: on a shared or CPU machine it makes runs reproducible.)
+RUNNER_FLAGS = ("--data", "--time-budget", "--seed", "--run-dir", "--eval-split", "--resume")
 
 
 @dataclass

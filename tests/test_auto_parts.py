@@ -1,0 +1,327 @@
+"""Autoresearch parts that need no training: the ledger under concurrent writers, the keep rule's
+statistics, summary parsing, the causality check, the fingerprint, and both agents (the OpenAI one
+against a real HTTP server on 127.0.0.1)."""
+import json
+import math
+import multiprocessing as mp
+import random
+import statistics
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmlabs.auto import runner, surface
+from llmlabs.auto.agents import CommandAgent, OpenAIAgent, Tools
+from llmlabs.auto.causal import check_causal
+from llmlabs.auto.ledger import COLUMNS, Ledger
+from llmlabs.common import LabError
+
+
+def _rand_row(rng, writer, i):
+    # long, unicode, with tabs/newlines that the ledger must flatten
+    desc = f"w{writer}-{i} " + "".join(rng.choice("abcdef \t\nxyzé→") for _ in range(rng.randint(5, 400)))
+    return {"commit": f"{writer:04x}{i:08x}", "val_bpb": rng.random() * 3, "status": "discard", "description": desc,
+            "seed": i, "worker": f"gpu{writer}", "started": 1.7e9 + rng.random()}
+
+
+def _writer(path, writer, n, seed):
+    rng = random.Random(seed)
+    led = Ledger(path)
+    i = 0
+    while i < n:
+        batch = [_rand_row(rng, writer, i + j) for j in range(min(rng.randint(1, 3), n - i))]
+        led.append(batch)
+        i += len(batch)
+        led.read()  # readers interleave with writers
+
+
+def test_ledger_concurrent_writers_lose_and_interleave_nothing(tmp_path):
+    path = tmp_path / "results.tsv"
+    procs = [mp.get_context("fork").Process(target=_writer, args=(path, w, 60, w)) for w in range(6)]
+    threads = [threading.Thread(target=_writer, args=(path, 100 + w, 60, 100 + w)) for w in range(3)]
+    for p in procs + threads:
+        p.start()
+    for p in procs + threads:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    rows = Ledger(path).read()
+    assert path.read_text().count("commit\tval_bpb") == 1  # one header, from whoever wrote first
+    expected = {}
+    for w in list(range(6)) + [100 + w for w in range(3)]:
+        rng = random.Random(w)
+        i = 0
+        while i < 60:
+            k = min(rng.randint(1, 3), 60 - i)
+            for j in range(k):
+                r = _rand_row(rng, w, i + j)
+                expected[r["commit"]] = r
+            i += k
+    assert len(rows) == len(expected) == 9 * 60
+    for r in rows:
+        e = expected[r["commit"]]
+        assert r["description"] == " ".join(e["description"].split())[:300]
+        assert float(r["val_bpb"]) == pytest.approx(e["val_bpb"], abs=1e-6)
+        assert r["worker"] == e["worker"] and int(r["seed"]) == e["seed"]
+    # each writer's rows appear in its own order
+    for w in range(6):
+        seeds = [int(r["seed"]) for r in rows if r["worker"] == f"gpu{w}"]
+        assert seeds == list(range(60))
+
+
+def test_ledger_refuses_a_torn_row_and_a_foreign_header(tmp_path):
+    led = Ledger(tmp_path / "results.tsv")
+    led.append([{"commit": "abc", "status": "keep", "description": "x"}])
+    with open(led.path, "a") as f:
+        f.write("def\t1.2\t")  # a writer killed mid-row
+    with pytest.raises(LabError, match="cut short"):
+        led.read()
+    (tmp_path / "other.tsv").write_text("commit\tval_bpb\tstatus\n")
+    with pytest.raises(LabError, match="header"):
+        Ledger(tmp_path / "other.tsv").read()
+    with pytest.raises(ValueError, match="unknown ledger columns"):
+        led.append([{"bogus": 1}])
+
+
+def _rows(status_commit_bpb):
+    return [{**{c: "" for c in COLUMNS}, "status": s, "commit": c, "val_bpb": str(v)} for s, c, v in status_commit_bpb]
+
+
+def test_noise_sigma_is_pooled_within_commit_std():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.5, 0.02, 5), rng.normal(1.3, 0.05, 3)
+    rows = _rows([("baseline", "a", x) for x in a] + [("discard", "z", 9.0)] + [("baseline", "b", x) for x in b])
+    sigma, dof = runner.noise_sigma(rows)
+    ref = math.sqrt((((a - a.mean()) ** 2).sum() + ((b - b.mean()) ** 2).sum()) / (len(a) + len(b) - 2))
+    assert dof == 6 and sigma == pytest.approx(ref, rel=1e-9)
+    single = _rows([("baseline", "a", x) for x in a])
+    assert runner.noise_sigma(single)[0] == pytest.approx(statistics.stdev(a), rel=1e-9)
+    assert runner.noise_sigma(_rows([("baseline", "a", 1.0)])) == (None, 0)
+
+
+def test_keep_rule_and_frontier():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        new, ref = list(rng.normal(1.0, 0.1, rng.integers(1, 4))), list(rng.normal(1.0, 0.1, rng.integers(1, 5)))
+        sigma, k = float(rng.uniform(0.01, 0.1)), float(rng.uniform(1, 3))
+        verdict, delta, sd, near = runner.decide(new, ref, sigma, k)
+        assert delta == pytest.approx(np.mean(new) - np.mean(ref))
+        assert sd == pytest.approx(sigma * math.sqrt(1 / len(new) + 1 / len(ref)))
+        assert verdict == ("keep" if np.mean(new) - np.mean(ref) < -k * sd else "discard")
+        assert near == (abs(delta + k * sd) < sd)
+    rows = _rows([("baseline", "a", 1.5), ("baseline", "a", 1.6), ("keep", "b", 1.2), ("discard", "c", 1.1),
+                  ("keep", "d", 1.0), ("keep", "d", 1.1), ("crash", "e", "")])
+    assert runner.frontier(rows) == "d" and runner.scores(rows, "d") == [1.0, 1.1]
+    assert runner.frontier(rows[:2]) == "a" and runner.frontier([]) is None
+    assert runner.next_seed(_rows([]) + [{"seed": "4"}, {"seed": "2"}, {"seed": ""}]) == 5
+
+
+def test_parse_summary_and_crash_reason():
+    text = "step 1 | loss 3\n---\nnot the end\n---\nval_bpb:          1.234567\ndevice:           cpu\nnum_steps:  12\n"
+    assert runner.parse_summary(text) == {"val_bpb": 1.234567, "device": "cpu", "num_steps": 12.0}
+    assert runner.parse_summary("no block") == {}
+    tb = "Traceback (most recent call last):\n  File x\nRuntimeError: deliberate crash\n"
+    assert runner.crash_reason(tb, 1) == "RuntimeError: deliberate crash"
+    assert runner.crash_reason("error: loss became nan at step 3: stopped\n", 2).startswith("error: loss became nan")
+    assert runner.crash_reason("", -9) == "exit code -9 without a summary block"
+
+
+def test_causality_check_passes_the_model_and_catches_lookahead(monkeypatch):
+    from llmlabs.config import config_for_depth
+    from llmlabs.model import GPT, build_model
+
+    torch.manual_seed(0)
+    model = build_model(config_for_depth(2, vocab_size=300, sequence_len=96, aspect_ratio=32, head_dim=16,
+                                         window_pattern="SL"), "cpu")
+    with torch.no_grad():  # random weights everywhere (the real init zeroes some projections)
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    dev = torch.device("cpu")
+    res = check_causal(model, 300, 96, dev, probes=5, seed=3)
+    assert res["causal"] and res["max_leak"] <= 1e-4 and len(res["probes"]) == 5 and 95 in res["probes"]
+    real = GPT.forward
+
+    def peeks_one_ahead(self, idx, *a, **kw):  # a classic bug: inputs shifted by one position
+        return real(self, torch.roll(idx, -1, dims=1), *a, **kw)
+
+    monkeypatch.setattr(GPT, "forward", peeks_one_ahead)
+    res = check_causal(model, 300, 96, dev, probes=5, seed=3)
+    assert not res["causal"] and res["max_leak"] > 1e-2
+    assert res["position"] == res["changed"] - 1  # the logits just before the changed token moved
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_fingerprint_covers_the_harness_not_the_research_surface(tmp_path):
+    for rel in ("llmlabs/model.py", "llmlabs/config.py", "llmlabs/evaluate.py", "llmlabs/data/loader.py",
+                "pyproject.toml", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"# {rel}\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    h0 = surface.harness_hashes(tmp_path)
+    assert set(h0) == {"llmlabs/evaluate.py", "llmlabs/data/loader.py", "pyproject.toml"}
+    blob = _git(tmp_path, "hash-object", "llmlabs/evaluate.py")
+    assert h0["llmlabs/evaluate.py"] == blob
+    (tmp_path / "llmlabs/model.py").write_text("changed\n")
+    (tmp_path / "README.md").write_text("changed\n")
+    (tmp_path / "llmlabs/evaluate.py").write_text("cheat\n")
+    (tmp_path / "llmlabs/helper.py").write_text("new harness module\n")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "b")
+    h1 = surface.harness_hashes(tmp_path)
+    exp = {"harness": h0, "data": "d", "train": {"a": 1}}
+    msg = surface.explain_mismatch(exp, h1, "d", {"a": 1})
+    assert msg == "harness files changed: llmlabs/evaluate.py, llmlabs/helper.py"
+    assert surface.fingerprint(h0, "d", {"a": 1}) != surface.fingerprint(h1, "d", {"a": 1})
+    assert surface.fingerprint(h0, "d", {"a": 1}) != surface.fingerprint(h0, "e", {"a": 1})
+    assert "data" in surface.explain_mismatch(exp, h0, "e", {"a": 1})
+    assert "train flags" in surface.explain_mismatch(exp, h0, "d", {"a": 2})
+    with pytest.raises(LabError, match="llmlabs prepare"):
+        surface.data_hash(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# agents
+
+KEY = "sk-test-" + "".join(random.Random(7).choice("abcdefghijk0123456789") for _ in range(24))
+
+
+class ChatServer:
+    """A scripted OpenAI-compatible endpoint on 127.0.0.1: `script(request) -> message` decides each
+    reply; every request is recorded with whether its Authorization header was right."""
+
+    def __init__(self, script, key=KEY):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                ok = self.headers.get("Authorization") == f"Bearer {key}"
+                outer.requests.append({"path": self.path, "auth_ok": ok, "body": body})
+                if not ok:
+                    return self._send(401, {"error": {"message": "bad key"}})
+                self._send(200, {"id": "x", "object": "chat.completion",
+                                 "choices": [{"index": 0, "message": script(body), "finish_reason": "stop"}]})
+
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def tool_call(i, name, **args):
+    return {"role": "assistant", "content": None,
+            "tool_calls": [{"id": f"call{i}", "type": "function",
+                            "function": {"name": name, "arguments": json.dumps(args)}}]}
+
+
+def test_openai_agent_edits_only_the_research_surface_and_hides_the_key(tmp_path, monkeypatch):
+    wt = tmp_path / "wt"
+    (wt / "llmlabs").mkdir(parents=True)
+    (wt / "llmlabs/config.py").write_text("LR = 0.02\nWD = 0.1\n")
+    (wt / "llmlabs/evaluate.py").write_text("def bpb(): ...\n")
+
+    def script(body):
+        tools_done = sum(m["role"] == "tool" for m in body["messages"])
+        steps = [tool_call(0, "read_file", path="llmlabs/config.py"),
+                 tool_call(1, "write_file", path="llmlabs/evaluate.py", content="def bpb(): return 0\n"),
+                 tool_call(2, "edit_file", path="llmlabs/config.py", old_string="LR = 0.02", new_string="LR = 0.04"),
+                 tool_call(3, "read_file", path="../outside.txt"),
+                 {"role": "assistant", "content": "I will double the LR.\nDouble the matrix LR"}]
+        return steps[tools_done]
+
+    server = ChatServer(script)
+    try:
+        monkeypatch.setenv("MY_KEY", KEY)
+        agent = OpenAIAgent(server.url, "test-model", "MY_KEY", timeout=30)
+        desc = agent.step("system part\n\n<!-- iteration -->\n\nuser part", wt, tmp_path / "t", {})
+    finally:
+        server.close()
+    assert desc == "Double the matrix LR"
+    assert (wt / "llmlabs/config.py").read_text() == "LR = 0.04\nWD = 0.1\n"
+    assert (wt / "llmlabs/evaluate.py").read_text() == "def bpb(): ...\n"  # harness untouched
+    reqs = server.requests
+    assert len(reqs) == 5 and all(r["auth_ok"] and r["path"] == "/v1/chat/completions" for r in reqs)
+    first = reqs[0]["body"]
+    assert first["model"] == "test-model" and {t["function"]["name"] for t in first["tools"]} == {
+        "read_file", "edit_file", "write_file"}
+    assert first["messages"][0] == {"role": "system", "content": "system part"}
+    results = [m["content"] for m in reqs[-1]["body"]["messages"] if m["role"] == "tool"]
+    assert results[0] == "LR = 0.02\nWD = 0.1\n"
+    assert results[1].startswith("error: llmlabs/evaluate.py is not on the research surface")
+    assert results[2] == "edited llmlabs/config.py" and results[3].startswith("error: ../outside.txt: outside")
+    transcript = (tmp_path / "t.json").read_text()
+    assert "Double the matrix LR" in transcript and KEY not in transcript
+
+
+def test_openai_agent_bad_key_is_one_line_without_the_key(tmp_path, monkeypatch):
+    server = ChatServer(lambda body: {"role": "assistant", "content": "x"}, key="the-right-one")
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        agent = OpenAIAgent(server.url + "/chat/completions", "m", "OPENAI_API_KEY", timeout=30)
+        with pytest.raises(LabError) as e:
+            agent.step("s", tmp_path, tmp_path / "t", {})
+    finally:
+        server.close()
+    msg = str(e.value)
+    assert "HTTP 401" in msg and "$OPENAI_API_KEY" in msg and KEY not in msg and "\n" not in msg
+    with pytest.raises(LabError, match="--model"):
+        OpenAIAgent(server.url, None, "OPENAI_API_KEY", timeout=1)
+
+
+def test_tools_refuse_paths_outside_the_worktree(tmp_path):
+    (tmp_path / "llmlabs").mkdir()
+    t = Tools(tmp_path)
+    assert t.call("write_file", json.dumps({"path": "llmlabs/model.py", "content": "x"})) .startswith("wrote")
+    assert t.call("edit_file", json.dumps({"path": "llmlabs/model.py", "old_string": "y", "new_string": "z"})) \
+        == "error: old_string occurs 0 times in llmlabs/model.py; it must occur exactly once (add context)"
+    assert t.call("read_file", json.dumps({"path": ".git/config"})).startswith("error:")
+    assert t.call("read_file", json.dumps({"path": "/etc/passwd"})).startswith("error:")
+    assert t.call("shell", "{}") == "error: unknown tool 'shell'"
+    assert t.call("read_file", "{not json").startswith("error:")
+
+
+def test_command_agent_gets_the_prompt_and_reports_failures(tmp_path):
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import os, sys\n"
+        "text = open(sys.argv[1]).read() if len(sys.argv) > 1 else sys.stdin.read()\n"
+        "open('got.txt', 'w').write(text + os.environ['LLMLABS_AUTO_WORKER'])\n"
+        "if 'fail' in text: sys.exit('agent broke: ' + 'x' * 5)\n"
+        "print('thinking...')\nprint('  halve the warmup  ')\n")
+    env = {"LLMLABS_AUTO_WORKER": "gpu3"}
+    agent = CommandAgent(f"{sys.executable} {script}", timeout=60)
+    assert agent.step("the prompt", tmp_path, tmp_path / "a1", env) == "halve the warmup"
+    assert (tmp_path / "got.txt").read_text() == "the promptgpu3"
+    agent = CommandAgent(f"{sys.executable} {script} {{prompt_file}}", timeout=60)
+    assert agent.step("prompt in a file", tmp_path, tmp_path / "a2", env) == "halve the warmup"
+    assert (tmp_path / "a2.prompt.md").read_text() == "prompt in a file"
+    with pytest.raises(LabError, match=r"exited with code 1: agent broke: xxxxx"):
+        agent.step("please fail", tmp_path, tmp_path / "a3", env)
+    assert "agent broke" in (tmp_path / "a3.log").read_text()
+    with pytest.raises(LabError, match="agent-timeout"):
+        CommandAgent(f"{sys.executable} -c 'import time; time.sleep(30)'", timeout=1).step("p", tmp_path, tmp_path / "a4", {})
