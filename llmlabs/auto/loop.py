@@ -90,6 +90,7 @@ def _work(session: Session, worker: Worker, agent, iterations: int):
             print(f"[{worker.name}] iteration {i}: the agent changed nothing ({description})", flush=True)
             continue
         out = runner.experiment(session, worker, description)
-        print(f"[{worker.name}] {out['status']:<8} {out['commit']} val_bpb {out['val_bpb'] or '-'} "
-              f"delta {out['delta'] if out['delta'] is not None else '-'}  {description}"
+        bpb = "-" if out["val_bpb"] is None else f"{out['val_bpb']:.6f}"
+        delta = "" if out["delta"] is None else f" delta {out['delta']:+.6f} (sigma_d {out['sigma']:.6f})"
+        print(f"[{worker.name}] {out['status']:<8} {out['commit']} val_bpb {bpb}{delta}  {description}"
               + (f"  ({out['reason']})" if out["reason"] else ""), flush=True)

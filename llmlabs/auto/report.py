@@ -59,7 +59,7 @@ def plot(session: Session, summary: dict, path: Path):
 
     rows = session.ledger.read()
     bpbs = [float(r["val_bpb"]) for r in rows if r["val_bpb"]]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     top = max(bpbs) if bpbs else 1.0
     for status, color in COLORS.items():
         pts = [(i, float(r["val_bpb"]) if r["val_bpb"] else top) for i, r in enumerate(rows) if r["status"] == status]
@@ -85,7 +85,11 @@ def plot(session: Session, summary: dict, path: Path):
     b, st = summary["best"]["val_bpb"], summary["start"]["val_bpb"]
     ax.set_title(f"auto/{session.tag}: {summary['runs']} runs, {summary['counts'].get('keep', 0)} kept"
                  + (f"; val_bpb {st:.4f} -> {b:.4f}" if b is not None and st is not None else ""))
-    ax.legend(fontsize=8, loc="upper right")
+    for i, r in enumerate(rows):
+        if r["status"] == "keep" and (i + 1 == len(rows) or rows[i + 1]["commit"] != r["commit"]):
+            ax.annotate(r["description"][:40], (i, float(r["val_bpb"])), fontsize=7, rotation=20,
+                        xytext=(4, 6), textcoords="offset points")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
