@@ -325,3 +325,69 @@ def test_command_agent_gets_the_prompt_and_reports_failures(tmp_path):
     assert "agent broke" in (tmp_path / "a3.log").read_text()
     with pytest.raises(LabError, match="agent-timeout"):
         CommandAgent(f"{sys.executable} -c 'import time; time.sleep(30)'", timeout=1).step("p", tmp_path, tmp_path / "a4", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# sessions
+
+def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkeypatch, capsys):
+    from llmlabs import cli
+    from llmlabs.data.prepare import prepare
+
+    rng = random.Random(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "import", "class", "(", ")", ":", "\n"]
+    for i in range(60):
+        (src / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
+    data = prepare(str(src), out=tmp_path / "data", vocab_size=300, val_frac=0.2, test_frac=0.2)
+    repo = tmp_path / "repo"
+    (repo / "llmlabs").mkdir(parents=True)
+    (repo / "llmlabs/model.py").write_text("# research\n")
+    (repo / "llmlabs/train.py").write_text("# harness\n")
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    (repo / "llmlabs/model.py").write_text("# uncommitted\n")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
+
+    def auto(*args):
+        code = cli.main(["auto", *args])
+        return code, capsys.readouterr()
+
+    code, out = auto("init", "--tag", "bad tag", "--data", str(data))
+    assert code == 2 and "cannot name a git branch" in out.err
+    code, out = auto("init", "--tag", "t", "--data", str(tmp_path / "nowhere"))
+    assert code == 2 and "llmlabs prepare" in out.err and "\n" not in out.err.strip()
+    code, out = auto("init", "--tag", "t", "--data", str(data), "--train-args", "--depth 2 --seed 3")
+    assert code == 2 and "may not set --seed" in out.err
+    code, out = auto("init", "--tag", "t", "--data", str(data), "--time-budget", "10", "--timeout", "5")
+    assert code == 2 and "timeout longer" in out.err
+    code, out = auto("run", "-m", "x")
+    assert code == 2 and "no autoresearch session" in out.err
+    code, out = auto("init", "--tag", "t", "--data", str(data), "--time-budget", "7", "--train-args", "--depth 2")
+    assert code == 0 and "uncommitted changes" in out.out
+    assert _git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"  # the user's checkout stays as it was
+    assert (repo / "llmlabs/model.py").read_text() == "# uncommitted\n"
+    wt = repo / ".auto/t/main"
+    assert (wt / "llmlabs/model.py").read_text() == "# research\n"
+    assert _git(wt, "rev-parse", "--abbrev-ref", "HEAD") == "auto/t"
+    # .auto/ is excluded locally (.git/info/exclude), no tracked file changes
+    assert _git(repo, "status", "--porcelain") == "M llmlabs/model.py"
+    cfg = json.loads((repo / ".auto/t/session.json").read_text())
+    assert cfg["train_args"] == ["--depth", "2"] and cfg["timeout"] == 7 * 1.5 + 180
+    assert set(cfg["expected"]["harness"]) == {"llmlabs/train.py"}
+    code, out = auto("init", "--tag", "t", "--data", str(data))
+    assert code == 2 and "exists already" in out.err
+    code, out = auto("run", "-m", "x")  # found from the main checkout; the baseline is missing
+    assert code == 2 and "auto baseline" in out.err
+    from llmlabs.auto.session import locate
+
+    assert locate(wt / "llmlabs")[1] == "main" and locate(wt)[0].tag == "t"
+    auto("init", "--tag", "u", "--data", str(data))
+    code, out = auto("report")
+    assert code == 2 and "several sessions (t, u): pass --tag" in out.err
+    assert locate(repo, "u")[0].tag == "u" and locate(wt)[0].tag == "t"  # inside a worktree: its session
+    with pytest.raises(LabError, match="inside the worktree of session t"):
+        locate(wt, "u")

@@ -4,6 +4,7 @@ import json
 import os
 
 from llmlabs.auto import runner
+from llmlabs.auto.ledger import clean
 from llmlabs.auto.session import init_session, locate
 from llmlabs.common import LabError
 
@@ -67,6 +68,14 @@ def _workers(session, gpus, default_worker="main"):
 
 
 def run(args):
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # runs are killed, an uncommitted change is handed back (runner.experiment)
+        print("\ninterrupted: no row was written for the experiment in flight; run the command again to go on")
+        return 130
+
+
+def _run(args):
     if args.cmd == "init":
         s = init_session(os.getcwd(), args.tag, data=args.data, time_budget=args.time_budget, timeout=args.timeout,
                          train_args=args.train_args, k=args.k, repeat_near=args.repeat_near)
@@ -85,7 +94,7 @@ def run(args):
         out = runner.experiment(session, session.worker(worker), args.message, args.seed)
         print("---")
         for k in ("status", "commit", "val_bpb", "delta", "sigma", "parent", "memory_gb", "wall_s", "run", "reason"):
-            print(f"{k + ':':<11}{'' if out[k] is None else out[k]}")
+            print(f"{k + ':':<11}{clean(out[k])}")
     elif args.cmd == "loop":
         from llmlabs.auto.agents import make_agent
         from llmlabs.auto.loop import loop
@@ -97,7 +106,8 @@ def run(args):
         for name in ("start", "best"):
             c = res["commits"][name]
             print(f"{name:<6}{c['commit']}  test_bpb {c['mean']:.6f} +- {c['std']:.6f} over {len(c['test_bpb'])} seeds")
-        print(f"difference {res['diff']:+.6f} +- {res['se']:.6f} (standard error), z = {res['z']:.1f}")
+        z = "" if res["z"] is None else f", z = {res['z']:.1f}"
+        print(f"difference {res['diff']:+.6f} +- {res['se']:.6f} (standard error){z}")
     elif args.cmd == "report":
         from llmlabs.auto.report import write_report
 

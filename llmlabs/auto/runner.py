@@ -239,10 +239,17 @@ def check_causal(session: Session, worker: Worker, wt, run: Run) -> str | None:
     """None if the trained model is causal, else the reason (one line). Runs the harness's own
     checker (fingerprinted) in a subprocess on the run's checkpoint, on the run's device."""
     cmd = [sys.executable, "-m", "llmlabs.auto.causal", str(run.run_dir)]
-    if "--device" in session.train_args:
-        cmd += ["--device", session.train_args[session.train_args.index("--device") + 1]]
-    r = subprocess.run(cmd, cwd=wt, env=child_env(wt, worker), capture_output=True, text=True,
-                       timeout=session.timeout)
+    args = session.train_args
+    for i, a in enumerate(args):  # the run's device, as `--device X` or `--device=X`
+        if a == "--device" and i + 1 < len(args):
+            cmd += ["--device", args[i + 1]]
+        elif a.startswith("--device="):
+            cmd += ["--device", a.split("=", 1)[1]]
+    try:
+        r = subprocess.run(cmd, cwd=wt, env=child_env(wt, worker), capture_output=True, text=True,
+                           timeout=session.timeout)
+    except subprocess.TimeoutExpired:
+        return f"causality check ran past the timeout ({session.timeout:g} s)"
     with open(run.log, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
     if r.returncode:

@@ -61,7 +61,8 @@ def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_
     top, repo = gitops.repo_roots(cwd)
     if repo / SESSIONS in top.parents:
         raise LabError(f"{top} is an autoresearch worktree: run `llmlabs auto init` from your own checkout")
-    if not tag or gitops.git(repo, "check-ref-format", "--branch", f"auto/{tag}", check=False) != f"auto/{tag}":
+    if not tag or "/" in tag or gitops.git(repo, "check-ref-format", "--branch", f"auto/{tag}",
+                                           check=False) != f"auto/{tag}":
         raise LabError(f"--tag {tag!r} cannot name a git branch: use letters, digits, '-' or '.'")
     sdir = repo / SESSIONS / tag
     if (sdir / "session.json").exists() or gitops.git(repo, "branch", "--list", f"auto/{tag}"):
@@ -91,7 +92,7 @@ def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_
            "fingerprint": surface.fingerprint(harness, data_sha, settings),
            "expected": {"harness": harness, "data": data_sha, "train": settings}}
     gitops.exclude(repo, f"/{SESSIONS}/")
-    sdir.mkdir(parents=True)
+    sdir.mkdir(parents=True, exist_ok=True)  # session.json, written last, marks a complete session
     gitops.add_worktree(repo, sdir / "main", f"auto/{tag}", base)
     atomic_write_json(sdir / "session.json", cfg)
     return Session(sdir)
@@ -109,7 +110,8 @@ def locate(cwd, tag=None) -> tuple[Session, str]:
         if tag and tag != parts[0]:
             raise LabError(f"--tag {tag} given inside the worktree of session {parts[0]}: drop --tag or cd out")
         tag = parts[0]
-        worker = parts[1] if len(parts) > 1 and parts[1] != "main" and parts[1].startswith("gpu") else "main"
+        if len(parts) > 1 and parts[1].startswith("gpu") and parts[1][3:].isdigit():
+            worker = parts[1]
     if tag is None:
         tags = sorted(p.parent.name for p in root.glob("*/session.json"))
         if len(tags) != 1:
