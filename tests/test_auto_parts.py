@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,7 +84,9 @@ def test_ledger_refuses_a_torn_row_and_a_foreign_header(tmp_path):
     with pytest.raises(LabError, match="header"):
         Ledger(tmp_path / "other.tsv").read()
     with pytest.raises(ValueError, match="unknown ledger columns"):
-        led.append([{"bogus": 1}])
+        led.append([{"bogus": 1, "status": "keep"}])
+    with pytest.raises(ValueError, match="a status not in"):
+        led.append([{"commit": "abc", "status": "kept"}])
 
 
 def _rows(status_commit_bpb):

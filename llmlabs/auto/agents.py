@@ -182,7 +182,7 @@ class OpenAIAgent:
                 for c in calls:
                     result = tools.call(c["function"]["name"], c["function"].get("arguments"))
                     messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
-            return "(the agent used all its turns) " + describe(messages[-1].get("content"))
+            return f"(the agent used all its {self.max_turns} turns without a final answer)"
         finally:
             atomic_write_json(transcript, {"endpoint": self.endpoint, "model": self.model, "messages": messages})
 

@@ -68,8 +68,8 @@ class Ledger:
 
     def append(self, rows: list[dict]):
         unknown = {k for r in rows for k in r} - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown ledger columns {sorted(unknown)}")
+        if unknown or any(r.get("status") not in STATUSES for r in rows):
+            raise ValueError(f"unknown ledger columns {sorted(unknown)} or a status not in {STATUSES}")
         text = "".join("\t".join(clean(r.get(c)) for c in COLUMNS) + "\n" for r in rows)
         with self._lock(fcntl.LOCK_EX):
             new = not self.path.exists() or self.path.stat().st_size == 0
@@ -84,7 +84,7 @@ class Ledger:
                 os.close(fd)
 
     def read(self) -> list[dict]:
-        """All rows as dicts of strings (numbers via num())."""
+        """All rows, each a dict of column -> string ("" for no value)."""
         if not self.path.exists():
             return []
         with self._lock(fcntl.LOCK_SH):
@@ -103,7 +103,3 @@ class Ledger:
                 raise LabError(f"{self.path} line {i}: {len(cells)} cells, expected {len(COLUMNS)}: fix or delete that line")
             rows.append(dict(zip(COLUMNS, cells)))
         return rows
-
-
-def num(cell: str) -> float | None:
-    return float(cell) if cell not in ("", None) else None

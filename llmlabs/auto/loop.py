@@ -73,7 +73,8 @@ def _work(session: Session, worker: Worker, agent, iterations: int):
     failures = 0
     for i in itertools.count(1) if not iterations else range(1, iterations + 1):
         rows = session.ledger.read()
-        gitops.reset_to(worker.path, gitops.resolve(worker.path, runner.frontier(rows)))
+        best = runner.frontier(rows)
+        gitops.reset_to(worker.path, gitops.resolve(worker.path, best))
         transcript = session.dir / "agent" / f"{worker.name}-{i:04d}"  # the agent adds a suffix
         env = {"LLMLABS_AUTO_SESSION": str(session.dir), "LLMLABS_AUTO_WORKER": worker.name,
                "LLMLABS_AUTO_ITERATION": str(i)}
@@ -86,7 +87,8 @@ def _work(session: Session, worker: Worker, agent, iterations: int):
                 raise LabError(f"the agent failed {failures} times in a row on worker {worker.name}; last: {e}") from None
             continue
         failures = 0
-        if not gitops.is_dirty(worker.path):
+        # a change is an edit, or a commit the agent made itself (some CLIs commit on their own)
+        if not gitops.is_dirty(worker.path) and gitops.short(worker.path, "HEAD") == best:
             print(f"[{worker.name}] iteration {i}: the agent changed nothing ({description})", flush=True)
             continue
         out = runner.experiment(session, worker, description)

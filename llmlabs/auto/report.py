@@ -98,8 +98,16 @@ def plot(session: Session, summary: dict, path: Path):
     os.replace(tmp, path)
 
 
+def _fmt(x, digits=4):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|")  # a description may hold a pipe; it must not split the table
+
+
 def markdown(summary: dict) -> str:
-    f = lambda x, n=4: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
+    f = _fmt
     st, b = summary["start"], summary["best"]
     lines = [f"# autoresearch report: auto/{summary['tag']}", "",
              f"- budget per run: {summary['time_budget_s']:g} s; keep rule: improvement > {summary['k']:g} x sigma_d",
@@ -110,10 +118,10 @@ def markdown(summary: dict) -> str:
              "", "## Kept changes", "", "| commit | val_bpb | delta | sigma_d | z | description |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k['commit']} | {f(k['val_bpb'])} | {f(k['delta'])} | {f(k['sigma'])} | {f(k['z'], 1)} | "
-              f"{k['description']} |" for k in summary["kept"]] or ["| - | | | | | nothing kept yet |"]
+              f"{_cell(k['description'])} |" for k in summary["kept"]] or ["| - | | | | | nothing kept yet |"]
     if summary["crashes"]:
         lines += ["", f"## Crashes ({len(summary['crashes'])})", "", "| commit | reason | description |", "|---|---|---|"]
-        lines += [f"| {c['commit']} | {c['reason']} | {c['description']} |" for c in summary["crashes"]]
+        lines += [f"| {c['commit']} | {_cell(c['reason'])} | {_cell(c['description'])} |" for c in summary["crashes"]]
     c = summary["confirm"]
     if c:
         a, bb = c["commits"]["start"], c["commits"]["best"]

@@ -286,7 +286,12 @@ def _drop_checkpoints(run: Run):
 # the commands' workhorses
 
 def experiment(session: Session, worker: Worker, message: str, seed: int | None = None) -> dict:
-    """`llmlabs auto run -m MESSAGE` in the worker's worktree. Returns the decision row."""
+    """`llmlabs auto run -m MESSAGE` in the worker's worktree. Returns the decision row.
+
+    The change is committed on the worktree's HEAD and compared with the frontier as it is at
+    decision time; with several workers the frontier may have moved since this worktree was last
+    reset (`loop` resets every worker before each iteration), and the rule stays the same: a commit
+    is kept only if it beats the current best."""
     wt = worker.path
     rows = session.ledger.read()
     best = frontier(rows)
