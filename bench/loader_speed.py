@@ -84,6 +84,13 @@ def run(args, tmp: Path):
             datasets["pystdlib"] = prepare("pystdlib", tmp / "pystdlib")
         except ImportError:
             print("note: rustbpe is not installed, so pystdlib cannot be prepared here: measuring `web` only")
+    if args.device != "cpu":  # the pinned, double-buffered async path must give exactly the CPU batches
+        a, b = BestFitLoader(datasets["web"], "train", 64, 2048), BestFitLoader(datasets["web"], "train", 64, 2048, device=args.device)
+        held = [next(b) for _ in range(20)]  # held while later batches are written: catches buffer reuse
+        same = all(torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc) for (x, y), (xc, yc) in zip(held, (next(a) for _ in range(20))))
+        print(f"check: {args.device} batches equal cpu batches: {'ok' if same else 'MISMATCH'}")
+        if not same:
+            sys.exit(1)
     rows = []
     for name, data in datasets.items():
         lengths = np.concatenate([np.diff(o) for _, o in BestFitLoader(data, "train", 1, 8).data.shards("train")])

@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import rustbpe
 import tiktoken
 import torch
 
@@ -67,6 +66,8 @@ class Tokenizer:
         if vocab_size < 256 + n_special:
             raise LabError(f"vocab size {vocab_size} is too small: the 256 byte tokens and {n_special} special "
                            f"tokens need at least {256 + n_special}; raise --vocab-size")
+        import rustbpe  # only training needs it: loading and encoding are tiktoken alone
+
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts_iter), vocab_size - n_special, pattern=SPLIT_PATTERN)
         pairs = sorted((rank, bytes(b)) for b, rank in bpe.get_mergeable_ranks())
