@@ -49,11 +49,13 @@ def synthetic_web_dir(path: Path, num_tokens: int, vocab_size: int = 8192, seed:
     return path
 
 
-def measure(data, B: int, T: int, device: str, seconds: float) -> tuple[float, float]:
+def measure(data, B: int, T: int, device: str, tokens: int) -> tuple[float, float]:
+    """tokens/s over the first `tokens` tokens after one warm-up batch, and the cropped fraction (a fixed
+    token count, not a fixed time, so the fraction is the same on every machine: it is deterministic)."""
     loader = BestFitLoader(data, "train", B, T, device=device)
     next(loader)  # warm up: first buffer fill, page-in of the shard
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while n < tokens:
         x, y = next(loader)
         n += x.numel()
     if device == "cuda":
@@ -65,7 +67,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="a prepared data directory to measure instead of pystdlib")
-    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--tokens", type=float, default=1e8, help="tokens per measurement")
     p.add_argument("--save", action="store_true", help="write bench/results/loader_speed-<device>.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +99,7 @@ def run(args, tmp: Path):
         data = DataDir.open(path)  # once: opening verifies every shard's checksum
         lengths = np.concatenate([np.diff(o) for _, o in data.shards("train")])
         for B, T in ((32, 2048), (256, 2048), (128, 512), (8, 8192)):
-            tps, cropped = measure(data, B, T, args.device, args.seconds)
+            tps, cropped = measure(data, B, T, args.device, int(args.tokens))
             rows.append({"data": name, "mean_doc_tokens": int(lengths.mean()), "B": B, "T": T,
                          "tokens_per_batch": B * T, "Mtokens_per_s": round(tps / 1e6, 1),
                          "cropped_fraction": round(cropped, 3)})

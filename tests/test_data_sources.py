@@ -79,7 +79,7 @@ def test_separated_reader_across_piece_boundaries(tmp_path):
 
 @pytest.mark.parametrize("make, kwargs, match", [
     (None, {}, "unknown source 'climbmx'.*pystdlib, pysrc, climbmix"),
-    ("missing", {}, "unknown source '.*missing'"),
+    ("missing", {}, "source path .*missing does not exist"),
     ("emptydir", {}, "is empty: no .*files"),
     ("globmiss", {"glob": "*.rst"}, "matching --glob '\\*.rst'"),
     ("csv", {}, "unsupported type"),

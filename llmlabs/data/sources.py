@@ -89,6 +89,8 @@ def resolve_source(spec: str, *, glob: str | None = None, shards: int | None = N
                       {"source": spec, "shards": n}, lambda: download(corpus.repo, files, dest), read)
     path = Path(spec).expanduser()
     if not path.exists():
+        if os.sep in spec or spec.startswith((".", "~")):
+            raise LabError(f"source path {path} does not exist: check the path")
         raise LabError(f"unknown source {spec!r}: not a file or folder, and not one of {', '.join(NAMED_SOURCES)}")
     path = path.resolve()
     if path.is_file():
