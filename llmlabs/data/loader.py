@@ -21,6 +21,13 @@ from llmlabs.data.shards import DataDir
 
 
 class BestFitLoader:
+    """Iterating yields (inputs, targets): int64 [B, T] on `device`, from rows of T+1 packed tokens
+    (inputs = row[:-1], targets = row[1:]). Each epoch visits the split's documents in a permutation
+    seeded by (seed, epoch); rank r of world_size takes every world_size-th one, so ranks never share a
+    document. loop=False stops at the end of the split: the last batch may have fewer rows, and an
+    unfinished last row is dropped rather than padded. buffer_docs is how many documents best-fit
+    chooses from (a bigger choice crops less)."""
+
     def __init__(self, data, split: str, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device="cpu", buffer_docs: int = 1000, loop: bool = True):
         self.data = data if isinstance(data, DataDir) else DataDir.open(Path(data))
