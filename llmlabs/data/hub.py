@@ -1,9 +1,10 @@
 """Hugging Face hub corpora: which files make each corpus, and a resumable parallel downloader.
 
-Plain HTTPS against `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{file}` (HF_ENDPOINT points at a mirror),
-so no hub client library is needed; the corpora are public, so no token is sent. A file is written as `<name>.tmp` and
-renamed when complete: a present `<name>` is never re-downloaded, a `<name>.tmp` left by an interrupted
-run is continued with an HTTP Range request, and failures are retried with exponential backoff.
+Plain HTTPS against `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{file}` (HF_ENDPOINT points at a
+mirror), so no hub client library is needed; the corpora are public, so no token is sent. A file is
+written as `<name>.tmp` and renamed when complete: a present `<name>` is never re-downloaded, a
+`<name>.tmp` left by an interrupted run is continued with an HTTP Range request, and failures are
+retried with exponential backoff.
 """
 import os
 import threading
