@@ -30,7 +30,8 @@ def device_name() -> str:
 def commit() -> str:
     def git(*a):
         return subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")  # code, not results
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def report(name: str, rows: list[dict], columns: list[tuple[str, str, str]], save: bool):
