@@ -41,9 +41,7 @@ _plans: dict[tuple, str] = {}   # (device type, dtype, kind) -> backend
 _used: dict[str, str] = {}      # kind -> backend, as resolved so far (what describe() reports)
 _fa3 = None
 _fa3_tried = False
-# Flex builds a fused Triton kernel only under torch.compile (eager flex materialises the scores).
-# Inside an already-compiled model dynamo inlines this wrapper into the one graph.
-_flex_compiled = torch.compile(flex_attention, dynamic=False)
+_flex_compiled = None
 
 
 def set_backend(name: str):
@@ -158,6 +156,16 @@ def _block_mask(T: int, window: int | None, device) -> BlockMask:
                                     mask_mod=mask_mod, seq_lengths=(T, T))
 
 
+def _compiled_flex():
+    """Flex builds its fused kernel only under torch.compile (eager flex materialises all scores).
+    Inside a compiled model plain flex_attention is traced into the model's graph; eager callers on
+    a GPU get this separately compiled flex (made on first use: compiling costs imports)."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
+
+
 def _window_mask(q_pos, k_pos, window):
     """Dense boolean mask [Tq, Tk]: causal, and at most `window` positions back."""
     mask = k_pos[None, :] <= q_pos[:, None]
@@ -184,7 +192,7 @@ def attention(q, k, v, window: int | None = None, scale: float | None = None):
         return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the LSE
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA/flex layout, views
     if name == "flex":
-        flex = _flex_compiled if q.is_cuda else flex_attention
+        flex = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         y = flex(q, k, v, block_mask=_block_mask(T, window, q.device), scale=scale, enable_gqa=gqa)
     elif name in ("sdpa-cudnn", "sdpa-flash"):
         kernel = SDPBackend.CUDNN_ATTENTION if name == "sdpa-cudnn" else SDPBackend.FLASH_ATTENTION
