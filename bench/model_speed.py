@@ -86,8 +86,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--windows", default="SSSL", help="window pattern, e.g. SSSL or L")
     parser.add_argument("--batch", type=int, default=None, help="device batch in sequences (default: per depth)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation happens here)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--attention", default=None, help="force a backend: " + ", ".join(attn.CHOICES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -97,7 +97,12 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [measure(depth, args, device) for depth in args.depths]
+    rows = []
+    for depth in args.depths:
+        rows.append(measure(depth, args, device))
+        torch._dynamo.reset()  # drop the compiled graphs (and the model they hold) before the next depth
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
               "commit": git_commit(), "command": " ".join(sys.argv), "attention": attn.describe(), "rows": rows}

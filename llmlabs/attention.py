@@ -6,7 +6,7 @@ environment variable force one for tests and benchmarks.
 Plans (layer kind -> kernel):
   CUDA, bf16/fp16, FA3 importable (Hopper)  full: fa3          window: fa3
   CUDA, bf16/fp16, otherwise                full: sdpa-cudnn   window: flex (block-sparse mask)
-                                            (sdpa-flash where cuDNN attention is not the default)
+                                            (sdpa-flash where PyTorch would not pick cuDNN)
   CUDA, fp32                                full: sdpa (PyTorch picks)  window: flex
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
 A GPU never gets a dense T x T mask in training: sliding windows go to FA3 or FlexAttention.
@@ -110,8 +110,11 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
     elif choice in ("sdpa-cudnn", "sdpa-flash"):
         name = choice
     else:
-        # PyTorch itself prefers cuDNN attention on Hopper and newer; flash elsewhere
-        name = "sdpa-cudnn" if torch.cuda.get_device_capability()[0] >= 9 else "sdpa-flash"
+        # PyTorch's own rule (check_prefer_cudnn_attention, torch >= 2.10): cuDNN attention first on
+        # sm90/sm100 with cuDNN > 9.15.0, whose predecessors mishandled lengths not divisible by
+        # 128 (pytorch#169849); flash attention everywhere else
+        cudnn_ok = torch.backends.cudnn.is_available() and torch.backends.cudnn.version() > 91500
+        name = "sdpa-cudnn" if cudnn_ok and torch.cuda.get_device_capability()[0] in (9, 10) else "sdpa-flash"
     _plans[key] = name
     if _used.get(kind) != name:
         _used[kind] = name
@@ -121,11 +124,12 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
 
 def describe(device=None, dtype=None) -> dict:
     """Layer kind -> backend. With no arguments: what attention() has used so far (the trainer
-    prints it and records it in the run summary). With a device and dtype: the plan such inputs
-    get, resolved now."""
+    prints it and records it in the run summary). With a device: the plan for inputs of that
+    device and dtype (default: bf16 on CUDA, as the trainer runs, float32 elsewhere), resolved now."""
     if device is None:
         return dict(_used)
     device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return {kind: _plan(device.type, dtype, kind) for kind in ("full", "window")}
 
 
