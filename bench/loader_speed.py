@@ -9,7 +9,6 @@ two document-length profiles, plus the cropped fraction at several T.
     PYTHONPATH=. python bench/loader_speed.py [--device cuda] [--save]
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prepare_speed import commit, device_name  # noqa: E402
+from prepare_speed import report  # noqa: E402
 
 from llmlabs.data.loader import BestFitLoader  # noqa: E402
-from llmlabs.data.shards import SPLITS, ShardWriter, finish_data_dir, token_dtype  # noqa: E402
+from llmlabs.data.shards import SPLITS, DataDir, ShardWriter, finish_data_dir, token_dtype  # noqa: E402
 from llmlabs.data.tokenizer import SPECIAL_NAMES, Tokenizer  # noqa: E402
 
 
@@ -50,11 +49,13 @@ def synthetic_web_dir(path: Path, num_tokens: int, vocab_size: int = 8192, seed:
     return path
 
 
-def measure(data, B: int, T: int, device: str, seconds: float) -> tuple[float, float]:
+def measure(data, B: int, T: int, device: str, tokens: int) -> tuple[float, float]:
+    """tokens/s over the first `tokens` tokens after one warm-up batch, and the cropped fraction (a fixed
+    token count, not a fixed time, so the fraction is the same on every machine: it is deterministic)."""
     loader = BestFitLoader(data, "train", B, T, device=device)
     next(loader)  # warm up: first buffer fill, page-in of the shard
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while n < tokens:
         x, y = next(loader)
         n += x.numel()
     if device == "cuda":
@@ -66,7 +67,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="a prepared data directory to measure instead of pystdlib")
-    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--tokens", type=float, default=1e8, help="tokens per measurement")
     p.add_argument("--save", action="store_true", help="write bench/results/loader_speed-<device>.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,27 +85,29 @@ def run(args, tmp: Path):
             datasets["pystdlib"] = prepare("pystdlib", tmp / "pystdlib")
         except ImportError:
             print("note: rustbpe is not installed, so pystdlib cannot be prepared here: measuring `web` only")
+    if args.device != "cpu":  # the pinned, double-buffered async path must give exactly the CPU batches
+        cpu = BestFitLoader(datasets["web"], "train", 64, 2048)
+        dev = BestFitLoader(datasets["web"], "train", 64, 2048, device=args.device)
+        held = [next(dev) for _ in range(20)]  # held while later batches are written: catches buffer reuse
+        same = all(torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)
+                   for (x, y), (xc, yc) in zip(held, (next(cpu) for _ in range(20))))
+        print(f"check: {args.device} batches equal cpu batches: {'ok' if same else 'MISMATCH'}")
+        if not same:
+            sys.exit(1)
     rows = []
-    for name, data in datasets.items():
-        lengths = np.concatenate([np.diff(o) for _, o in BestFitLoader(data, "train", 1, 8).data.shards("train")])
+    for name, path in datasets.items():
+        data = DataDir.open(path)  # once: opening verifies every shard's checksum
+        lengths = np.concatenate([np.diff(o) for _, o in data.shards("train")])
         for B, T in ((32, 2048), (256, 2048), (128, 512), (8, 8192)):
-            tps, cropped = measure(data, B, T, args.device, args.seconds)
-            rows.append({"data": name, "mean_doc_tokens": int(lengths.mean()), "B": B, "T": T, "tokens_per_batch": B * T,
-                         "Mtokens_per_s": round(tps / 1e6, 1), "cropped_fraction": round(cropped, 3)})
-    header = f"{'data':<10} {'doc mean':>8} {'B':>4} {'T':>5} {'B*T':>8} {'Mtok/s':>8} {'cropped':>8}"
-    lines = [header] + [f"{r['data']:<10} {r['mean_doc_tokens']:>8,} {r['B']:>4} {r['T']:>5} {r['tokens_per_batch']:>8,} "
-                        f"{r['Mtokens_per_s']:>8.1f} {r['cropped_fraction']:>8.3f}" for r in rows]
-    meta = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "loader_device": args.device,
-            "load_average": os.getloadavg()[0], "commit": commit(),
-            "command": "PYTHONPATH=. python " + " ".join(sys.argv), "torch": torch.__version__}
-    print("\n".join(f"{k}: {v}" for k, v in meta.items()))
-    print("\n".join(lines))
-    if args.save:
-        tag = args.device if args.device != "cpu" else f"cpu{os.cpu_count()}"
-        path = Path(__file__).parent / "results" / f"loader_speed-{tag}.json"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({**meta, "rows": rows, "table": lines}, indent=2) + "\n")
-        print(f"saved {path}")
+            tps, cropped = measure(data, B, T, args.device, int(args.tokens))
+            rows.append({"data": name, "mean_doc_tokens": int(lengths.mean()), "B": B, "T": T,
+                         "tokens_per_batch": B * T, "Mtokens_per_s": round(tps / 1e6, 1),
+                         "cropped_fraction": round(cropped, 3)})
+    tag = args.device if args.device != "cpu" else f"cpu{os.cpu_count()}"
+    report(f"loader_speed-{tag}", rows,
+           [("data", "data", ""), ("mean_doc_tokens", "doc mean", ","), ("B", "B", ""), ("T", "T", ""),
+            ("tokens_per_batch", "B*T", ","), ("Mtokens_per_s", "Mtok/s", ".1f"), ("cropped_fraction", "cropped", ".3f")],
+           args.save)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ environment variable force one for tests and benchmarks.
 Plans (layer kind -> kernel):
   CUDA, bf16/fp16, FA3 importable (Hopper)  full: fa3          window: fa3
   CUDA, bf16/fp16, otherwise                full: sdpa-cudnn   window: flex (block-sparse mask)
-                                            (sdpa-flash where cuDNN attention is not the default)
+                                            (sdpa-flash where PyTorch would not pick cuDNN)
   CUDA, fp32                                full: sdpa (PyTorch picks)  window: flex
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
 A GPU never gets a dense T x T mask in training: sliding windows go to FA3 or FlexAttention.
@@ -41,9 +41,7 @@ _plans: dict[tuple, str] = {}   # (device type, dtype, kind) -> backend
 _used: dict[str, str] = {}      # kind -> backend, as resolved so far (what describe() reports)
 _fa3 = None
 _fa3_tried = False
-# Flex builds a fused Triton kernel only under torch.compile (eager flex materialises the scores).
-# Inside an already-compiled model dynamo inlines this wrapper into the one graph.
-_flex_compiled = torch.compile(flex_attention, dynamic=False)
+_flex_compiled = None
 
 
 def set_backend(name: str):
@@ -112,8 +110,11 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
     elif choice in ("sdpa-cudnn", "sdpa-flash"):
         name = choice
     else:
-        # PyTorch itself prefers cuDNN attention on Hopper and newer; flash elsewhere
-        name = "sdpa-cudnn" if torch.cuda.get_device_capability()[0] >= 9 else "sdpa-flash"
+        # PyTorch's own rule (check_prefer_cudnn_attention, torch >= 2.10): cuDNN attention first on
+        # sm90/sm100 with cuDNN > 9.15.0, whose predecessors mishandled lengths not divisible by
+        # 128 (pytorch#169849); flash attention everywhere else
+        cudnn_ok = torch.backends.cudnn.is_available() and torch.backends.cudnn.version() > 91500
+        name = "sdpa-cudnn" if cudnn_ok and torch.cuda.get_device_capability()[0] in (9, 10) else "sdpa-flash"
     _plans[key] = name
     if _used.get(kind) != name:
         _used[kind] = name
@@ -123,11 +124,12 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
 
 def describe(device=None, dtype=None) -> dict:
     """Layer kind -> backend. With no arguments: what attention() has used so far (the trainer
-    prints it and records it in the run summary). With a device and dtype: the plan such inputs
-    get, resolved now."""
+    prints it and records it in the run summary). With a device: the plan for inputs of that
+    device and dtype (default: bf16 on CUDA, as the trainer runs, float32 elsewhere), resolved now."""
     if device is None:
         return dict(_used)
     device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return {kind: _plan(device.type, dtype, kind) for kind in ("full", "window")}
 
 
@@ -158,6 +160,16 @@ def _block_mask(T: int, window: int | None, device) -> BlockMask:
                                     mask_mod=mask_mod, seq_lengths=(T, T))
 
 
+def _compiled_flex():
+    """Flex builds its fused kernel only under torch.compile (eager flex materialises all scores).
+    Inside a compiled model plain flex_attention is traced into the model's graph; eager callers on
+    a GPU get this separately compiled flex (made on first use: compiling costs imports)."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
+
+
 def _window_mask(q_pos, k_pos, window):
     """Dense boolean mask [Tq, Tk]: causal, and at most `window` positions back."""
     mask = k_pos[None, :] <= q_pos[:, None]
@@ -184,7 +196,7 @@ def attention(q, k, v, window: int | None = None, scale: float | None = None):
         return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the LSE
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA/flex layout, views
     if name == "flex":
-        flex = _flex_compiled if q.is_cuda else flex_attention
+        flex = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         y = flex(q, k, v, block_mask=_block_mask(T, window, q.device), scale=scale, enable_gqa=gqa)
     elif name in ("sdpa-cudnn", "sdpa-flash"):
         kernel = SDPBackend.CUDNN_ATTENTION if name == "sdpa-cudnn" else SDPBackend.FLASH_ATTENTION

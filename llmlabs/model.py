@@ -42,10 +42,10 @@ def rope_tables(seq_len: int, head_dim: int, base: float, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (j, j + D/2) of x [B, T, H, D] by each position's angle. Done in
-    float32 (bf16 angles drift at long positions) and cast back; compile fuses it."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    """Rotate channel pairs (j, j + D/2) of x [B, T, H, D] by each position's angle. Done in at
+    least float32 (bf16 rotations drift at long positions) and cast back; compile fuses it."""
+    d, dtype = x.size(-1) // 2, torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x[..., :d].to(dtype), x[..., d:].to(dtype)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 

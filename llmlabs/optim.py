@@ -123,8 +123,9 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(param_groups, defaults={})
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
-        # one 0-d CPU tensor per hyperparameter, refilled before each kernel call
-        self._hp = {name: torch.tensor(0.0) for name in
+        # one 0-d CPU tensor per hyperparameter, refilled before each kernel call (float64: exact
+        # values; a 0-d tensor never changes the dtype of the tensors it multiplies)
+        self._hp = {name: torch.tensor(0.0, dtype=torch.float64) for name in
                     ("lr", "beta1", "beta2", "eps", "weight_decay", "step", "momentum")}
 
     def _fill(self, **values):

@@ -201,7 +201,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmlabs", "prepare", str(tmp_path / "nothing-here")],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: unknown source")
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: source path ")
 
 
 def test_empty_train_or_val_split(tmp_path):

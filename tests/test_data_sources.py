@@ -19,7 +19,9 @@ def test_pystdlib_is_every_stdlib_py_file_sorted():
     assert files == sorted(files) and len(files) > 500
     assert all(f.suffix == ".py" and root in f.parents for f in files)
     assert not any({"site-packages", "dist-packages"} & set(f.parts) for f in files)
-    assert root / "json" / "decoder.py" in files and root / "test" / "test_json" / "test_dump.py" in files
+    assert root / "json" / "decoder.py" in files
+    if (root / "test").is_dir():  # some distributions ship the stdlib's tests separately
+        assert any(root / "test" in f.parents for f in files)
     assert src.settings["python"].count(".") == 2
 
 
@@ -79,7 +81,7 @@ def test_separated_reader_across_piece_boundaries(tmp_path):
 
 @pytest.mark.parametrize("make, kwargs, match", [
     (None, {}, "unknown source 'climbmx'.*pystdlib, pysrc, climbmix"),
-    ("missing", {}, "unknown source '.*missing'"),
+    ("missing", {}, "source path .*missing does not exist"),
     ("emptydir", {}, "is empty: no .*files"),
     ("globmiss", {"glob": "*.rst"}, "matching --glob '\\*.rst'"),
     ("csv", {}, "unsupported type"),

@@ -1,9 +1,10 @@
 """Hugging Face hub corpora: which files make each corpus, and a resumable parallel downloader.
 
-Plain HTTPS against `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{file}` (HF_ENDPOINT points at a mirror;
-HF_TOKEN is sent when set), so no hub client library is needed. A file is written as `<name>.tmp` and
-renamed when complete: a present `<name>` is never re-downloaded, a `<name>.tmp` left by an interrupted
-run is continued with an HTTP Range request, and failures are retried with exponential backoff.
+Plain HTTPS against `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{file}` (HF_ENDPOINT points at a
+mirror), so no hub client library is needed; the corpora are public, so no token is sent. A file is
+written as `<name>.tmp` and renamed when complete: a present `<name>` is never re-downloaded, a
+`<name>.tmp` left by an interrupted run is continued with an HTTP Range request, and failures are
+retried with exponential backoff.
 """
 import os
 import threading
@@ -86,8 +87,6 @@ def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backo
         headers = {"User-Agent": "llmlabs"}
         if have:
             headers["Range"] = f"bytes={have}-"
-        if os.environ.get("HF_TOKEN"):
-            headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
                 if have and resp.status == 206:  # the server continues where the .tmp file ends
@@ -112,7 +111,7 @@ def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backo
                 continue
             if e.code in (401, 403, 404):
                 raise LabError(f"{url}: HTTP {e.code} {e.reason}: check the corpus name, --shards and "
-                               f"HF_ENDPOINT (a gated dataset also needs HF_TOKEN)") from None
+                               f"HF_ENDPOINT") from None
             error = e
             continue
         except (urllib.error.URLError, OSError, HTTPException) as e:  # refused, reset, timed out, cut short

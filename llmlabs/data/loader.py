@@ -21,6 +21,13 @@ from llmlabs.data.shards import DataDir
 
 
 class BestFitLoader:
+    """Iterating yields (inputs, targets): int64 [B, T] on `device`, from rows of T+1 packed tokens
+    (inputs = row[:-1], targets = row[1:]). Each epoch visits the split's documents in a permutation
+    seeded by (seed, epoch); rank r of world_size takes every world_size-th one, so ranks never share a
+    document. loop=False stops at the end of the split: the last batch may have fewer rows, and an
+    unfinished last row is dropped rather than padded. buffer_docs is how many documents best-fit
+    chooses from (a bigger choice crops less)."""
+
     def __init__(self, data, split: str, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device="cpu", buffer_docs: int = 1000, loop: bool = True):
         self.data = data if isinstance(data, DataDir) else DataDir.open(Path(data))
@@ -29,10 +36,12 @@ class BestFitLoader:
             raise LabError(f"batch_size {batch_size}, seq_len {seq_len} and buffer_docs {buffer_docs} must be >= 1")
         if not 0 <= rank < world_size:
             raise LabError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-        self.split, self.B, self.T, self.seed, self.rank, self.world_size = split, batch_size, seq_len, seed, rank, world_size
+        self.split, self.B, self.T = split, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.device, self.buffer_docs, self.loop = torch.device(device), buffer_docs, loop
         if not shards:
-            raise LabError(f"split {split!r} of {self.data.path} has no documents: prepare more data or raise its fraction")
+            raise LabError(f"split {split!r} of {self.data.path} has no documents: prepare more data or raise "
+                           f"its fraction")
         self._tokens = [t for t, _ in shards]
         self._doc_shard = np.concatenate([np.full(len(o) - 1, i, np.int64) for i, (_, o) in enumerate(shards)])
         self._doc_start = np.concatenate([o[:-1] for _, o in shards])

@@ -42,20 +42,24 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
     t0 = time.time()
     src = resolve_source(source, glob=glob, shards=shards)
     if not (0 < val_frac and 0 <= test_frac and val_frac + test_frac < 1):
-        raise LabError(f"split fractions val {val_frac} / test {test_frac} must satisfy 0 < val, 0 <= test, val + test < 1")
+        raise LabError(f"split fractions val {val_frac} / test {test_frac} must satisfy 0 < val, 0 <= test, "
+                       f"val + test < 1")
     if tokenizer_chars < 1:
         raise LabError(f"--tokenizer-chars {tokenizer_chars} must be positive")
     out = Path(out).expanduser().resolve() if out else default_data_dir(source, vocab_size)
     settings = {**src.settings, "vocab_size": vocab_size, "val_frac": val_frac, "test_frac": test_frac,
                 "tokenizer_chars": tokenizer_chars}
     if (out / MANIFEST).is_file() and not force:
-        old = json.loads((out / MANIFEST).read_text()).get("settings")
+        try:
+            old = json.loads((out / MANIFEST).read_text())["settings"]
+        except (ValueError, KeyError, TypeError):
+            old = {}
         if old == settings:
             print0(f"data: {out} (already prepared; --force rebuilds)")
             return out
-        diff = ", ".join(f"{k}: {old.get(k) if old else None!r} -> {v!r}" for k, v in settings.items()
-                         if not old or old.get(k) != v)
-        raise LabError(f"{out} was prepared with other settings ({diff}): pass --force to rebuild it or --out elsewhere")
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        raise LabError(f"{out} was prepared with other settings ({diff}): pass --force to rebuild it, "
+                       f"or --out elsewhere")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise LabError(f"{out} exists and is not a data directory: choose another --out or remove it")
     _remove_stale_builds(out)
@@ -63,10 +67,10 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
     try:
         summary = _build(src, tmp, settings, workers or os.cpu_count() or 1, _command(source, out, settings))
         if out.exists():  # --force: swap the old directory out only once the new one is complete
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
+            retired = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, retired)
             os.replace(tmp, out)
-            shutil.rmtree(old)
+            shutil.rmtree(retired)
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -129,8 +133,9 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
     splits = {s: w.close() for s, w in writers.items()}
     for split, frac in (("val", fracs[0]), ("test", fracs[1])):
         if frac and not splits[split]["documents"]:
-            raise LabError(f"the {split} split of {settings['source']} is empty ({sum(s['documents'] for s in splits.values())} "
-                           f"documents in all): add documents or raise its fraction")
+            total = sum(s["documents"] for s in splits.values())
+            raise LabError(f"the {split} split of {settings['source']} is empty ({total} documents in all): add "
+                           f"documents or raise its fraction")
     return finish_data_dir(tmp, tokenizer, splits, command=command, settings=settings, source=src.description,
                            stats=dict(stats), tokenizer_training={"chars": chars, "seconds": round(tok_seconds, 2)})
 
@@ -157,18 +162,19 @@ def _remove_stale_builds(out: Path):
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
 def _print_summary(out: Path, src, m: dict, seconds: float):
     st, tk, tt = m["stats"], m["tokenizer"], m["tokenizer_training"]
-    skipped = ", ".join(f"{v:,} {k}" for k, v in sorted(st.items()) if k not in ("files", "documents") and v) or "none"
-    lines = [f"data: {out}", f"source: {src.description}", f"  {st.get('files', 0):,} files, {st.get('documents', 0):,} documents read; dropped: {skipped}",
+    dropped = ", ".join(f"{v:,} {k}" for k, v in sorted(st.items()) if k not in ("files", "documents") and v)
+    lines = [f"data: {out}", f"source: {src.description}",
+             f"  {st.get('files', 0):,} files, {st.get('documents', 0):,} documents read; dropped: {dropped or 'none'}",
              f"tokenizer: {tk['vocab_size']:,} ids ({len(tk['special_ids'])} special), BPE trained on "
              f"{tt['chars'] / 1e6:.1f}M chars of train in {tt['seconds']:.1f} s",
              f"{'split':<6} {'documents':>10} {'tokens':>13} {'bytes/token':>12}"]
@@ -186,14 +192,15 @@ def add_args(parser):
                         help="pystdlib (default) | pysrc | a file or folder of .txt/.md/.py/.jsonl/.parquet | "
                              + " | ".join(HUB_CORPORA))
     parser.add_argument("--out", help="data directory (default $LLMLABS_HOME/data/<source>-v<vocab>)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included (8192)")
     parser.add_argument("--glob", help="fnmatch pattern on paths relative to the folder, e.g. '*.md' or 'json/*'")
-    parser.add_argument("--shards", type=int, help="hub corpora: how many of the corpus files to download")
+    parser.add_argument("--shards", type=int, help="hub corpora: how many of the corpus files to use (default: " +
+                        ", ".join(f"{k} {c.default_shards}" for k, c in HUB_CORPORA.items()) + ")")
     parser.add_argument("--workers", type=int, help="encoding threads (default: all cores)")
-    parser.add_argument("--val-frac", type=float, default=VAL_FRAC, help="share of documents in val")
-    parser.add_argument("--test-frac", type=float, default=TEST_FRAC, help="share of documents in test")
+    parser.add_argument("--val-frac", type=float, default=VAL_FRAC, help=f"share of documents in val ({VAL_FRAC})")
+    parser.add_argument("--test-frac", type=float, default=TEST_FRAC, help=f"share of documents in test ({TEST_FRAC})")
     parser.add_argument("--tokenizer-chars", type=int, default=TOKENIZER_CHARS,
-                        help="train BPE on at most this many characters of the train split")
+                        help=f"train BPE on at most this many characters of the train split ({TOKENIZER_CHARS:.0e})")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")
 
 

@@ -113,7 +113,8 @@ class DataDir:
             manifest = json.loads((path / MANIFEST).read_text())
             if manifest.get("format") != FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r} is not {FORMAT!r}")
-            rebuild, want_hash, files = f"{manifest['command']} --force", manifest["tokenizer"]["hash"], manifest["files"]
+            rebuild = f"{manifest['command']} --force"
+            want_hash, files = manifest["tokenizer"]["hash"], manifest["files"]
             if missing := [s for s in SPLITS if "shards" not in manifest["splits"].get(s, {})]:
                 raise KeyError(f"splits {missing}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -127,7 +128,8 @@ class DataDir:
             f = path / name
             size = f.stat().st_size if f.exists() else None
             if size != want["bytes"]:
-                state = "is missing" if size is None else f"has {size} bytes, the manifest says {want['bytes']} (truncated copy?)"
+                state = "is missing" if size is None else \
+                    f"has {size} bytes, the manifest says {want['bytes']} (truncated copy?)"
                 raise LabError(f"shard {f} {state}: copy it again or rebuild with `{rebuild}`")
             if sha256_file(f) != want["sha256"]:
                 raise LabError(f"shard {f} is corrupt (sha256 differs from the manifest): copy it again or rebuild "

@@ -80,7 +80,8 @@ def resolve_source(spec: str, *, glob: str | None = None, shards: int | None = N
         corpus = HUB_CORPORA[spec]
         n = corpus.default_shards if shards is None else shards
         if not 1 <= n <= len(corpus.files):
-            raise LabError(f"--shards {n} is out of range for {spec}: it has {len(corpus.files)} files; pick 1..{len(corpus.files)}")
+            raise LabError(f"--shards {n} is out of range for {spec}: it has {len(corpus.files)} files; "
+                           f"pick 1..{len(corpus.files)}")
         files = corpus.files[:n]
         dest = llmlabs_home() / "hub" / corpus.repo
         read = read_local if corpus.doc_separator is None else _separated_reader(corpus.doc_separator)
@@ -88,6 +89,8 @@ def resolve_source(spec: str, *, glob: str | None = None, shards: int | None = N
                       {"source": spec, "shards": n}, lambda: download(corpus.repo, files, dest), read)
     path = Path(spec).expanduser()
     if not path.exists():
+        if os.sep in spec or spec.startswith((".", "~")):
+            raise LabError(f"source path {path} does not exist: check the path")
         raise LabError(f"unknown source {spec!r}: not a file or folder, and not one of {', '.join(NAMED_SOURCES)}")
     path = path.resolve()
     if path.is_file():

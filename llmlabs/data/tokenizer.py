@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import rustbpe
 import tiktoken
 import torch
 
@@ -67,6 +66,8 @@ class Tokenizer:
         if vocab_size < 256 + n_special:
             raise LabError(f"vocab size {vocab_size} is too small: the 256 byte tokens and {n_special} special "
                            f"tokens need at least {256 + n_special}; raise --vocab-size")
+        import rustbpe  # only training needs it: loading and encoding are tiktoken alone
+
         bpe = rustbpe.Tokenizer()
         bpe.train_from_iterator(iter(texts_iter), vocab_size - n_special, pattern=SPLIT_PATTERN)
         pairs = sorted((rank, bytes(b)) for b, rank in bpe.get_mergeable_ranks())
@@ -90,9 +91,11 @@ class Tokenizer:
                 raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
             tok = cls(d["pattern"], [base64.b64decode(s) for s in d["ranks"]], d["special_ids"])
         except FileNotFoundError:
-            raise LabError(f"tokenizer file {path} is missing: re-run `llmlabs prepare` for this data directory") from None
+            raise LabError(f"tokenizer file {path} is missing: re-run `llmlabs prepare` for this data "
+                           f"directory") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise LabError(f"tokenizer file {path} is not a valid {FORMAT} file ({e}): re-run `llmlabs prepare --force`") from None
+            raise LabError(f"tokenizer file {path} is not a valid {FORMAT} file ({e}): re-run "
+                           f"`llmlabs prepare --force`") from None
         if tok.hash != d.get("hash"):
             raise LabError(f"tokenizer file {path} is corrupt: its content hashes to {tok.hash[:12]}, the file says "
                            f"{str(d.get('hash'))[:12]}; re-run `llmlabs prepare --force`")
