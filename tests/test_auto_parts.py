@@ -9,6 +9,8 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -392,3 +394,102 @@ def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkey
     assert locate(repo, "u")[0].tag == "u" and locate(wt)[0].tag == "t"  # inside a worktree: its session
     with pytest.raises(LabError, match="inside the worktree of session t"):
         locate(wt, "u")
+
+
+# ---------------------------------------------------------------------------------------------
+# the runner's judgement of a run, with stand-in trainers (a fake `llmlabs` package on the run's path)
+
+FAKE_TRAIN = """
+import os, subprocess, sys, time
+args = sys.argv[sys.argv.index("train") + 1:]
+mode = open(os.path.join(os.path.dirname(__file__), "MODE")).read().strip()
+print("secret seen:", os.environ.get("LAB_API_KEY"), flush=True)
+if mode == "hang":  # a child that would outlive a careless kill
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    open(os.path.join(os.path.dirname(__file__), "CHILD"), "w").write(str(child.pid))
+    time.sleep(120)
+if mode == "nan":
+    print("error: loss became nan at step 7: stopped; lower the learning rates", file=sys.stderr)
+    sys.exit(2)
+print("step 1 | loss 3.0\\n---")
+print(f"val_bpb:          {'nan' if mode == 'nanbpb' else 1.25}")
+print(f"training_seconds: {12.5 if mode == 'slow' else 10.4}")
+print("peak_vram_mb:     2048.0\\ntotal_tokens_M:   3.5\\nmfu_percent:      41.5")
+print("seed:", args[args.index("--seed") + 1])
+"""
+
+
+@pytest.fixture
+def fake_lab(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    wt = tmp_path / "wt"
+    (wt / "llmlabs").mkdir(parents=True)
+    (wt / "llmlabs/__init__.py").write_text("")
+    (wt / "llmlabs/__main__.py").write_text(FAKE_TRAIN)
+    session = SimpleNamespace(dir=tmp_path / "s", data="/data", time_budget=10.0, timeout=3.0, train_args=["--depth", "2"])
+    monkeypatch.setenv("LAB_API_KEY", KEY)
+    monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
+
+    def run(mode, seed=5):
+        (wt / "llmlabs/MODE").write_text(mode)
+        worker = runner.Worker("gpu3", wt, "b", 3)
+        return runner.train(session, worker, wt, runner.new_run(session, "abcdef1234567", seed))
+
+    return run
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_runner_judges_runs_by_output_wall_clock_and_budget(fake_lab):
+    r = fake_lab("ok")
+    assert r.status is None and r.bpb() == 1.25 and r.summary["seed"] == 5 and r.name == "abcdef12-s5"
+    log = r.log.read_text()
+    assert "--time-budget 10.0 --seed 5" in log and "--depth 2" in log and "--eval-split val" in log
+    assert "secret seen: None" in log and KEY not in log  # no credentials reach a run
+    out = runner.row("abcdef1234567", r, "keep", "d", None, "0123456789abcdef", -0.1, 0.02)
+    assert (out["commit"], out["memory_gb"], out["tokens_M"], out["mfu"], out["worker"], out["parent"]) == \
+        ("abcdef123456", 2.0, 3.5, 41.5, "gpu3", "0123456789ab")
+    assert fake_lab("ok").name == "abcdef12-s5-2"  # the same commit and seed again: a new run directory
+    r = fake_lab("slow")  # 12.5 s of training for a 10 s budget (allowed: 10 x 1.05 + 1)
+    assert r.status == "invalid" and r.reason == "over budget: trained 12.5 s, budget 10 s"
+    r = fake_lab("nan")
+    assert r.status == "crash" and r.reason.startswith("error: loss became nan at step 7")
+    r = fake_lab("nanbpb")
+    assert r.status == "crash" and r.reason == "val_bpb is nan"
+    r = fake_lab("hang")
+    assert r.status == "crash" and r.reason.startswith("timeout: killed after 3 s") and 3 <= r.wall_s < 8
+    child = int((r.log.parents[2] / "wt/llmlabs/CHILD").read_text())
+    deadline = time.time() + 5
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)  # the whole process group went, the trainer's own children too
+
+
+def test_device_lock_serialises_experiments_on_one_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMLABS_HOME", str(tmp_path))
+    events = []
+    a, b = runner.Worker("gpu0", tmp_path, "x", 0), runner.Worker("main", tmp_path, "y", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # `main` runs on the first visible GPU: the same one
+
+    def hold(worker, tag):
+        with runner.device_lock(worker):
+            events.append(f"{tag} in")
+            threading.Event().wait(0.3)
+            events.append(f"{tag} out")
+
+    t = threading.Thread(target=hold, args=(a, "a"))
+    t.start()
+    while not events:
+        threading.Event().wait(0.01)
+    hold(b, "b")
+    t.join()
+    assert events == ["a in", "a out", "b in", "b out"]
+    assert "waiting for GPU 0" in capsys.readouterr().out
+    with runner.device_lock(runner.Worker("gpu1", tmp_path, "z", 1)), runner.device_lock(a):
+        pass  # two GPUs: no waiting

@@ -39,7 +39,8 @@ from llmlabs.common import LabError, atomic_write_json, llmlabs_home
 # others (e.g. a sleep or heavy work hidden in the forward), so its bpb is not comparable.
 BUDGET_SLACK = (0.05, 1.0)
 TAIL_LINES = 40
-KEY_ENV_VARS = ("OPENAI_API_KEY", "LLMLABS_AGENT_KEY")  # never handed to training runs
+# Training runs get no credentials: the agent's key (and any other) cannot end up in a run's log.
+SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
 # Set by `loop` on Ctrl-C: worker threads do not receive KeyboardInterrupt, so their waits poll this.
 STOP = threading.Event()
 
@@ -126,7 +127,7 @@ def device_lock(worker: Worker):
 
 
 def child_env(wt, worker: Worker) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in KEY_ENV_VARS}
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith(SECRET_SUFFIXES)}
     env["PYTHONPATH"] = os.pathsep.join([str(wt)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     if worker.gpu is not None:
@@ -135,12 +136,12 @@ def child_env(wt, worker: Worker) -> dict:
 
 
 def new_run(session: Session, commit: str, seed: int, kind="") -> Run:
-    name = f"{commit[:8]}-s{seed}{kind}"
-    i = 1
-    while (session.dir / "runs" / name).exists():  # the same commit and seed measured again
+    (session.dir / "logs").mkdir(parents=True, exist_ok=True)
+    name, i = f"{commit[:8]}-s{seed}{kind}", 1
+    # the same commit and seed measured again (--seed): a new name, never an overwritten log
+    while (session.dir / "runs" / name).exists() or (session.dir / "logs" / f"{name}.log").exists():
         i += 1
         name = f"{commit[:8]}-s{seed}{kind}-{i}"
-    (session.dir / "logs").mkdir(parents=True, exist_ok=True)
     return Run(name, seed, session.dir / "runs" / name, session.dir / "logs" / f"{name}.log")
 
 
