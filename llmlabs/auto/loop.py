@@ -9,6 +9,7 @@ starts its next iteration. The state lives in git and the ledger only, so after 
 harness itself, running `loop` again simply continues.
 """
 import itertools
+from statistics import fmean
 from pathlib import Path
 
 from llmlabs.auto import gitops, runner
@@ -36,7 +37,7 @@ def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: 
         "single line describing it (it becomes the commit message and the ledger's description). Do not train, "
         "commit or edit anything outside the research surface: the harness commits your change, trains it for "
         f"{session.time_budget:g} s, keeps or discards it, and resets the worktree.",
-        f"Frontier: {best} val_bpb {_mean(score):.6f}" + (f" (start {_mean(start):.6f})" if start else "")
+        f"Frontier: {best} val_bpb {fmean(score):.6f}" + (f" (start {fmean(start):.6f})" if start else "")
         + f"; noise sigma {sigma:.6f} bpb between seeds; a change is kept when val_bpb drops by more than "
         f"{session.k:g} x sigma_d (sigma_d = the sigma column).",
         "## Ledger so far (newest last)",
@@ -52,10 +53,6 @@ def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: 
         if (wt / rel).exists():
             parts.append(f"### {rel}\n```python\n{(wt / rel).read_text()}\n```")
     return PROGRAM.read_text() + PROMPT_SPLIT + "\n\n".join(parts) + "\n"
-
-
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def loop(session: Session, workers: list[Worker], agent, iterations: int, baseline_repeats: int):

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -408,8 +409,8 @@ def confirm(session: Session, workers: list[Worker], seeds: int) -> dict:
         if failed:
             raise LabError(f"confirm run {failed[0].name} of {commit} failed: {failed[0].reason} (log {failed[0].log})")
         vals = [r.bpb("test") for r in runs]
-        result["commits"][name] = {"commit": commit, "test_bpb": vals, "mean": sum(vals) / len(vals),
-                                   "std": _std(vals)}
+        result["commits"][name] = {"commit": commit, "test_bpb": vals, "mean": statistics.fmean(vals),
+                                   "std": statistics.stdev(vals)}
     a, b = result["commits"]["start"], result["commits"]["best"]
     # Welch: the two groups' variances need not be equal
     se = math.sqrt(a["std"] ** 2 / len(a["test_bpb"]) + b["std"] ** 2 / len(b["test_bpb"]))
@@ -418,11 +419,6 @@ def confirm(session: Session, workers: list[Worker], seeds: int) -> dict:
                   description=[r["description"] for r in rows if r["commit"] == best][-1])
     atomic_write_json(session.dir / "confirm.json", result)
     return result
-
-
-def _std(xs):
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 @contextmanager
