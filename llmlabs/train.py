@@ -54,8 +54,8 @@ def add_args(p):
     g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, across accumulation and ranks")
     g.add_argument("--device-batch-size", type=int, help="rows per forward pass; lower it on out-of-memory")
     g.add_argument("--matrix-lr", type=float, help="Muon learning rate for the block matrices")
-    g.add_argument("--embedding-lr", type=float, help="AdamW learning rate for embeddings")
-    g.add_argument("--unembedding-lr", type=float, help="AdamW learning rate for the output head")
+    g.add_argument("--embedding-lr", type=float, help="AdamW learning rate for embeddings at width 768 (x (width/768)^-0.5)")
+    g.add_argument("--unembedding-lr", type=float, help="AdamW learning rate for the output head at width 768 (likewise)")
     g.add_argument("--scalar-lr", type=float, help="AdamW learning rate for per-layer scalars")
     g.add_argument("--weight-decay", type=float, help="cautious weight decay of the Muon matrices")
     g.add_argument("--warmup-frac", type=float, default=0.0, help="fraction of the budget spent warming up the LR")
@@ -240,7 +240,7 @@ def train(args):
             dt = time.time() - t0
             if not math.isfinite(loss_val):
                 good = checkpoint.latest(run_dir)
-                raise LabError(f"loss became {loss_val} at step {step}: stopped; last good checkpoint "
+                raise LabError(f"loss became {loss_val} at step {step + 1}: stopped; last good checkpoint "
                                f"{good or 'none (use --save-every)'}; lower the learning rates or check the last change")
             step += 1
             tokens_done += cfg["total_batch_size"]
