@@ -1,0 +1,165 @@
+"""BOS-aligned best-fit packing of pre-tokenized documents into [B, T] batches.
+
+Every row holds T+1 tokens and starts at a document's BOS, so no position attends across a truncated
+start of context. Documents are taken from a buffer in a seeded shuffled order: the row gets the
+largest buffered document that still fits; when none fits, the shortest one is cropped to fill the row
+and its tail is dropped (counted in `cropped_fraction`). No padding, so every target is a real token.
+Best-fit decreasing keeps the cropped share small (same idea as the packing in nanochat and
+autoresearch; cf. "Fewer Truncations Improve Language Modeling", arXiv:2404.10830).
+
+Speed: the buffer is a list kept sorted by length (bisect), and a document is copied with one numpy
+slice from a memory-mapped shard, so the Python cost is per document, not per token.
+"""
+import bisect
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmlabs.common import LabError
+from llmlabs.data.shards import DataDir
+
+
+class BestFitLoader:
+    """Iterating yields (inputs, targets): int64 [B, T] on `device`, from rows of T+1 packed tokens
+    (inputs = row[:-1], targets = row[1:]). Each epoch visits the split's documents in a permutation
+    seeded by (seed, epoch); rank r of world_size takes every world_size-th one, so ranks never share a
+    document. loop=False stops at the end of the split: the last batch may have fewer rows, and an
+    unfinished last row is dropped rather than padded. buffer_docs is how many documents best-fit
+    chooses from (a bigger choice crops less)."""
+
+    def __init__(self, data, split: str, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device="cpu", buffer_docs: int = 1000, loop: bool = True):
+        self.data = data if isinstance(data, DataDir) else DataDir.open(Path(data))
+        shards = self.data.shards(split)  # validates the split name
+        if batch_size < 1 or seq_len < 1 or buffer_docs < 1:
+            raise LabError(f"batch_size {batch_size}, seq_len {seq_len} and buffer_docs {buffer_docs} must be >= 1")
+        if not 0 <= rank < world_size:
+            raise LabError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        self.split, self.B, self.T = split, batch_size, seq_len
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device, self.buffer_docs, self.loop = torch.device(device), buffer_docs, loop
+        if not shards:
+            raise LabError(f"split {split!r} of {self.data.path} has no documents: prepare more data or raise "
+                           f"its fraction")
+        self._tokens = [t for t, _ in shards]
+        self._doc_shard = np.concatenate([np.full(len(o) - 1, i, np.int64) for i, (_, o) in enumerate(shards)])
+        self._doc_start = np.concatenate([o[:-1] for _, o in shards])
+        self._doc_len = np.concatenate([np.diff(o) for _, o in shards])
+        if len(self._doc_len) < world_size:
+            raise LabError(f"split {split!r} of {self.data.path} has {len(self._doc_len)} documents, fewer than "
+                           f"world_size {world_size}: use fewer processes or more data")
+        self._rows = np.empty((batch_size, seq_len + 1), dtype=self._tokens[0].dtype)
+        if self.device.type == "cuda":
+            # two pinned host buffers: we fill one while the async copy from the other may still run
+            self._pinned = [torch.empty((2, batch_size, seq_len), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._copied = [None, None]
+            self._flip = 0
+        self._fingerprint = {"split": split, "seed": seed, "rank": rank, "world_size": world_size,
+                             "tokenizer": self.data.tokenizer.hash, "documents": len(self._doc_len)}
+        self._reset()
+
+    def _reset(self):
+        self._epoch, self._cursor, self._order = 0, 0, None
+        self._buf_lens, self._buf_ids = [], []  # sorted by length; ids are global document indices
+        self._read = self._dropped = 0
+        self._done = False
+
+    def _epoch_order(self) -> np.ndarray:
+        """This rank's documents for the current epoch: a seeded permutation, strided by rank."""
+        if self._order is None:
+            perm = np.random.default_rng([self.seed, self._epoch]).permutation(len(self._doc_len))
+            self._order = perm[self.rank::self.world_size]
+        return self._order
+
+    def _refill(self):
+        while len(self._buf_ids) < self.buffer_docs:
+            order = self._epoch_order()
+            if self._cursor == len(order):
+                if not self.loop:
+                    return
+                self._epoch, self._cursor, self._order = self._epoch + 1, 0, None
+                continue
+            doc = int(order[self._cursor])
+            self._cursor += 1
+            self._insert(doc)
+
+    def _insert(self, doc: int):
+        length = int(self._doc_len[doc])
+        i = bisect.bisect_right(self._buf_lens, length)
+        self._buf_lens.insert(i, length)
+        self._buf_ids.insert(i, doc)
+
+    def _fill_row(self, row: np.ndarray) -> bool:
+        """Pack one row; False when the split ran out first (loop=False), leaving the row unfinished."""
+        pos, cap = 0, len(row)
+        while pos < cap:
+            self._refill()
+            if not self._buf_ids:
+                self._dropped += pos  # an unfinished last row is not emitted
+                return False
+            room = cap - pos
+            i = bisect.bisect_right(self._buf_lens, room) - 1  # largest document that fits
+            if i < 0:
+                i = 0  # none fits: crop the shortest, which drops the fewest tokens
+            length, doc = self._buf_lens.pop(i), self._buf_ids.pop(i)
+            n = min(length, room)
+            start = int(self._doc_start[doc])
+            row[pos:pos + n] = self._tokens[int(self._doc_shard[doc])][start:start + n]
+            self._read += length
+            self._dropped += length - n
+            pos += n
+        return True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._done:
+            raise StopIteration
+        n = 0
+        while n < self.B and self._fill_row(self._rows[n]):
+            n += 1
+        if n < self.B:
+            self._done = True
+            if n == 0:
+                raise StopIteration
+        rows = self._rows[:n]  # fewer than B rows only for the last batch of a loop=False pass
+        if self.device.type != "cuda":
+            return (torch.from_numpy(rows[:, :-1].astype(np.int64)).to(self.device),
+                    torch.from_numpy(rows[:, 1:].astype(np.int64)).to(self.device))
+        k = self._flip
+        self._flip ^= 1
+        if self._copied[k] is not None:
+            self._copied[k].synchronize()  # the copy that last read this host buffer has finished
+        host = self._pinned[k]
+        view = host.numpy()
+        view[0, :n] = rows[:, :-1]
+        view[1, :n] = rows[:, 1:]
+        out = host[:, :n].to(self.device, non_blocking=True)
+        self._copied[k] = torch.cuda.Event()
+        self._copied[k].record()
+        return out[0], out[1]
+
+    @property
+    def cropped_fraction(self) -> float:
+        """Tokens dropped (cropped tails, plus an unfinished last row) / tokens taken from documents."""
+        return self._dropped / max(self._read, 1)
+
+    def state_dict(self) -> dict:
+        """Small JSON-able state: after load_state_dict a loader yields exactly the batches this one
+        would yield next (batch_size and seq_len may differ; the document stream is the same)."""
+        return {**self._fingerprint, "epoch": self._epoch, "cursor": self._cursor, "buffer": list(self._buf_ids),
+                "read": self._read, "dropped": self._dropped, "done": self._done}
+
+    def load_state_dict(self, state: dict):
+        mismatch = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
+        if mismatch:
+            raise LabError("loader state does not fit this loader (" + ", ".join(
+                f"{k}: state {a!r} vs loader {b!r}" for k, (a, b) in mismatch.items()) +
+                "): resume with the same data directory, split, seed, rank and world size")
+        self._reset()
+        self._epoch, self._cursor = state["epoch"], state["cursor"]
+        for doc in state["buffer"]:  # saved in buffer order: re-inserting keeps ties in the same order
+            self._insert(doc)
+        self._read, self._dropped, self._done = state["read"], state["dropped"], state["done"]

@@ -1,0 +1,213 @@
+"""`llmlabs prepare`: source -> tokenizer + token shards + manifest, once; training never re-tokenizes.
+
+Two passes over the source: the first trains the BPE tokenizer on (a capped prefix of) the train split,
+the second encodes every document on all cores and appends it to its split's shards. Everything is
+built in `<out>.tmp-<pid>` and renamed into place after manifest.json is written, so Ctrl-C or a crash
+never leaves a directory that looks complete. This is the only command that may use the network (hub
+corpora); downloads go to $LLMLABS_HOME/hub and resume across runs.
+"""
+import itertools
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from llmlabs.common import LabError, llmlabs_home, print0
+from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
+from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
+from llmlabs.data.tokenizer import Tokenizer
+
+VAL_FRAC = 0.05  # pystdlib: ~300K val tokens, ~140K test tokens
+TEST_FRAC = 0.02
+# BPE trains on at most this many characters of the train split (the first documents in source order).
+# It covers all of pystdlib (~30M) and autoresearch's 1B-character budget for hub corpora.
+TOKENIZER_CHARS = 1_000_000_000
+BATCH_CHARS = 8 << 20  # documents per encode_batch call: enough work for every thread, bounded memory
+
+
+def default_data_dir(source: str, vocab_size: int) -> Path:
+    """$LLMLABS_HOME/data/<source>-v<vocab>; a local path is named by its base name plus a path hash."""
+    name = source if source in ("pystdlib", "pysrc", *HUB_CORPORA) else resolve_source(source).name
+    return llmlabs_home() / "data" / f"{name}-v{vocab_size}"
+
+
+def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob: str | None = None,
+            shards: int | None = None, workers: int | None = None, val_frac: float = VAL_FRAC,
+            test_frac: float = TEST_FRAC, tokenizer_chars: int = TOKENIZER_CHARS, force: bool = False) -> Path:
+    """Build (or find, when already built with the same settings) a data directory; returns its path."""
+    t0 = time.time()
+    src = resolve_source(source, glob=glob, shards=shards)
+    if not (0 < val_frac and 0 <= test_frac and val_frac + test_frac < 1):
+        raise LabError(f"split fractions val {val_frac} / test {test_frac} must satisfy 0 < val, 0 <= test, "
+                       f"val + test < 1")
+    if tokenizer_chars < 1:
+        raise LabError(f"--tokenizer-chars {tokenizer_chars} must be positive")
+    out = Path(out).expanduser().resolve() if out else default_data_dir(source, vocab_size)
+    settings = {**src.settings, "vocab_size": vocab_size, "val_frac": val_frac, "test_frac": test_frac,
+                "tokenizer_chars": tokenizer_chars}
+    if (out / MANIFEST).is_file() and not force:
+        try:
+            old = json.loads((out / MANIFEST).read_text())["settings"]
+        except (ValueError, KeyError, TypeError):
+            old = {}
+        if old == settings:
+            print0(f"data: {out} (already prepared; --force rebuilds)")
+            return out
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        raise LabError(f"{out} was prepared with other settings ({diff}): pass --force to rebuild it, "
+                       f"or --out elsewhere")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise LabError(f"{out} exists and is not a data directory: choose another --out or remove it")
+    _remove_stale_builds(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        summary = _build(src, tmp, settings, workers or os.cpu_count() or 1, _command(source, out, settings))
+        if out.exists():  # --force: swap the old directory out only once the new one is complete
+            retired = out.with_name(f"{out.name}.old-{os.getpid()}")
+            os.replace(out, retired)
+            os.replace(tmp, out)
+            shutil.rmtree(retired)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _print_summary(out, src, summary, time.time() - t0)
+    return out
+
+
+def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
+    tmp.mkdir(parents=True)
+    fracs = settings["val_frac"], settings["test_frac"]
+    t0 = time.time()
+    chars = seen = 0
+
+    def train_texts():  # pass 1: the train split's documents, up to the character cap
+        nonlocal chars, seen
+        for text, _, digest in unique_documents(src, Counter()):
+            if chars >= settings["tokenizer_chars"]:
+                return
+            seen += 1
+            if split_of(digest, *fracs) == "train":
+                chars += len(text)
+                yield text
+
+    texts = train_texts()
+    first = next(texts, None)
+    if first is None:
+        raise LabError(f"source {settings['source']} has no non-empty documents: point it at text" if not seen else
+                       f"the train split of {settings['source']} is empty ({seen} documents in all): add documents")
+    docs_bar = tqdm(itertools.chain([first], texts), desc="tokenizer text", unit="doc")
+    tokenizer = Tokenizer.train(docs_bar, settings["vocab_size"])
+    docs_bar.close()
+    tok_seconds = time.time() - t0
+
+    # pass 2: encode everything, batch by batch, into per-split shards
+    stats = Counter()
+    writers = {s: ShardWriter(tmp, s, tokenizer.bos_id, token_dtype(tokenizer.vocab_size)) for s in SPLITS}
+    bar = tqdm(desc="tokenize", unit="doc", total=src.count_hint())
+    batch, batch_chars = [], 0
+
+    def flush():
+        encoded = tokenizer.encode_batch([text for text, _, _ in batch], num_threads=workers)
+        for split in SPLITS:
+            writers[split].add([ids for (_, _, s), ids in zip(batch, encoded) if s == split],
+                               sum(n for _, n, s in batch if s == split))
+        bar.update(stats["documents"] - bar.n)
+        batch.clear()
+
+    for text, data, digest in unique_documents(src, stats):
+        batch.append((text, len(data), split_of(digest, *fracs)))
+        batch_chars += len(text)
+        if batch_chars >= BATCH_CHARS:
+            flush()
+            batch_chars = 0
+    if batch:
+        flush()
+    bar.close()
+
+    splits = {s: w.close() for s, w in writers.items()}
+    for split, frac in (("val", fracs[0]), ("test", fracs[1])):
+        if frac and not splits[split]["documents"]:
+            total = sum(s["documents"] for s in splits.values())
+            raise LabError(f"the {split} split of {settings['source']} is empty ({total} documents in all): add "
+                           f"documents or raise its fraction")
+    return finish_data_dir(tmp, tokenizer, splits, command=command, settings=settings, source=src.description,
+                           stats=dict(stats), tokenizer_training={"chars": chars, "seconds": round(tok_seconds, 2)})
+
+
+def _command(source: str, out: Path, settings: dict) -> str:
+    """The `llmlabs prepare` line that rebuilds this directory (quoted in error messages)."""
+    parts = ["llmlabs prepare", source, f"--vocab-size {settings['vocab_size']}", f"--out {out}"]
+    for key, flag in (("glob", "--glob"), ("shards", "--shards")):
+        if settings.get(key) is not None:
+            parts.append(f"{flag} '{settings[key]}'")
+    for key, default in (("val_frac", VAL_FRAC), ("test_frac", TEST_FRAC), ("tokenizer_chars", TOKENIZER_CHARS)):
+        if settings[key] != default:
+            parts.append(f"--{key.replace('_', '-')} {settings[key]}")
+    return " ".join(parts)
+
+
+def _remove_stale_builds(out: Path):
+    """Delete `<out>.tmp-<pid>` folders whose process is gone (killed with no chance to clean up)."""
+    for d in out.parent.glob(f"{out.name}.tmp-*") if out.parent.exists() else ():
+        pid = d.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def _print_summary(out: Path, src, m: dict, seconds: float):
+    st, tk, tt = m["stats"], m["tokenizer"], m["tokenizer_training"]
+    dropped = ", ".join(f"{v:,} {k}" for k, v in sorted(st.items()) if k not in ("files", "documents") and v)
+    lines = [f"data: {out}", f"source: {src.description}",
+             f"  {st.get('files', 0):,} files, {st.get('documents', 0):,} documents read; dropped: {dropped or 'none'}",
+             f"tokenizer: {tk['vocab_size']:,} ids ({len(tk['special_ids'])} special), BPE trained on "
+             f"{tt['chars'] / 1e6:.1f}M chars of train in {tt['seconds']:.1f} s",
+             f"{'split':<6} {'documents':>10} {'tokens':>13} {'bytes/token':>12}"]
+    for split in SPLITS:
+        s = m["splits"][split]
+        text_tokens = s["tokens"] - s["documents"]  # BOS carries no bytes
+        lines.append(f"{split:<6} {s['documents']:>10,} {s['tokens']:>13,} {s['bytes'] / max(text_tokens, 1):>12.2f}")
+    total_bytes = sum(m["splits"][s]["bytes"] for s in SPLITS)
+    lines.append(f"time: {seconds:.1f} s ({total_bytes / 1e6 / seconds:.1f} MB/s of text)")
+    print0("\n".join(lines))
+
+
+def add_args(parser):
+    parser.add_argument("source", nargs="?", default="pystdlib",
+                        help="pystdlib (default) | pysrc | a file or folder of .txt/.md/.py/.jsonl/.parquet | "
+                             + " | ".join(HUB_CORPORA))
+    parser.add_argument("--out", help="data directory (default $LLMLABS_HOME/data/<source>-v<vocab>)")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included (8192)")
+    parser.add_argument("--glob", help="fnmatch pattern on paths relative to the folder, e.g. '*.md' or 'json/*'")
+    parser.add_argument("--shards", type=int, help="hub corpora: how many of the corpus files to use (default: " +
+                        ", ".join(f"{k} {c.default_shards}" for k, c in HUB_CORPORA.items()) + ")")
+    parser.add_argument("--workers", type=int, help="encoding threads (default: all cores)")
+    parser.add_argument("--val-frac", type=float, default=VAL_FRAC, help=f"share of documents in val ({VAL_FRAC})")
+    parser.add_argument("--test-frac", type=float, default=TEST_FRAC, help=f"share of documents in test ({TEST_FRAC})")
+    parser.add_argument("--tokenizer-chars", type=int, default=TOKENIZER_CHARS,
+                        help=f"train BPE on at most this many characters of the train split ({TOKENIZER_CHARS:.0e})")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")
+
+
+def run(args):
+    try:
+        prepare(args.source, args.out, args.vocab_size, glob=args.glob, shards=args.shards, workers=args.workers,
+                val_frac=args.val_frac, test_frac=args.test_frac, tokenizer_chars=args.tokenizer_chars,
+                force=args.force)
+    except KeyboardInterrupt:
+        raise LabError("interrupted: no data directory was written (downloads so far are kept and resume)") from None

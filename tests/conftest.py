@@ -1,0 +1,48 @@
+"""Shared fixtures: a seeded multilingual text corpus and one data directory prepared from it."""
+import random
+
+import pytest
+
+# ASCII words, accented Latin, CJK, Hangul, emoji (incl. ZWJ sequences) and symbols, plus a seeded lexicon
+# of made-up words: BPE learns tokens inside multi-byte characters from this, which the tokenizer tests need.
+_BASE = ("the data loader packs every document into rows and the model reads them def return import "
+         "naïve café Größe façade 東京 数据 加载器 模型 训练 こんにちは 世界 세계 한국어 🙂 🚀 👩‍💻 🇫🇷 ∑ λ → "
+         "x = 3.14159 0x1F 2024 print(x) {'a': [1, 2]}").split()
+_rng = random.Random(99)
+_SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ä", "é", "ou")]
+WORDS = tuple(_BASE) + tuple("".join(_rng.choices(_SYLLABLES, k=_rng.randint(1, 4))) for _ in range(400)) + \
+    tuple("".join(chr(_rng.randint(0x4E00, 0x4FFF)) for _ in range(_rng.randint(1, 3))) for _ in range(150)) + \
+    tuple(chr(_rng.randint(0x1F600, 0x1F64F)) + chr(_rng.randint(0x1F680, 0x1F6C5)) for _ in range(40))
+
+
+def random_text(rng: random.Random, n_words: int) -> str:
+    # Zipf-like word choice so there are frequent pairs to merge
+    words = [WORDS[min(int(rng.paretovariate(0.6)) - 1, len(WORDS) - 1)] if rng.random() < 0.5 else rng.choice(WORDS)
+             for _ in range(n_words)]
+    return "".join(w + ("\n" if rng.random() < 0.1 else " ") for w in words).strip()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of 240 documents (.txt/.md/.py, 5 to 800 words) plus two exact duplicates and an
+    empty file; returns (folder, {relative name: text})."""
+    rng = random.Random(1234)
+    root = tmp_path_factory.mktemp("corpus")
+    docs = {}
+    for i in range(240):
+        name = f"{['notes', 'docs/sub', 'code'][i % 3]}/doc{i:03d}{['.txt', '.md', '.py'][i % 3]}"
+        docs[name] = random_text(rng, rng.randint(5, 800))
+    docs["dup_a.txt"] = docs["dup_b.txt"] = docs["notes/doc000.txt"]
+    for name, text in docs.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "empty.txt").write_text("   \n")
+    return root, docs
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus, tmp_path_factory):
+    from llmlabs.data.prepare import prepare
+    root, _ = corpus
+    return prepare(str(root), out=tmp_path_factory.mktemp("data") / "corpus", vocab_size=600,
+                   val_frac=0.15, test_frac=0.1, workers=2)

@@ -1,0 +1,188 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmlabs.common import LabError
+from llmlabs.data.loader import BestFitLoader
+from llmlabs.data.shards import DataDir
+
+
+@pytest.fixture(scope="module")
+def dd(data_dir):
+    return DataDir.open(data_dir)
+
+
+def documents(d: DataDir, split: str) -> list[list[int]]:
+    return [t[a:b].tolist() for t, o in d.shards(split) for a, b in zip(o[:-1], o[1:])]
+
+
+def rows_of(x: torch.Tensor, y: torch.Tensor) -> list[list[int]]:
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    return torch.cat([x[:, :1], y], dim=1).tolist()
+
+
+def reference_rows(docs, n_rows, T, seed=0, rank=0, world_size=1, buffer_docs=1000, loop=True):
+    """Naive best-fit packer (linear scans, same order and tie rules: the largest fitting document,
+    latest buffered first; else crop the shortest, earliest buffered first). Returns rows and
+    (tokens read, tokens dropped)."""
+    buffer, rows, epoch, cursor, read, dropped = [], [], 0, 0, 0, 0
+    order = np.random.default_rng([seed, 0]).permutation(len(docs))[rank::world_size].tolist()
+    while len(rows) < n_rows:
+        row = []
+        while len(row) < T + 1:
+            while len(buffer) < buffer_docs:
+                if cursor == len(order):
+                    if not loop:
+                        break
+                    epoch, cursor = epoch + 1, 0
+                    order = np.random.default_rng([seed, epoch]).permutation(len(docs))[rank::world_size].tolist()
+                buffer.append(order[cursor])
+                cursor += 1
+            if not buffer:
+                return rows, (read, dropped + len(row))
+            room = T + 1 - len(row)
+            fits = [i for i, d in enumerate(buffer) if len(docs[d]) <= room]
+            if fits:
+                i = max(fits, key=lambda i: (len(docs[buffer[i]]), i))
+            else:
+                i = min(range(len(buffer)), key=lambda i: (len(docs[buffer[i]]), i))
+            doc = docs[buffer.pop(i)]
+            row += doc[:room]
+            read += len(doc)
+            dropped += len(doc) - len(doc[:room])
+        rows.append(row)
+    return rows, (read, dropped)
+
+
+@pytest.mark.parametrize("B, T, buffer_docs", [(4, 64, 1000), (3, 200, 5), (2, 1000, 50)])
+def test_matches_naive_reference(dd, B, T, buffer_docs):
+    docs = documents(dd, "train")
+    loader = BestFitLoader(dd, "train", B, T, seed=3, buffer_docs=buffer_docs)
+    got = []
+    for _ in range(25):  # several epochs of this small split at T=1000
+        x, y = next(loader)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        got += rows_of(x, y)
+    want, (read, dropped) = reference_rows(docs, len(got), T, seed=3, buffer_docs=buffer_docs)
+    assert got == want
+    assert loader.cropped_fraction == pytest.approx(dropped / read)
+    assert 0 < loader.cropped_fraction < 1
+
+
+def test_packing_invariants(dd):
+    bos = dd.tokenizer.bos_id
+    docs = documents(dd, "train")
+    by_first = {}
+    for i, d in enumerate(docs):
+        by_first.setdefault(tuple(d[:2]), []).append(i)
+    loader = BestFitLoader(dd, "train", 8, 128, seed=1)
+    for _ in range(10):
+        for row in rows_of(*next(loader)):
+            assert row[0] == bos and len(row) == 129  # BOS first, full, no padding
+            starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+            for k, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+                seg = row[a:b]
+                # each segment is a document, in order; only the row's last one may be cropped
+                match = [i for i in by_first.get(tuple(seg[:2]), []) if docs[i][:len(seg)] == seg]
+                assert match, "segment is not the start of any document"
+                if k < len(starts) - 2:
+                    assert any(len(docs[i]) == len(seg) for i in match)
+
+
+def _segments(row, bos):
+    starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+    return [row[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _doc_ids(rows, docs, bos):
+    """Which document each segment of 4+ tokens starts (random text: such prefixes are unique)."""
+    index = {}
+    for i, d in enumerate(docs):
+        index.setdefault(tuple(d[:4]), []).append(i)
+    ids = []
+    for row in rows:
+        for seg in _segments(row, bos):
+            if len(seg) >= 4:
+                match = [i for i in index.get(tuple(seg[:4]), []) if docs[i][:len(seg)] == seg]
+                assert len(match) == 1
+                ids.append(match[0])
+    return ids
+
+
+def test_loop_false_reads_the_split_once(dd):
+    docs = documents(dd, "val")
+    T = 300
+    loader = BestFitLoader(dd, "val", 3, T, loop=False, seed=2)
+    rows = [r for x, y in loader for r in rows_of(x, y)]
+    assert next(loader, None) is None and rows
+    ids = _doc_ids(rows, docs, dd.tokenizer.bos_id)
+    assert len(ids) == len(set(ids))  # no document twice
+    total = sum(map(len, docs))
+    # every token of the split was read once: emitted, cropped, or in the unfinished last row
+    assert loader.state_dict()["read"] == total
+    assert loader.cropped_fraction == pytest.approx((total - len(rows) * (T + 1)) / total)
+    want, _ = reference_rows(docs, 10 ** 6, T, seed=2, loop=False)
+    assert rows == want
+
+
+def test_ranks_read_disjoint_slices(dd):
+    bos = dd.tokenizer.bos_id
+    docs = documents(dd, "train")
+    seen = []
+    for rank in range(3):
+        loader = BestFitLoader(dd, "train", 2, 256, rank=rank, world_size=3, loop=False, seed=5)
+        rows = [r for x, y in loader for r in rows_of(x, y)]
+        assert rows == reference_rows(docs, 10 ** 6, 256, seed=5, rank=rank, world_size=3, loop=False)[0]
+        seen.append(set(_doc_ids(rows, docs, bos)))
+        assert loader.state_dict()["read"] == sum(len(docs[i]) for i in range(len(docs)) if i in
+                                                  set(np.random.default_rng([5, 0]).permutation(len(docs))[rank::3]))
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert sum(map(len, seen)) > 0.8 * len(docs)
+
+
+def test_resume_reproduces_the_same_batches(dd):
+    a = BestFitLoader(dd, "train", 4, 96, seed=11, buffer_docs=20)
+    for _ in range(7):
+        next(a)
+    state = json.loads(json.dumps(a.state_dict()))  # JSON-able
+    assert len(json.dumps(state)) < 2000
+    expected = [next(a) for _ in range(30)]  # crosses an epoch boundary of this split
+    b = BestFitLoader(dd, "train", 4, 96, seed=11, buffer_docs=20)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, (next(b) for _ in range(30))):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert a.cropped_fraction == b.cropped_fraction and a.state_dict() == b.state_dict()
+
+
+def test_seed_changes_the_order_deterministically(dd):
+    # a buffer smaller than the split, so the order matters (a buffer holding every document
+    # packs the same rows whatever the order)
+    x1, _ = next(BestFitLoader(dd, "train", 4, 64, seed=0, buffer_docs=8))
+    x2, _ = next(BestFitLoader(dd, "train", 4, 64, seed=0, buffer_docs=8))
+    x3, _ = next(BestFitLoader(dd, "train", 4, 64, seed=1, buffer_docs=8))
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+def test_bad_arguments(dd, data_dir):
+    with pytest.raises(LabError, match="unknown split 'valid'"):
+        BestFitLoader(dd, "valid", 2, 16)
+    with pytest.raises(LabError, match="rank 2 is outside"):
+        BestFitLoader(dd, "train", 2, 16, rank=2, world_size=2)
+    with pytest.raises(LabError, match="fewer than world_size"):
+        BestFitLoader(dd, "test", 2, 16, world_size=10 ** 6)
+    state = BestFitLoader(data_dir, "train", 2, 16, seed=1).state_dict()
+    with pytest.raises(LabError, match="seed: state 1 vs loader 2"):
+        BestFitLoader(dd, "train", 2, 16, seed=2).load_state_dict(state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned memory, async copy)")
+def test_cuda_batches_equal_cpu_batches(dd):
+    cpu = BestFitLoader(dd, "train", 8, 256, seed=4)
+    gpu = BestFitLoader(dd, "train", 8, 256, seed=4, device="cuda")
+    batches = [next(gpu) for _ in range(20)]  # held while later batches are written: no aliasing
+    for x, y in batches:
+        assert x.is_cuda and y.is_cuda
+        xc, yc = next(cpu)
+        assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)
