@@ -1,0 +1,280 @@
+"""GPT decoder: the lab's research surface. Small, flat, compile-friendly (no graph breaks, no
+host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt.py, early 2026):
+
+- RoPE (arXiv 2104.09864), base 100k; QK-norm (arXiv 2010.04245) with q and k each scaled by 1.2
+- parameter-free RMSNorm (arXiv 1910.07467) before attention, MLP and lm_head, and on the embedding
+- untied token embedding and lm_head; no biases
+- ReLU^2 MLP (Primer, arXiv 2109.08668) in a slot any nn.Module can fill (Mixture-of-Experts later)
+- value embeddings on alternating layers, the last always (ResFormer, arXiv 2410.17897), mixed into V
+  through an input-dependent per-head gate
+- sliding-window attention from a pattern string (GPTConfig.window_sizes), last layer full
+- learnable per-layer residual and x0 (initial embedding) scalars (modded-nanogpt)
+- tanh logit softcap (Gemma 2, arXiv 2408.00118); grouped-query attention (arXiv 2305.13245)
+
+Built on the meta device, then materialised and initialised explicitly: `build_model`."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlabs.attention import attention
+from llmlabs.common import LabError
+from llmlabs.config import GPTConfig
+from llmlabs.optim import MuonAdamW
+
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first 12 channels of x (nanochat)
+QK_GAIN = 1.2          # nanochat multiplies q and k by 1.2 after QK-norm: attention logits x 1.44
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_value_embed(layer: int, n_layer: int) -> bool:
+    """Alternating layers, always including the last (nanochat)."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device=None):
+    """cos and sin [seq_len, head_dim/2] in float32: channel pair j turns by angle t * base^(-2j/D)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (j, j + D/2) of x [B, T, H, D] by each position's angle. Done in at
+    least float32 (bf16 rotations drift at long positions) and cast back; compile fuses it."""
+    d, dtype = x.size(-1) // 2, torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x[..., :d].to(dtype), x[..., d:].to(dtype)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """The default occupant of a block's MLP slot: ReLU^2, 4x wide. Whatever fills the slot
+    (`mlp_factory(config, layer_idx)`) provides the same three methods: forward(x) -> x-shaped,
+    init_weights() (the model is built on the meta device, so every module initialises itself),
+    and matmul_params_per_token() (the weights one token multiplies through, for the FLOP count;
+    for a Mixture-of-Experts, only the experts it is routed to)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+    @torch.no_grad()
+    def init_weights(self):
+        # nanochat: c_fc uniform at 0.4x the attention projections' std; c_proj zero, so every block
+        # starts as the identity and the residual stream carries the embedding through
+        s = 0.4 * (3 / self.c_fc.in_features) ** 0.5
+        nn.init.uniform_(self.c_fc.weight, -s, s)
+        nn.init.zeros_(self.c_proj.weight)
+
+    def matmul_params_per_token(self) -> int:
+        return self.c_fc.weight.numel() + self.c_proj.weight.numel()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, window: int | None):
+        super().__init__()
+        self.layer_idx, self.window = layer_idx, window
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.c_q = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
+        self.ve_gate = (nn.Linear(self.gate_channels, config.n_kv_head, bias=False)
+                        if has_value_embed(layer_idx, config.n_layer) else None)
+        self.scale = QK_GAIN**2 / config.head_dim**0.5
+
+    def forward(self, x, ve, cos, sin, kv_cache):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # [B, T, H, D]: FA3's layout, no copy
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # ResFormer value residual: the gate in (0, 3) is per token and per kv head (nanochat)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.gate_channels]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
+        # rms_norm runs in float32 under autocast: cast back so the kernel gets bf16 q/k/v
+        q = norm(apply_rope(q, cos, sin)).to(v.dtype)
+        k = norm(apply_rope(k, cos, sin)).to(v.dtype)
+        if kv_cache is None:
+            y = attention(q, k, v, self.window, self.scale)
+        else:
+            y = kv_cache.attend(self.layer_idx, q, k, v, self.window, self.scale)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int, window: int | None, mlp: nn.Module):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx, window)
+        self.mlp = mlp
+
+    def forward(self, x, ve, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, mlp_factory=None):
+        """WARNING: runs under torch.device("meta") (see build_model): shapes only, no values.
+        Everything with a value is set in init_weights()."""
+        super().__init__()
+        self.config = config
+        self.windows = config.window_sizes()
+        make_mlp = mlp_factory or MLP
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i, self.windows[i], make_mlp(config, i))
+                                    for i in range(config.n_layer))
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # x <- resid_lambdas[i] * x + x0_lambdas[i] * x0 before block i (modded-nanogpt, nanochat)
+        self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+        # recomputed, not saved: a checkpoint holds only learned tensors
+        self.register_buffer("rope_cos", torch.empty(config.sequence_len, config.head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(config.sequence_len, config.head_dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's init. Matrices read by the residual stream: uniform with std 1/sqrt(n_embd)
+        (uniform has no outliers); outputs written into it (attn c_proj, mlp c_proj): zero."""
+        s = (3 / self.config.n_embd) ** 0.5
+        nn.init.normal_(self.wte.weight, std=0.8)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            attn = block.attn
+            for linear in (attn.c_q, attn.c_k, attn.c_v):
+                nn.init.uniform_(linear.weight, -s, s)
+            nn.init.zeros_(attn.c_proj.weight)
+            if attn.ve_gate is not None:
+                nn.init.uniform_(attn.ve_gate.weight, 0.0, 0.02)  # gates start a bit above 1.5
+            block.mlp.init_weights()
+        for embed in self.value_embeds.values():
+            nn.init.uniform_(embed.weight, -s, s)
+        # early layers keep more residual and more of the embedding: 1.15 -> 1.05 and 0.20 -> 0.05
+        depth = torch.arange(self.config.n_layer, dtype=torch.float32) / max(self.config.n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth)
+        cos, sin = rope_tables(self.config.sequence_len, self.config.head_dim, self.config.rope_base,
+                               self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
+        """idx [B, T] token ids. No targets: float32 soft-capped logits [B, T, vocab]. With targets
+        [B, T] (-1 = ignore): the cross-entropy, mean over the counted tokens or per token [B, T]
+        with loss_reduction="none". With a KVCache: idx holds the tokens at cache.pos.., which the
+        cache appends; returns their logits."""
+        B, T = idx.shape
+        t0 = 0 if kv_cache is None else kv_cache.pos
+        if t0 + T > self.config.sequence_len:
+            raise LabError(f"{t0 + T} positions exceed the model's context (sequence_len="
+                           f"{self.config.sequence_len}): feed at most that many tokens")
+        cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
+        x = x0 = norm(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(norm(x)).float()
+        logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def num_params(self) -> dict:
+        """Parameter counts by group; scaling laws use block_matrices + lm_head (see config.py)."""
+        block = list(self.blocks.parameters())
+        counts = {
+            "embedding": self.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "block_matrices": sum(p.numel() for p in block if p.ndim >= 2),
+            "lm_head": self.lm_head.weight.numel(),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel() + sum(p.numel() for p in block if p.ndim < 2),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is in no group"
+        return counts
+
+    def flops_per_token(self, convention: str = "exact") -> int:
+        """Training FLOPs (forward + backward) per token at T = sequence_len, for MFU.
+
+        Both conventions count matmuls only (softmax, norms, elementwise work and the embedding
+        lookups are noise) as "model FLOPs": flash attention's recomputation in the backward pass
+        is not counted. Weights: 6 per weight a token multiplies through (2 forward, 4 backward),
+        lm_head included. Attention, per layer and head: QK^T and PV cost 2 * D each per (query,
+        key) pair forward, twice that backward: 12 * D per pair.
+        - "exact": pairs counted as each query really attends, causal and windowed: query t sees
+          min(t, w) + 1 keys. The mean over the sequence is what a token costs; rounded to an int.
+        - "nanochat": nanochat/autoresearch's estimate_flops, 12 * H * D * L per layer with L = T
+          for full layers and the window for windowed ones (no causal halving), to compare MFU."""
+        c = self.config
+        weights = self.lm_head.weight.numel()
+        for block in self.blocks:
+            attn = block.attn
+            weights += sum(m.weight.numel() for m in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj, attn.ve_gate)
+                           if m is not None)
+            weights += block.mlp.matmul_params_per_token()
+        T, per_pair = c.sequence_len, 12 * c.n_head * c.head_dim
+        if convention == "nanochat":
+            return 6 * weights + sum(per_pair * (T if w is None else min(w, T)) for w in self.windows)
+        if convention != "exact":
+            raise LabError(f"flops convention {convention!r}: use 'exact' or 'nanochat'")
+        pairs = 0  # (query, key) pairs over one sequence, summed over layers
+        for w in self.windows:
+            m = T if w is None else min(w + 1, T)  # keys per query once the window is full
+            pairs += m * (m + 1) // 2 + (T - m) * m
+        return round((6 * weights * T + per_pair * pairs) / T)
+
+    def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
+                        weight_decay=0.28, adam_betas=None) -> MuonAdamW:
+        """Muon for the block matrices (one group per shape, so they stack), AdamW for the rest,
+        with nanochat's per-group settings. The embedding and unembedding LRs are given for width
+        768 and scaled by (n_embd / 768) ** -0.5 here (nanochat); scalar LRs are not width-scaled.
+        `weight_decay` is Muon's (cautious) decay; AdamW groups keep nanochat's small fixed ones.
+        adam_betas None = nanochat's tuned betas per group; a pair sets every AdamW group."""
+        width_scale = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(params, lr, betas, weight_decay):
+            return dict(kind="adamw", params=params, lr=lr, betas=tuple(adam_betas or betas), eps=1e-10,
+                        weight_decay=weight_decay)
+
+        block = list(self.blocks.parameters())
+        matrices = [p for p in block if p.ndim >= 2]
+        vectors = [p for p in block if p.ndim < 2]  # only if an MLP slot module brings gains or biases
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr * width_scale, (0.8, 0.96), 0.01),
+            adamw([self.wte.weight], embedding_lr * width_scale, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), 0.5 * embedding_lr * width_scale, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], 0.01 * scalar_lr, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),  # slower beta1 for x0 (nanochat)
+        ]
+        if vectors:
+            groups.append(adamw(vectors, scalar_lr, (0.8, 0.95), 0.0))
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                               momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5))
+        return MuonAdamW(groups)
+
+
+def build_model(config: GPTConfig, device, mlp_factory=None) -> GPT:
+    """Shapes on the meta device (no memory, no init work), then storage on `device`, then
+    init_weights(): the one way a model comes to life, so there is one init to read."""
+    with torch.device("meta"):
+        model = GPT(config, mlp_factory)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

@@ -1,0 +1,183 @@
+"""MuonAdamW: Muon for the 2-D (and batched 3-D) matrices of the blocks, AdamW for embeddings,
+lm_head and scalars, in one torch.optim.Optimizer so the trainer sees one object.
+
+Param groups carry `kind` ("muon" | "adamw") and their own hyperparameters; the trainer may change
+group["lr"], group["momentum"] and group["weight_decay"] every step (each group keeps its
+`initial_lr` for schedule multipliers). On CUDA the update math runs as torch.compile'd kernels
+whose hyperparameters arrive as 0-d CPU tensors: new values every step never recompile, and no
+step reads a value back to the host.
+
+The single-process version. The distributed one (a later issue) keeps these kernels and adds the
+communication around _muon_step: reduce-scatter the stacked gradients of a shape group, let each
+rank orthogonalise its share, all-gather the updated matrices.
+
+Sources: Muon (Keller Jordan, kellerjordan.github.io/posts/muon; modded-nanogpt); nanochat's
+nanochat/optim.py for the structure (stacked same-shape matrices, fused step, 0-d tensors)."""
+import torch
+
+from llmlabs.common import LabError
+
+# Polar Express (Amsel, Persson, Musco, Gower; arXiv 2505.16932, Algorithm 1): one degree-5 odd
+# polynomial p_t(x) = a x + b x^3 + c x^5 per iteration, each optimal for the worst case over the
+# singular values left by the previous ones (designed for sigma_min/sigma_max >= 1e-3), instead of
+# Newton-Schulz's one fixed polynomial. Published coefficients; the first seven are divided by a
+# 1.01 safety factor (as published) so bf16 rounding cannot push a singular value past the
+# polynomials' stable range. Iterations past the list reuse the last polynomial.
+_POLAR_EXPRESS_PUBLISHED = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+]
+POLAR_EXPRESS_COEFFS = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_PUBLISHED[:-1]]
+POLAR_EXPRESS_COEFFS.append(_POLAR_EXPRESS_PUBLISHED[-1])
+
+
+def polar_express(G, steps: int = 5):
+    """Approximate the polar factor U V^T of G = U S V^T (batched over leading dims), in G's dtype.
+    Works on the short side: for a tall G it iterates on G^T, so the Gram matrix is min(m, n)^2."""
+    tall = G.size(-2) > G.size(-1)
+    X = G.mT if tall else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)  # Frobenius >= spectral: sigma <= 1
+    for t in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(t, len(POLAR_EXPRESS_COEFFS) - 1)]
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if tall else X
+
+
+def _muon_update(grads, params, momentum_buffer, second_moment, momentum, lr, weight_decay, beta2,
+                 ns_steps: int, reduce_dim: int, bf16: bool):
+    """One Muon step for a stack of same-shape matrices [N, ..., m, n], in place on `params`."""
+    # Nesterov momentum: the buffer is an EMA of gradients; step along the gradient pulled toward it
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    g = grads.lerp(momentum_buffer, momentum)
+    # orthogonalise: every singular value of the step -> ~1 (bf16 on GPUs, as in the paper)
+    update = polar_express(g.bfloat16() if bf16 else g, ns_steps).to(params.dtype)
+    # NorMuon (arXiv 2510.05491): an Adam-like second moment per neuron (per row of a tall matrix,
+    # per column of a wide one, as nanochat) evens out the update's uneven neuron scales; then the
+    # whole update is rescaled to the Frobenius norm it had after orthogonalisation (nanochat).
+    v = update.float().square().mean(dim=reduce_dim, keepdim=True)
+    second_moment.lerp_(v, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    keep_norm = (v.sum(dim=(-2, -1), keepdim=True)
+                 / (v * scale.square()).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)).sqrt()
+    update = update * (scale * keep_norm).to(update.dtype)
+    # cautious weight decay (arXiv 2510.12402): decay only the coordinates the update already moves
+    # toward zero (update and weight of the same sign)
+    decay = (update * params >= 0).to(params.dtype) * params
+    params.sub_(lr * (update + weight_decay * decay))
+
+
+def _adamw_update(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    """AdamW (arXiv 1711.05101) for one tensor, in place: decoupled decay, bias-corrected moments."""
+    p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt() + eps
+    p.sub_(lr / (1 - beta1**step) * exp_avg / denom)
+
+
+_compiled = {}
+
+
+def _kernel(fn, device):
+    """fn compiled for CUDA (one fused graph per shape, 0-d CPU hyperparameters); plain eager on
+    CPU, where a compile would cost more than the whole step."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _compiled[fn]
+
+
+_REQUIRED = {"adamw": ("lr", "betas", "eps", "weight_decay"),
+             "muon": ("lr", "momentum", "beta2", "weight_decay", "ns_steps")}
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """param_groups: dicts with `params`, `kind` and, for "adamw": lr, betas, eps, weight_decay;
+    for "muon": lr, momentum, beta2 (NorMuon), weight_decay (cautious), ns_steps. A muon group
+    holds matrices of one shape (they are stacked and orthogonalised as one batch). Muon's
+    effective lr is lr * sqrt(max(1, rows / cols)) (Muon's shape scale: tall matrices, whose
+    orthogonalised rows are short, get a proportionally larger step)."""
+
+    def __init__(self, param_groups):
+        param_groups = [dict(g) for g in param_groups]
+        for i, group in enumerate(param_groups):
+            kind = group.get("kind")
+            if kind not in _REQUIRED:
+                raise LabError(f"param group {i}: kind={kind!r}, must be 'muon' or 'adamw'")
+            missing = [key for key in _REQUIRED[kind] if key not in group]
+            if missing:
+                raise LabError(f"param group {i} ({kind}): missing {', '.join(missing)}")
+            group["params"] = list(group["params"])
+            shapes = {tuple(p.shape) for p in group["params"]}
+            if kind == "muon" and (len(shapes) > 1 or any(len(s) < 2 for s in shapes)):
+                raise LabError(f"param group {i} (muon): needs matrices of a single shape, got {sorted(shapes)}; "
+                               "make one muon group per shape and send vectors to adamw")
+        super().__init__(param_groups, defaults={})
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        # one 0-d CPU tensor per hyperparameter, refilled before each kernel call (float64: exact
+        # values; a 0-d tensor never changes the dtype of the tensors it multiplies)
+        self._hp = {name: torch.tensor(0.0, dtype=torch.float64) for name in
+                    ("lr", "beta1", "beta2", "eps", "weight_decay", "step", "momentum")}
+
+    def _fill(self, **values):
+        for name, value in values.items():
+            self._hp[name].fill_(value)
+        return [self._hp[name] for name in values]
+
+    def _adamw_step(self, group):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            hp = self._fill(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                            eps=group["eps"], weight_decay=group["weight_decay"])
+            _kernel(_adamw_update, p.device)(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hp)
+
+    def _muon_step(self, group):
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            return
+        shape = params[0].shape
+        state = self.state[params[0]]  # the group's stacked buffers live with its first matrix
+        reduce_dim = -1 if shape[-2] >= shape[-1] else -2
+        if not state:
+            state["momentum_buffer"] = torch.zeros(len(params), *shape, dtype=params[0].dtype, device=params[0].device)
+            factored = list(shape)
+            factored[reduce_dim] = 1
+            state["second_moment"] = torch.zeros(len(params), *factored, dtype=torch.float32, device=params[0].device)
+        grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+        stacked = torch.stack(params)
+        momentum, lr, weight_decay, beta2 = self._fill(
+            momentum=group["momentum"], lr=group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5,
+            weight_decay=group["weight_decay"], beta2=group["beta2"])
+        device = params[0].device
+        _kernel(_muon_update, device)(grads, stacked, state["momentum_buffer"], state["second_moment"], momentum, lr,
+                                      weight_decay, beta2, group["ns_steps"], reduce_dim, device.type == "cuda")
+        torch._foreach_copy_(params, list(stacked.unbind(0)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._adamw_step(group)
+            else:
+                self._muon_step(group)
+        return loss

@@ -1,0 +1,234 @@
+"""GPT: causality, RoPE, loss, KV cache == no cache, FLOP and parameter hand counts, the depth dial
+and nanochat's scaling rules, the MLP slot, bf16 under autocast."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import llmlabs.model as model_module
+from llmlabs.attention import KVCache
+from llmlabs.common import LabError
+from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
+from llmlabs.model import GPT, MLP, apply_rope, build_model, rope_tables
+
+
+def tiny_config(**overrides):
+    kw = dict(sequence_len=32, vocab_size=61, n_layer=4, n_embd=48, n_head=4, n_kv_head=2, head_dim=12,
+              window_pattern="SSL", short_window=5)
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+def randomized(model, seed=0):
+    """A fresh model has zero output projections (every block starts as the identity), which would
+    hide attention bugs: give every parameter random values of a sane scale instead."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            std = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+    return model
+
+
+def tokens(config, B, T, seed):
+    return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_build_model_initialises_everything_off_meta():
+    config = tiny_config()
+    model = build_model(config, "cpu")
+    assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
+    torch.testing.assert_close(model.resid_lambdas, torch.linspace(1.15, 1.05, config.n_layer))
+    torch.testing.assert_close(model.x0_lambdas, torch.linspace(0.20, 0.05, config.n_layer))
+    assert all(b.attn.c_proj.weight.abs().sum() == 0 and b.mlp.c_proj.weight.abs().sum() == 0 for b in model.blocks)
+    # value embeddings on alternating layers, always the last
+    assert sorted(model.value_embeds.keys()) == ["1", "3"]
+    # lm_head std 0.001 makes the first prediction nearly uniform: loss ~ ln(vocab)
+    idx = tokens(config, 2, 32, seed=1)
+    assert abs(model(idx, idx).item() - math.log(config.vocab_size)) < 0.02
+
+
+def test_changing_a_token_never_changes_earlier_logits():
+    config = tiny_config()
+    model = randomized(build_model(config, "cpu")).double()
+    idx = tokens(config, 2, 32, seed=2)
+    with torch.no_grad():
+        base = model(idx)
+        for t in (0, 6, 19, 31):
+            changed = idx.clone()
+            changed[:, t] = (idx[:, t] + 1) % config.vocab_size
+            logits = model(changed)
+            if t:
+                assert (logits[:, :t] - base[:, :t]).abs().max().item() < 1e-12
+            assert (logits[:, t] - base[:, t]).abs().max().item() > 1e-6  # the change does reach t
+
+
+def test_rope_preserves_norms_and_depends_only_on_relative_position():
+    D, T = 16, 64
+    cos, sin = rope_tables(T, D, base=100_000.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, T, 3, D, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+    q, k = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+
+    def score(m, n):  # <rope(q) at position m, rope(k) at position n>
+        q_m = apply_rope(q.expand(1, T, 1, D), cos, sin)[0, m, 0]
+        k_n = apply_rope(k.expand(1, T, 1, D), cos, sin)[0, n, 0]
+        return (q_m @ k_n).item()
+
+    for m, n, shift in ((5, 2, 11), (9, 9, 40), (3, 20, 7)):
+        assert score(m, n) == pytest.approx(score(m + shift, n + shift), rel=1e-5, abs=1e-6)
+    assert abs(score(5, 2) - score(5, 3)) > 1e-3  # and it does depend on the offset
+
+
+def test_loss_is_masked_cross_entropy_of_softcapped_logits():
+    config = tiny_config()
+    model = randomized(build_model(config, "cpu"))
+    idx, targets = tokens(config, 3, 32, seed=4), tokens(config, 3, 32, seed=5)
+    targets[0, :7] = -1
+    targets[2, 30:] = -1
+    with torch.no_grad():
+        logits = model(idx)
+        per_token = model(idx, targets, loss_reduction="none")
+        mean = model(idx, targets)
+    assert logits.dtype == torch.float32 and logits.shape == (3, 32, config.vocab_size)
+    assert logits.abs().max() < config.softcap
+    logp = logits.double().log_softmax(-1)
+    expected = torch.zeros(3, 32, dtype=torch.float64)
+    for b in range(3):
+        for t in range(32):
+            if targets[b, t] != -1:
+                expected[b, t] = -logp[b, t, targets[b, t]]
+    torch.testing.assert_close(per_token.double(), expected, rtol=1e-5, atol=1e-6)
+    assert mean.item() == pytest.approx(expected[targets != -1].mean().item(), rel=1e-5)
+
+
+def test_kv_cache_logits_equal_full_forward():
+    config = tiny_config()  # short window 5 and GQA: the cache must respect both
+    model = randomized(build_model(config, "cpu"), seed=6)
+    idx = tokens(config, 2, 15, seed=7)
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache(2, 20, config, "cpu", torch.float32)
+        pieces = [model(idx[:, :7], kv_cache=cache)]                      # prefill
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 12)]  # one token at a time
+        pieces.append(model(idx[:, 12:15], kv_cache=cache))              # a chunk
+    assert cache.pos == 15
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(LabError, match="KV cache overflow"):
+        model(tokens(config, 2, 6, seed=8), kv_cache=cache)
+
+
+def test_too_long_input_raises_lab_error():
+    config = tiny_config()
+    model = build_model(config, "cpu")
+    with pytest.raises(LabError, match="sequence_len=32"):
+        model(tokens(config, 1, 33, seed=9))
+
+
+def test_flops_and_params_equal_a_hand_count():
+    config = GPTConfig(sequence_len=8, vocab_size=50, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
+                       window_pattern="SL", short_window=2)
+    with torch.device("meta"):
+        model = GPT(config)
+    # per layer: c_q 32x32 + c_k 16x32 + c_v 16x32 + c_proj 32x32 + MLP 2 x 32x128 = 11264;
+    # the value-embedding gate (12 channels -> 1 kv head) only on layer 1; lm_head 50x32
+    weights = 2 * 11264 + 12 + 1600
+    assert model.num_params() == {"embedding": 1600, "value_embeds": 50 * 16, "block_matrices": 2 * 11264 + 12,
+                                  "lm_head": 1600, "scalars": 4, "total": 1600 + 800 + 22540 + 1600 + 4}
+    # attention, 12 * heads * head_dim = 384 FLOPs per (query, key) pair. Layer 0, window 2:
+    # queries 0..7 see 1, 2, 3, 3, 3, 3, 3, 3 keys = 21; layer 1, full: 1 + ... + 8 = 36
+    assert model.flops_per_token() == 6 * weights + 384 * (21 + 36) // 8
+    # nanochat's estimate: window length for the windowed layer, T for the full one
+    assert model.flops_per_token("nanochat") == 6 * weights + 384 * (2 + 8)
+    with pytest.raises(LabError):
+        model.flops_per_token("palm")
+
+
+def test_depth_dial_presets_and_validation():
+    for depth, width, heads in ((4, 256, 2), (8, 512, 4), (12, 768, 6), (20, 1280, 10), (26, 1664, 13)):
+        c = config_for_depth(depth)
+        assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim) == (depth, width, heads, heads, 128)
+    assert config_for_depth(5, aspect_ratio=60).n_embd == 384  # 300 rounded up to the head size
+    assert set(PRESETS) >= {"d4", "d8", "d12", "d20", "d26"} and PRESETS["d12"] == 12
+    # SSSL tiled over 8 layers, last one full, short = a quarter of 2048
+    assert config_for_depth(8).window_sizes() == [512, 512, 512, None, 512, 512, 512, None]
+    assert config_for_depth(3, window_pattern="L").window_sizes() == [None, None, None]
+    for bad in (dict(window_pattern="SXL"), dict(n_head=4, n_kv_head=3), dict(head_dim=7), dict(short_window=0)):
+        with pytest.raises(LabError):
+            tiny_config(**bad)
+    with pytest.raises(LabError, match="depth"):
+        config_for_depth(0)
+
+
+def test_hyperparams_follow_nanochat_rules():
+    d12 = hyperparams_for(config_for_depth(12))  # the reference point itself
+    assert d12["total_batch_size"] == 2**19
+    assert (d12["matrix_lr"], d12["embedding_lr"], d12["unembedding_lr"], d12["scalar_lr"]) == (0.02, 0.3, 0.008, 0.5)
+    assert d12["weight_decay"] == pytest.approx(0.28)
+    # d20 by hand: scaling params (block matrices + lm_head) 20 x 12 x 1280^2 + 10 gates x 12 x 10
+    # + 8192 x 1280 = 403,702,960; d12: 12 x 12 x 768^2 + 6 x 12 x 6 + 8192 x 768 = 91,226,544.
+    # batch 2**19 x 4.4253^0.383 = 2**19.82 -> 2**20
+    d20 = hyperparams_for(config_for_depth(20))
+    assert d20["target_tokens"] == 12 * 403_702_960
+    assert d20["total_batch_size"] == 2**20
+    assert d20["matrix_lr"] == pytest.approx(0.02 * 2**0.5)
+    assert d20["weight_decay"] == pytest.approx(0.28 * 2**0.5 * 91_226_544 / 403_702_960)
+
+
+def test_bf16_autocast_reaches_attention_as_bf16(monkeypatch):
+    seen, real = [], model_module.attention
+
+    def spy(q, k, v, window, scale):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, window, scale)
+
+    monkeypatch.setattr(model_module, "attention", spy)
+    config = tiny_config()
+    model = randomized(build_model(config, "cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens(config, 2, 32, seed=10))
+    assert logits.dtype == torch.float32
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+
+
+def test_mlp_slot_takes_any_module():
+    class GatedMLP(nn.Module):  # a different occupant: SwiGLU-like, 2x wide
+        def __init__(self, config, layer_idx):
+            super().__init__()
+            self.up = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+            self.down = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+
+        def forward(self, x):
+            a, b = self.up(x).chunk(2, dim=-1)
+            return self.down(nn.functional.silu(a) * b)
+
+        def init_weights(self):
+            nn.init.normal_(self.up.weight, std=0.02)
+            nn.init.zeros_(self.down.weight)
+
+        def matmul_params_per_token(self):
+            return self.up.weight.numel() + self.down.weight.numel()
+
+    config = tiny_config()
+    model = build_model(config, "cpu", mlp_factory=GatedMLP)
+    dense = build_model(config, "cpu")
+    assert all(isinstance(b.mlp, GatedMLP) for b in model.blocks) and isinstance(dense.blocks[0].mlp, MLP)
+    per_layer_difference = 6 * (4 * 48 * 48 + 2 * 48 * 48) - 6 * (8 * 48 * 48)
+    assert model.flops_per_token() - dense.flops_per_token() == config.n_layer * per_layer_difference
+    loss = randomized(model)(tokens(config, 2, 32, seed=11), tokens(config, 2, 32, seed=12))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile on CUDA needs a GPU")
+def test_fullgraph_compile_forward_backward_on_cuda():
+    config = tiny_config(sequence_len=256, n_embd=128, n_head=2, n_kv_head=2, head_dim=64, short_window=64)
+    model = build_model(config, "cuda")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    idx = tokens(config, 2, 256, seed=13).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)

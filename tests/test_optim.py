@@ -1,0 +1,172 @@
+"""MuonAdamW and Polar Express: orthogonalisation quality, the update math against a float64
+reference written out step by step, AdamW against torch's, a real loss decrease, and state_dict
+round trips."""
+import copy
+
+import pytest
+import torch
+
+from llmlabs.common import LabError
+from llmlabs.config import GPTConfig
+from llmlabs.model import build_model
+from llmlabs.optim import POLAR_EXPRESS_COEFFS, MuonAdamW, polar_express
+
+
+def randn(*shape, seed, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (256, 64), (64, 256), (3, 128, 32)])
+def test_polar_express_singular_values_in_a_tight_band(shape):
+    G = randn(*shape, seed=sum(shape))
+    # converged (12 steps: enough even for a random square matrix, whose sigma_min / ||G||_F
+    # ~ 1e-4 is below the 1e-3 the coefficients were designed for)
+    s = torch.linalg.svdvals(polar_express(G, steps=12))
+    assert s.min() > 0.99 and s.max() < 1.01
+    # Muon's 5 steps on well-conditioned (rectangular) matrices: within 15% of 1
+    if shape[-1] != shape[-2]:
+        s = torch.linalg.svdvals(polar_express(G, steps=5))
+        assert s.min() > 0.85 and s.max() < 1.15, (s.min(), s.max())
+
+
+def test_polar_express_approximates_the_polar_factor():
+    G = randn(200, 50, seed=1)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    X = polar_express(G, steps=12)
+    assert (X - U @ Vh).norm() / (U @ Vh).norm() < 1e-3
+    # in float32 too (the CPU path), and the coefficients are the paper's: first one ~ 8.2/1.01
+    X32 = polar_express(G.float(), steps=12).double()
+    assert (X32 - U @ Vh).norm() / (U @ Vh).norm() < 1e-3
+    assert POLAR_EXPRESS_COEFFS[0][0] == pytest.approx(8.28721201814563 / 1.01)
+
+
+def reference_muon(W, grads, lr, momentum, beta2, weight_decay, steps=5):
+    """Muon as documented, one matrix at a time in float64: Nesterov momentum, Polar Express,
+    NorMuon per-row (tall) / per-column (wide) second moment with the norm kept, cautious decay,
+    lr * sqrt(max(1, rows / cols))."""
+    W = [w.clone() for w in W]
+    m, n = W[0].shape
+    buf = [torch.zeros_like(w) for w in W]
+    second = [None] * len(W)
+    for G in grads:
+        for i in range(len(W)):
+            buf[i] = momentum * buf[i] + (1 - momentum) * G[i]
+            g = (1 - momentum) * G[i] + momentum * buf[i]
+            O = polar_express(g, steps)
+            v = (O**2).mean(dim=1 if m >= n else 0, keepdim=True)
+            second[i] = (1 - beta2) * v if second[i] is None else beta2 * second[i] + (1 - beta2) * v
+            U = O / second[i].sqrt()
+            U = U * O.norm() / U.norm()
+            mask = (U * W[i] >= 0).double()
+            W[i] = W[i] - lr * max(1, m / n) ** 0.5 * (U + weight_decay * mask * W[i])
+    return W
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_muon_matches_float64_reference(shape):
+    params = [torch.nn.Parameter(randn(*shape, seed=i)) for i in range(3)]
+    start = [p.detach().clone() for p in params]
+    grads = [[randn(*shape, seed=100 * s + i) for i in range(3)] for s in range(3)]
+    opt = MuonAdamW([dict(kind="muon", params=params, lr=0.03, momentum=0.9, beta2=0.8, weight_decay=0.5,
+                          ns_steps=5)])
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    expected = reference_muon(start, grads, lr=0.03, momentum=0.9, beta2=0.8, weight_decay=0.5)
+    for p, e, s in zip(params, expected, start):
+        assert (p.detach() - s).abs().max() > 1e-2  # the steps did move the weights
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-9)
+
+
+def test_adamw_groups_match_torch_adamw():
+    p = torch.nn.Parameter(randn(7, 5, seed=2))
+    q = torch.nn.Parameter(p.detach().clone())
+    ours = MuonAdamW([dict(kind="adamw", params=[p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
+    torchs = torch.optim.AdamW([q], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for s in range(4):
+        g = randn(7, 5, seed=10 + s)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        torchs.step()
+    torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def tiny_model():
+    config = GPTConfig(sequence_len=32, vocab_size=53, n_layer=2, n_embd=32, n_head=2, n_kv_head=2, head_dim=16,
+                       window_pattern="SL", short_window=6)
+    torch.manual_seed(0)
+    return config, build_model(config, "cpu")
+
+
+def test_one_step_on_a_tiny_model_lowers_the_loss():
+    config, model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, config.vocab_size, (4, 32), generator=g)
+    targets = torch.randint(0, config.vocab_size, (4, 32), generator=g)
+    opt = model.setup_optimizer(matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
+                                weight_decay=0.0)
+    assert {grp["kind"] for grp in opt.param_groups} == {"muon", "adamw"}
+    before = model(idx, targets)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(idx, targets)
+    assert after.item() < before.item() - 1e-3, (before.item(), after.item())
+
+
+def test_state_dict_round_trip_continues_identically():
+    config, model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, config.vocab_size, (2, 32), generator=g) for _ in range(3)]
+
+    def train_step(m, opt, idx):
+        m(idx, idx).backward()
+        opt.step()
+        m.zero_grad(set_to_none=True)
+
+    opt = model.setup_optimizer()
+    train_step(model, opt, batches[0])
+    train_step(model, opt, batches[1])
+    for group in opt.param_groups:  # a schedule changed the hyperparameters: they must round-trip
+        group["lr"] = group["initial_lr"] * 0.5
+        if group["kind"] == "muon":
+            group["momentum"], group["weight_decay"] = 0.9, 0.1
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train_step(model, opt, batches[2])
+
+    _, clone = tiny_model()
+    clone.load_state_dict(saved_model)
+    clone_opt = clone.setup_optimizer()
+    clone_opt.load_state_dict(saved_opt)
+    assert [grp["lr"] for grp in clone_opt.param_groups] == [grp["lr"] for grp in opt.param_groups]
+    train_step(clone, clone_opt, batches[2])
+    for (name, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_hyperparameters_change_between_steps():
+    W = torch.nn.Parameter(randn(8, 8, seed=5))
+    opt = MuonAdamW([dict(kind="muon", params=[W], lr=0.1, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5)])
+    assert opt.param_groups[0]["initial_lr"] == 0.1
+    W.grad = randn(8, 8, seed=6)
+    opt.param_groups[0]["lr"] = 0.0
+    before = W.detach().clone()
+    opt.step()
+    torch.testing.assert_close(W.detach(), before, rtol=0, atol=0)  # lr 0: nothing moves
+    opt.param_groups[0]["lr"] = 0.1
+    opt.step()
+    assert (W.detach() - before).norm() > 0.05
+
+
+def test_bad_param_groups_raise_lab_error():
+    a, b = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4, 2))
+    muon = dict(kind="muon", lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5)
+    with pytest.raises(LabError, match="single shape"):
+        MuonAdamW([dict(muon, params=[a, b])])
+    with pytest.raises(LabError, match="single shape"):
+        MuonAdamW([dict(muon, params=[torch.nn.Parameter(torch.zeros(4))])])
+    with pytest.raises(LabError, match="missing betas"):
+        MuonAdamW([dict(kind="adamw", params=[a], lr=0.1, eps=1e-8, weight_decay=0.0)])
+    with pytest.raises(LabError, match="kind="):
+        MuonAdamW([dict(kind="sgd", params=[a], lr=0.1)])
