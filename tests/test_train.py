@@ -339,3 +339,21 @@ def test_cuda_compiled_and_eager_runs_agree(data_dir, tmp_path):
     train.main(tiny + ["--data", str(data_dir), "--run-dir", str(tmp_path / "e"), *common, "--no-compile"])
     c, e = metrics(tmp_path / "c"), metrics(tmp_path / "e")
     assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in e], rel=2e-2)
+
+
+def test_presets_and_the_depth_dial():
+    """No --depth: the hardware preset is a fixed experiment (GPU: the autoresearch d8 run with its
+    2^19 batch). With --depth: the batch comes from the scaling rules and the device batch shrinks
+    with the width."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    d8 = train.resolve_config(p.parse_args([]), gpu)
+    assert (d8["depth"], d8["total_batch_size"], d8["seq_len"], d8["time_budget"]) == (8, 2**19, 2048, 300.0)
+    d20 = train.resolve_config(p.parse_args(["--depth", "d20", "--tokens", "1e9"]), gpu)
+    assert "total_batch_size" not in d20 and "time_budget" not in d20  # scaling rules; --tokens is the budget
+    assert d20["device_batch_size"] == 16  # 64 rows at width 512 -> 16 at width 1280
+    small = train.resolve_config(p.parse_args(["--device-batch-size", "3"]), cpu)
+    assert small["device_batch_size"] == 3 and small["depth"] == train.CPU_PRESET["depth"]
