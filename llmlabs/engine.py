@@ -12,14 +12,17 @@ from llmlabs.common import LabError
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, seed=0, use_cache=True,
              stop_ids=()):
-    """Yield up to `max_new_tokens` token ids continuing `prompt_ids` (a list of ints, BOS first).
-    temperature 0 is greedy; top_k keeps the k most likely tokens before sampling."""
-    from llmlabs.model import KVCache
+    """Yield up to `max_new_tokens` token ids continuing `prompt_ids` (a list of ints, BOS first),
+    never past the model's context (sequence_len). temperature 0 is greedy; top_k keeps the k most
+    likely tokens before sampling."""
+    from llmlabs.attention import KVCache
 
-    if not prompt_ids:
-        raise LabError("empty prompt: give at least the BOS token")
-    device = next(model.parameters()).device
     cfg = model.config
+    if not 0 < len(prompt_ids) < cfg.sequence_len:
+        raise LabError(f"prompt of {len(prompt_ids)} tokens: give 1 to {cfg.sequence_len - 1} tokens "
+                       f"(the model's context is {cfg.sequence_len})")
+    max_new_tokens = min(max_new_tokens, cfg.sequence_len - len(prompt_ids))
+    device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     total = len(prompt_ids) + max_new_tokens
@@ -27,7 +30,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     logits = model(ids, kv_cache=cache)[:, -1, :] if use_cache else None
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(ids[:, -cfg.sequence_len:])[:, -1, :]
+            logits = model(ids)[:, -1, :]
         nxt = _pick(logits.float(), temperature, top_k, gen)
         tok = int(nxt)
         yield tok

@@ -6,7 +6,10 @@ depend on the tokenizer's vocabulary and can be compared across vocab sizes. The
 loss from the model's logits itself: the model never sees the targets during evaluation, so an edit
 to the model's loss cannot change the score.
 """
+import functools
 import math
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -57,10 +60,16 @@ def evaluate_bpb(model, data, split="val", *, batch_size, seq_len, max_tokens, d
             "tokens": int(ntok), "bytes": int(nbytes)}
 
 
+@functools.lru_cache(maxsize=4)
+def _train_counts(data):
+    V = data.tokenizer.vocab_size
+    return sum(np.bincount(tokens, minlength=V) for tokens, _ in data.shards("train"))
+
+
 def unigram_log_probs(data):
     """log p(token) from train-split counts with add-one smoothing (so an unseen token costs a finite
     amount); specials are scored by no one, their value is irrelevant."""
-    counts = torch.as_tensor(data.token_counts("train"), dtype=torch.float64)
+    counts = torch.as_tensor(_train_counts(data), dtype=torch.float64)
     return torch.log((counts + 1) / (counts.sum() + counts.numel()))
 
 

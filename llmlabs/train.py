@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -54,8 +55,8 @@ def add_args(p):
     g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, across accumulation and ranks")
     g.add_argument("--device-batch-size", type=int, help="rows per forward pass; lower it on out-of-memory")
     g.add_argument("--matrix-lr", type=float, help="Muon learning rate for the block matrices")
-    g.add_argument("--embedding-lr", type=float, help="AdamW learning rate for embeddings")
-    g.add_argument("--unembedding-lr", type=float, help="AdamW learning rate for the output head")
+    g.add_argument("--embedding-lr", type=float, help="AdamW learning rate for embeddings at width 768 (x (width/768)^-0.5)")
+    g.add_argument("--unembedding-lr", type=float, help="AdamW learning rate for the output head at width 768 (likewise)")
     g.add_argument("--scalar-lr", type=float, help="AdamW learning rate for per-layer scalars")
     g.add_argument("--weight-decay", type=float, help="cautious weight decay of the Muon matrices")
     g.add_argument("--warmup-frac", type=float, default=0.0, help="fraction of the budget spent warming up the LR")
@@ -98,14 +99,24 @@ def main(argv=None):
 
 
 def resolve_config(args, device):
-    """Fill every unset flag from the preset for the hardware, then from the depth's scaling rules.
-    The result is the complete, self-describing run configuration saved as RUN/config.json."""
-    preset = GPU_PRESET if device.type == "cuda" else CPU_PRESET
+    """Fill every unset flag from the preset for the hardware, then (in setup) from the depth's
+    scaling rules. The result is the complete, self-describing run configuration (RUN/config.json).
+
+    With no --depth the preset is a fixed experiment, its batch included. With --depth the preset
+    only supplies the shape (aspect, head size, context, windows) and the budget; the total batch
+    comes from the scaling rules and the device batch shrinks as the width grows, so activation
+    memory stays near the preset's."""
+    preset = dict(GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     cfg = {k: v for k, v in vars(args).items() if v is not None}
-    explicit_budget = any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio"))
+    if any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio")):
+        del preset["time_budget"]
+    if "depth" in cfg and cfg["depth"] != preset["depth"]:
+        del preset["total_batch_size"]
+        if "device_batch_size" not in cfg:
+            width = preset["depth"] * preset["aspect_ratio"]
+            new_width = cfg["depth"] * cfg.get("aspect_ratio", preset["aspect_ratio"])
+            cfg["device_batch_size"] = max(1, 2 ** math.floor(math.log2(preset["device_batch_size"] * width / new_width)))
     for k, v in preset.items():
-        if k == "time_budget" and explicit_budget:
-            continue
         cfg.setdefault(k, v)
     return cfg
 
@@ -113,9 +124,6 @@ def resolve_config(args, device):
 def train(args):
     t_start = time.time()
     from llmlabs import attention
-    from llmlabs.config import config_for_depth, hyperparams_for
-    from llmlabs.data.loader import BestFitLoader
-    from llmlabs.model import build_model
 
     device, rank, _, world = compute_init(args.device)
     if args.resume:
@@ -130,33 +138,13 @@ def train(args):
     if cfg.get("attention"):
         attention.set_backend(cfg["attention"])
 
-    # ---- data: prepared once, never re-tokenized here
-    data = _open_data(cfg.get("data"))
-    cfg["data"] = str(data.path)
-
-    # ---- model, sized by the depth dial; hyperparameters from the documented scaling rules
-    mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],
-                            aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
-                            n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"])
-    model = build_model(mcfg, device)
-    for k, v in hyperparams_for(mcfg).items():
-        cfg.setdefault(k, v)
-    counts = model.num_params()
-    flops_per_token = model.flops_per_token()
-    T, B = cfg["seq_len"], cfg["device_batch_size"]
-    tokens_per_micro = B * T * world
-    if cfg["total_batch_size"] % tokens_per_micro:
-        raise LabError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of device batch x seq len x "
-                       f"ranks = {tokens_per_micro}: pick a multiple")
-    accum = cfg["total_batch_size"] // tokens_per_micro
+    run = setup(cfg, device, rank, world)
+    data, mcfg, model, optimizer, loader = run.data, run.mcfg, run.model, run.optimizer, run.loader
+    counts, flops_per_token, accum = run.counts, run.flops_per_token, run.accum
+    B, T = cfg["device_batch_size"], cfg["seq_len"]
     budget_tokens = _token_budget(cfg, counts, flops_per_token)
     if budget_tokens is None and "time_budget" not in cfg:
         raise LabError("no budget: give --time-budget, --tokens, --target-flops or --param-data-ratio")
-
-    optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
-                                      unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
-                                      weight_decay=cfg["weight_decay"])
-    loader = BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world, device=device)
 
     # ---- run directory and resume
     if not args.resume:
@@ -196,7 +184,7 @@ def train(args):
     peak = peak_flops(device)
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
-           f"{world} ranks x {accum} accum; attention {attention.describe()}")
+           f"{world} ranks x {accum} accum; attention {attention.describe(device)}")
 
     def progress():
         fracs = [tokens_done / budget_tokens] if budget_tokens else []
@@ -212,35 +200,23 @@ def train(args):
 
     stop = {"sigint": False}
     prev_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
-    last_status, eval_bpb = 0.0, None
+    last_status = 0.0
     try:
         # ---- the loop
         while progress() < 1.0:
             p = progress()
             _set_schedules(optimizer, p, cfg)
-            torch.cuda.synchronize() if use_cuda else None
-            t0 = time.time()
-            loss_sum = torch.zeros((), device=device)
+            t0 = time.time()  # the previous step ended in a host sync, so this clock is honest
             try:
-                for _ in range(accum):
-                    x, y = next(loader)
-                    with autocast:
-                        loss = fwd(x, y)
-                    (loss / accum).backward()
-                    loss_sum += loss.detach()
-                if world > 1:  # plain gradient averaging until the distributed optimizer lands
-                    for prm in model.parameters():
-                        torch.distributed.all_reduce(prm.grad, op=torch.distributed.ReduceOp.AVG)
-                optimizer.step()
+                loss = train_step(fwd, model, optimizer, loader, accum, autocast, world)
             except torch.cuda.OutOfMemoryError:
                 raise LabError(f"CUDA out of memory at --device-batch-size {B} (depth {cfg['depth']}, seq {T}): "
                                f"lower --device-batch-size (accumulation keeps the total batch)") from None
-            model.zero_grad(set_to_none=True)
-            loss_val = loss_sum.item() / accum  # the one host sync per step
+            loss_val = loss.item()  # the one host sync per step
             dt = time.time() - t0
             if not math.isfinite(loss_val):
                 good = checkpoint.latest(run_dir)
-                raise LabError(f"loss became {loss_val} at step {step}: stopped; last good checkpoint "
+                raise LabError(f"loss became {loss_val} at step {step + 1}: stopped; last good checkpoint "
                                f"{good or 'none (use --save-every)'}; lower the learning rates or check the last change")
             step += 1
             tokens_done += cfg["total_batch_size"]
@@ -309,6 +285,55 @@ def train(args):
     for k, v in summary.items():
         print0(f"{k + ':':<18}{v}")
     return 0
+
+
+def setup(cfg, device, rank=0, world=1):
+    """Everything a training step needs, from a resolved config: the data directory, the model sized
+    by the depth dial, the scaling-rule hyperparameters (filled into cfg where unset), the optimizer
+    and the train loader. Shared with bench/train_speed.py, so the benchmark times this very step."""
+    from llmlabs.config import config_for_depth, hyperparams_for
+    from llmlabs.data.loader import BestFitLoader
+    from llmlabs.model import build_model
+
+    data = _open_data(cfg.get("data"))  # prepared once, never re-tokenized here
+    cfg["data"] = str(data.path)
+    mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],
+                            aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
+                            n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"])
+    model = build_model(mcfg, device)
+    for k, v in hyperparams_for(mcfg).items():
+        cfg.setdefault(k, v)
+    T = cfg["seq_len"]
+    # a forward pass never holds more rows than one optimizer step needs
+    B = cfg["device_batch_size"] = min(cfg["device_batch_size"], max(1, cfg["total_batch_size"] // (T * world)))
+    if cfg["total_batch_size"] % (B * T * world):
+        raise LabError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of device batch x seq len x "
+                       f"ranks = {B * T * world}: pick a multiple")
+    optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
+                                      unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
+                                      weight_decay=cfg["weight_decay"])
+    loader = BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world, device=device)
+    return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader,
+                           accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
+                           flops_per_token=model.flops_per_token())
+
+
+def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
+    """One optimizer step over `accum` micro-batches; returns the mean loss as a device tensor (no
+    host sync here: the caller decides when to read it)."""
+    loss_sum = torch.zeros((), device=model.lm_head.weight.device)
+    for _ in range(accum):
+        x, y = next(loader)
+        with autocast:
+            loss = fwd(x, y)
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    if world > 1:  # plain gradient averaging until the distributed optimizer lands
+        for p in model.parameters():
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum / accum
 
 
 def _open_data(path):

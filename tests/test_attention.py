@@ -30,7 +30,7 @@ def reference(q, k, v, window, scale):
     rep = q.size(2) // k.size(2)
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    scores = scores.masked_fill(~visible(q.size(1), window), float("-inf"))
+    scores = scores.masked_fill(~visible(q.size(1), window).to(q.device), float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
 
 

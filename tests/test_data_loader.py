@@ -23,11 +23,12 @@ def rows_of(x: torch.Tensor, y: torch.Tensor) -> list[list[int]]:
     return torch.cat([x[:, :1], y], dim=1).tolist()
 
 
-def reference_rows(docs, n_rows, T, seed=0, rank=0, world_size=1, buffer_docs=1000, loop=True):
-    """Naive best-fit packer (linear scans, same order and tie rules: the largest fitting document,
-    latest buffered first; else crop the shortest, earliest buffered first). Returns rows and
-    (tokens read, tokens dropped)."""
-    buffer, rows, epoch, cursor, read, dropped = [], [], 0, 0, 0, 0
+def reference_rows(docs, n_rows, T, seed=0, rank=0, world_size=1, buffer_docs=1000, loop=True, keep_tails=True,
+                   bos=None):
+    """Naive best-fit packer (linear scans, same order and tie rules: the largest fitting segment,
+    latest buffered first; else crop the shortest, earliest buffered first; a kept tail is buffered
+    last as BOS + the rest). Returns rows and (document tokens read, tokens dropped)."""
+    buffer, rows, epoch, cursor, read, dropped = [], [], 0, 0, 0, 0  # buffer: token lists
     order = np.random.default_rng([seed, 0]).permutation(len(docs))[rank::world_size].tolist()
     while len(rows) < n_rows:
         row = []
@@ -38,37 +39,46 @@ def reference_rows(docs, n_rows, T, seed=0, rank=0, world_size=1, buffer_docs=10
                         break
                     epoch, cursor = epoch + 1, 0
                     order = np.random.default_rng([seed, epoch]).permutation(len(docs))[rank::world_size].tolist()
-                buffer.append(order[cursor])
+                buffer.append((docs[order[cursor]], False))
                 cursor += 1
             if not buffer:
                 return rows, (read, dropped + len(row))
             room = T + 1 - len(row)
-            fits = [i for i, d in enumerate(buffer) if len(docs[d]) <= room]
+            fits = [i for i, (seg, _) in enumerate(buffer) if len(seg) <= room]
             if fits:
-                i = max(fits, key=lambda i: (len(docs[buffer[i]]), i))
+                i = max(fits, key=lambda i: (len(buffer[i][0]), i))
             else:
-                i = min(range(len(buffer)), key=lambda i: (len(docs[buffer[i]]), i))
-            doc = docs[buffer.pop(i)]
-            row += doc[:room]
-            read += len(doc)
-            dropped += len(doc) - len(doc[:room])
+                i = min(range(len(buffer)), key=lambda i: (len(buffer[i][0]), i))
+            seg, is_tail = buffer.pop(i)
+            row += seg[:room]
+            if len(seg) > room and keep_tails:
+                read += room - is_tail
+                buffer.append(([bos] + seg[room:], True))
+            else:
+                read += len(seg) - is_tail
+                dropped += len(seg) - len(seg[:room])
         rows.append(row)
     return rows, (read, dropped)
 
 
+@pytest.mark.parametrize("keep_tails", [True, False])
 @pytest.mark.parametrize("B, T, buffer_docs", [(4, 64, 1000), (3, 200, 5), (2, 1000, 50)])
-def test_matches_naive_reference(dd, B, T, buffer_docs):
+def test_matches_naive_reference(dd, B, T, buffer_docs, keep_tails):
     docs = documents(dd, "train")
-    loader = BestFitLoader(dd, "train", B, T, seed=3, buffer_docs=buffer_docs)
+    loader = BestFitLoader(dd, "train", B, T, seed=3, buffer_docs=buffer_docs, keep_tails=keep_tails)
     got = []
     for _ in range(25):  # several epochs of this small split at T=1000
         x, y = next(loader)
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
         got += rows_of(x, y)
-    want, (read, dropped) = reference_rows(docs, len(got), T, seed=3, buffer_docs=buffer_docs)
+    want, (read, dropped) = reference_rows(docs, len(got), T, seed=3, buffer_docs=buffer_docs,
+                                           keep_tails=keep_tails, bos=dd.tokenizer.bos_id)
     assert got == want
     assert loader.cropped_fraction == pytest.approx(dropped / read)
-    assert 0 < loader.cropped_fraction < 1
+    if keep_tails:
+        assert loader.cropped_fraction == 0
+    else:
+        assert 0 < loader.cropped_fraction < 1
 
 
 def test_packing_invariants(dd):
@@ -77,18 +87,34 @@ def test_packing_invariants(dd):
     by_first = {}
     for i, d in enumerate(docs):
         by_first.setdefault(tuple(d[:2]), []).append(i)
-    loader = BestFitLoader(dd, "train", 8, 128, seed=1)
-    for _ in range(10):
-        for row in rows_of(*next(loader)):
-            assert row[0] == bos and len(row) == 129  # BOS first, full, no padding
-            starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
-            for k, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
-                seg = row[a:b]
-                # each segment is a document, in order; only the row's last one may be cropped
-                match = [i for i in by_first.get(tuple(seg[:2]), []) if docs[i][:len(seg)] == seg]
-                assert match, "segment is not the start of any document"
-                if k < len(starts) - 2:
-                    assert any(len(docs[i]) == len(seg) for i in match)
+    texts = {i: bytes(np.asarray(d[1:], np.uint32)) for i, d in enumerate(docs)}
+    tails = 0
+    for keep_tails in (False, True):
+        loader = BestFitLoader(dd, "train", 8, 128, seed=1, keep_tails=keep_tails)
+        for _ in range(10):
+            for row in rows_of(*next(loader)):
+                assert row[0] == bos and len(row) == 129  # BOS first, full, no padding
+                starts = [i for i, t in enumerate(row) if t == bos] + [len(row)]
+                for k, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+                    seg = row[a:b]
+                    # each segment is a document, in order; only the row's last one may be cropped
+                    match = [i for i in by_first.get(tuple(seg[:2]), []) if docs[i][:len(seg)] == seg]
+                    if not match and keep_tails:  # else a kept tail: BOS + a piece of one document
+                        piece = bytes(np.asarray(seg[1:], np.uint32))
+                        match = [i for i, t in texts.items() if _aligned_find(t, piece)]
+                        tails += bool(match)
+                    assert match, "segment is neither a document's start nor a piece of one"
+                    if k < len(starts) - 2 and seg == docs[match[0]][:len(seg)] and not keep_tails:
+                        assert any(len(docs[i]) == len(seg) for i in match)
+    assert tails > 0
+
+
+def _aligned_find(haystack: bytes, needle: bytes) -> bool:
+    """needle occurs in haystack at a multiple of 4 bytes (whole uint32 tokens)."""
+    i = haystack.find(needle)
+    while i >= 0 and i % 4:
+        i = haystack.find(needle, i + 1)
+    return i >= 0
 
 
 def _segments(row, bos):
@@ -114,7 +140,7 @@ def _doc_ids(rows, docs, bos):
 def test_loop_false_reads_the_split_once(dd):
     docs = documents(dd, "val")
     T = 300
-    loader = BestFitLoader(dd, "val", 3, T, loop=False, seed=2)
+    loader = BestFitLoader(dd, "val", 3, T, loop=False, seed=2, keep_tails=False)
     rows = [r for x, y in loader for r in rows_of(x, y)]
     assert next(loader, None) is None and rows
     ids = _doc_ids(rows, docs, dd.tokenizer.bos_id)
@@ -123,8 +149,16 @@ def test_loop_false_reads_the_split_once(dd):
     # every token of the split was read once: emitted, cropped, or in the unfinished last row
     assert loader.state_dict()["read"] == total
     assert loader.cropped_fraction == pytest.approx((total - len(rows) * (T + 1)) / total)
-    want, _ = reference_rows(docs, 10 ** 6, T, seed=2, loop=False)
+    want, _ = reference_rows(docs, 10 ** 6, T, seed=2, loop=False, keep_tails=False)
     assert rows == want
+    # keeping tails, every token of every document is emitted (bar the unfinished last row)
+    loader = BestFitLoader(dd, "val", 3, T, loop=False, seed=2)
+    rows = [r for x, y in loader for r in rows_of(x, y)]
+    emitted = sum(len(r) for r in rows) - sum(r.count(dd.tokenizer.bos_id) for r in rows)
+    assert loader.state_dict()["read"] == total
+    # each document's own BOS aside, every token is emitted except those of the unfinished last row
+    assert total - len(docs) - (T + 1) <= emitted <= total - len(docs)
+    assert rows == reference_rows(docs, 10 ** 6, T, seed=2, loop=False, bos=dd.tokenizer.bos_id)[0]
 
 
 def test_ranks_read_disjoint_slices(dd):
@@ -132,9 +166,10 @@ def test_ranks_read_disjoint_slices(dd):
     docs = documents(dd, "train")
     seen = []
     for rank in range(3):
-        loader = BestFitLoader(dd, "train", 2, 256, rank=rank, world_size=3, loop=False, seed=5)
+        loader = BestFitLoader(dd, "train", 2, 256, rank=rank, world_size=3, loop=False, seed=5, keep_tails=False)
         rows = [r for x, y in loader for r in rows_of(x, y)]
-        assert rows == reference_rows(docs, 10 ** 6, 256, seed=5, rank=rank, world_size=3, loop=False)[0]
+        assert rows == reference_rows(docs, 10 ** 6, 256, seed=5, rank=rank, world_size=3, loop=False,
+                                      keep_tails=False)[0]
         seen.append(set(_doc_ids(rows, docs, bos)))
         assert loader.state_dict()["read"] == sum(len(docs[i]) for i in range(len(docs)) if i in
                                                   set(np.random.default_rng([5, 0]).permutation(len(docs))[rank::3]))

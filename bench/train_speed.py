@@ -1,0 +1,98 @@
+"""Training speed of the real step (loader, compiled model, optimizer, accumulation) on a GPU.
+
+    PYTHONPATH=. python3 bench/train_speed.py --depth 8 [--device-batch-size 64] [--steps 20]
+        [--profile] [--out bench/results/train_speed-h100.json]
+
+It builds the run exactly as `llmlabs train` does (train.resolve_config + train.setup, the GPU
+preset with --depth changed) and times train.train_step, the loop's own step, after warm-up steps
+that hold the compilation. Reports the median step: tokens/s, MFU in two conventions (the model's
+exact count, and nanochat/autoresearch's, which counts full windows and no causal halving), peak
+memory, and the attention backend per layer kind. --profile prints the 25 costliest CUDA kernels of
+3 profiled steps: where the time goes, before deciding what to speed up (bench/NOTES.md).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmlabs import attention, train
+from llmlabs.common import compute_init, peak_flops
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    train.add_args(p)  # every `llmlabs train` flag means the same here
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--profile", action="store_true", help="print the costliest CUDA kernels of 3 steps")
+    p.add_argument("--out", help="append the result as a JSON line to this file")
+    args = p.parse_args()
+    device, rank, _, world = compute_init(args.device)
+    cfg = train.resolve_config(args, device)
+    run = train.setup(cfg, device, rank, world)
+    use_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
+    fwd = torch.compile(run.model, fullgraph=True) if use_cuda and not args.no_compile else run.model
+    sync = torch.cuda.synchronize if use_cuda else (lambda: None)
+
+    def step():
+        return train.train_step(fwd, run.model, run.optimizer, run.loader, run.accum, autocast, world).item()
+
+    t0 = time.time()
+    for _ in range(args.warmup):
+        step()
+    warm_s = time.time() - t0
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    dt = statistics.median(times)
+    tok_s = cfg["total_batch_size"] / dt
+    peak = peak_flops(device)
+    res = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if use_cuda else "cpu",
+        "commit": _commit(), "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
+        "torch": torch.__version__, "depth": cfg["depth"], "width": run.mcfg.n_embd, "seq_len": cfg["seq_len"],
+        "window_pattern": cfg["window_pattern"], "total_batch_size": cfg["total_batch_size"],
+        "device_batch_size": cfg["device_batch_size"], "accum": run.accum,
+        "params_M": round(run.counts["total"] / 1e6, 2),
+        "median_step_ms": round(1e3 * dt, 1), "min_step_ms": round(1e3 * min(times), 1),
+        "max_step_ms": round(1e3 * max(times), 1), "tok_per_sec": round(tok_s),
+        "mfu_exact": round(100 * run.flops_per_token * tok_s / peak, 2) if peak else None,
+        "mfu_nanochat": round(100 * run.model.flops_per_token("nanochat") * tok_s / peak, 2) if peak else None,
+        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_cuda else None,
+        "warmup_s": round(warm_s, 1), "attention": attention.describe(),
+    }
+    if args.profile and use_cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    width = max(map(len, res))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in res.items()))
+
+
+def _commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
