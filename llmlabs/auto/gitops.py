@@ -85,7 +85,18 @@ def add_worktree(repo, path, branch, commit):
         if git(path, "rev-parse", "--abbrev-ref", "HEAD", check=False) != branch:
             raise LabError(f"{path} exists but is not the worktree of branch {branch}: move it away")
         return
+    git(repo, "worktree", "prune")  # forget worktrees whose directory was deleted by hand
     git(repo, "worktree", "add", "-q", "-B", branch, str(path), commit)
+
+
+def add_detached(repo, path, commit):
+    """A worktree of `commit` without a branch (to measure a commit unchanged)."""
+    git(repo, "worktree", "prune")
+    git(repo, "worktree", "add", "-q", "--detach", str(path), commit)
+
+
+def remove_worktree(repo, path):
+    git(repo, "worktree", "remove", "--force", str(path), check=False)
 
 
 def exclude(repo, pattern):

@@ -427,7 +427,7 @@ def checkout(session: Session, commit: str):
     the workers and removed afterwards."""
     path = session.dir / f"at-{commit[:12]}"
     if not path.exists():
-        gitops.git(session.repo, "worktree", "add", "-q", "--detach", str(path), commit)
+        gitops.add_detached(session.repo, path, commit)
     reason = session.check_fingerprint(path, commit)
     if reason:
         raise LabError(f"commit {commit} does not match the session's fingerprint ({reason}): it cannot be measured")
@@ -435,7 +435,7 @@ def checkout(session: Session, commit: str):
     try:
         yield path
     finally:
-        gitops.git(session.repo, "worktree", "remove", "--force", str(path), check=False)
+        gitops.remove_worktree(session.repo, path)
 
 
 def measure(session, workers, wt, commit, seeds, split="val", kind="") -> list[Run]:
