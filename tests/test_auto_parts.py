@@ -411,8 +411,11 @@ if mode == "hang":  # a child that would outlive a careless kill
 if mode == "nan":
     print("error: loss became nan at step 7: stopped; lower the learning rates", file=sys.stderr)
     sys.exit(2)
+bpb = {"nanbpb": "nan"}.get(mode, 1.25)
+if mode.startswith("{"):  # val_bpb per seed, as JSON
+    bpb = __import__("json").loads(mode)[args[args.index("--seed") + 1]]
 print("step 1 | loss 3.0\\n---")
-print(f"val_bpb:          {'nan' if mode == 'nanbpb' else 1.25}")
+print(f"val_bpb:          {bpb}")
 print(f"training_seconds: {12.5 if mode == 'slow' else 10.4}")
 print("peak_vram_mb:     2048.0\\ntotal_tokens_M:   3.5\\nmfu_percent:      41.5")
 print("seed:", args[args.index("--seed") + 1])
@@ -493,3 +496,56 @@ def test_device_lock_serialises_experiments_on_one_gpu(tmp_path, monkeypatch, ca
     assert "waiting for GPU 0" in capsys.readouterr().out
     with runner.device_lock(runner.Worker("gpu1", tmp_path, "z", 1)), runner.device_lock(a):
         pass  # two GPUs: no waiting
+
+
+FAKE_CAUSAL = """
+import json, os, sys
+verdict = open(os.path.join(os.path.dirname(__file__), "..", "CAUSAL")).read().strip() == "yes"
+print(json.dumps({"causal": verdict, "max_leak": 0.0 if verdict else 0.7, "position": 11, "changed": 12,
+                  "tolerance": 1e-4, "probes": [12]}))
+"""
+
+
+def test_near_threshold_repeats_and_causality_gate_the_keep(tmp_path, monkeypatch):
+    """Through runner.experiment with stand-in trainer and checker: a result near the threshold is
+    measured again and decided on the mean; a clear improvement is kept only if causal."""
+    from types import SimpleNamespace
+
+    wt = tmp_path / "wt"
+    (wt / "llmlabs/auto").mkdir(parents=True)
+    for rel, text in (("__init__.py", ""), ("__main__.py", FAKE_TRAIN), ("auto/__init__.py", ""),
+                      ("auto/causal.py", FAKE_CAUSAL), ("MODE", "ok"), ("CAUSAL", "yes")):
+        (wt / "llmlabs" / rel).write_text(text)
+    _git(wt, "init", "-q", "-b", "auto/t")
+    _git(wt, "add", "-A")
+    _git(wt, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    start = _git(wt, "rev-parse", "--short=12", "HEAD")
+    led = Ledger(tmp_path / "s/results.tsv")
+    led.append([{"commit": start, "status": "baseline", "val_bpb": v, "seed": i} for i, v in enumerate((1.0, 1.02))])
+    session = SimpleNamespace(dir=tmp_path / "s", data="/d", time_budget=10.0, timeout=20.0, train_args=[], k=2.0,
+                              repeat_near=2, ledger=led, check_fingerprint=lambda wt, commit: None)
+    monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
+    worker = runner.Worker("main", wt, "auto/t", None)
+    sigma = statistics.stdev([1.0, 1.02])
+
+    # seed 2 lands near the threshold (delta -0.025, threshold -2 x 0.0173): seed 3 decides on the mean
+    (wt / "llmlabs/MODE").write_text('{"2": 0.985, "3": 1.01, "4": 0.9, "5": 0.9}')
+    out = runner.experiment(session, worker, "near miss")
+    rows = led.read()[2:]
+    assert [(r["seed"], r["status"]) for r in rows] == [("2", "discard"), ("3", "discard")]
+    assert float(out["delta"]) == pytest.approx((0.985 + 1.01) / 2 - 1.01, abs=1e-6)
+    assert out["sigma"] == pytest.approx(sigma * math.sqrt(1 / 2 + 1 / 2), rel=1e-6)
+    assert _git(wt, "rev-parse", "--short=12", "HEAD") == start and _git(wt, "status", "--porcelain") == ""
+
+    # a clear improvement from a model that looks ahead: invalid, never kept
+    (wt / "llmlabs/MODE").write_text('{"4": 0.9}')
+    (wt / "llmlabs/CAUSAL").write_text("no")
+    out = runner.experiment(session, worker, "peeks")
+    assert out["status"] == "invalid" and out["seed"] == 4
+    assert out["reason"] == "non-causal: changing token 12 moved the logits at position 11 by 0.7 (tolerance 0.0001)"
+    assert _git(wt, "rev-parse", "--short=12", "HEAD") == start
+
+    (wt / "llmlabs/MODE").write_text('{"5": 0.9}')
+    out = runner.experiment(session, worker, "honest")
+    assert out["status"] == "keep" and _git(wt, "rev-parse", "--short=12", "HEAD") == out["commit"] != start
+    assert runner.frontier(led.read()) == out["commit"]
