@@ -19,11 +19,11 @@ BUDGET=${BUDGET:-45}  # 5 runs x (budget + ~30-60 s compile/eval/start-up) must 
 TRAIN_ARGS=${TRAIN_ARGS:---device cuda}
 WORK=${WORK:-/tmp/llmlabs-auto-demo}
 export LLMLABS_HOME=${LLMLABS_HOME:-$WORK/home} PYTHONUNBUFFERED=1
-STAMP=$(date -u +%Y%m%d-%H%M%S)
 COMMIT=$(git -C "$SRC" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
+NAME=auto_demo_$(echo "$DEVICE" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')_$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$OUT" "$WORK"
-LOG=$OUT/auto_demo_${STAMP}.log
-exec > >(tee "$LOG") 2>&1
+exec > >(tee "$OUT/$NAME.log") 2>&1
 T0=$(date +%s)
 phase() { echo; echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 
@@ -39,7 +39,6 @@ open(path, "w").write(text.replace(old, new))
 EOF
 }
 
-DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
 phase "setup: $DEVICE, a throwaway repo of commit $COMMIT"
 rm -rf "$WORK/lab" && mkdir -p "$WORK/lab"
 if git -C "$SRC" rev-parse 2>/dev/null; then
@@ -79,8 +78,8 @@ phase "auto report"
 S=.auto/demo
 { echo "<!-- $(date -u +%Y-%m-%d) | $DEVICE | commit $COMMIT | total $(( $(date +%s) - T0 )) s |"
   echo "     BUDGET=$BUDGET TRAIN_ARGS='$TRAIN_ARGS' bash bench/auto_demo.sh -->"
-  cat "$S/report.md"; } > "$OUT/auto_demo_${STAMP}.md"
-cp "$S/report.png" "$OUT/auto_demo_${STAMP}.png"
-cp "$S/results.tsv" "$OUT/auto_demo_${STAMP}_results.tsv"
-phase "done: $OUT/auto_demo_${STAMP}.{png,md,log}, _results.tsv"
+  cat "$S/report.md"; } > "$OUT/$NAME.md"
+cp "$S/report.png" "$OUT/$NAME.png"
+cp "$S/results.tsv" "$OUT/${NAME}_results.tsv"
+phase "done: $OUT/$NAME.{png,md,log} and ${NAME}_results.tsv"
 column -t -s $'\t' "$S/results.tsv" | cut -c1-160
