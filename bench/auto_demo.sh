@@ -50,6 +50,7 @@ find "$WORK/lab" -name __pycache__ -prune -exec rm -rf {} +
 cd "$WORK/lab"
 git init -q -b main && git add -A && git -c user.name=demo -c user.email=demo@localhost commit -qm "demo start"
 
+DATA_GIVEN=${DATA:-}
 if [ -z "${DATA:-}" ]; then
   phase "prepare pystdlib (vocab 8192)"
   "$PY" -c "import rustbpe" 2>/dev/null || { echo "auto_demo: rustbpe is missing: carry its wheel, or set DATA to a prepared directory"; exit 2; }
@@ -77,7 +78,7 @@ phase "auto report"
 "$PY" -m llmlabs auto report --tag demo
 S=.auto/demo
 { echo "<!-- $(date -u +%Y-%m-%d) | $DEVICE | commit $COMMIT | total $(( $(date +%s) - T0 )) s |"
-  echo "     BUDGET=$BUDGET TRAIN_ARGS='$TRAIN_ARGS' bash bench/auto_demo.sh -->"
+  echo "     ${DATA_GIVEN:+DATA=$DATA_GIVEN }BUDGET=$BUDGET TRAIN_ARGS='$TRAIN_ARGS' bash bench/auto_demo.sh -->"
   cat "$S/report.md"; } > "$OUT/$NAME.md"
 cp "$S/report.png" "$OUT/$NAME.png"
 cp "$S/results.tsv" "$OUT/${NAME}_results.tsv"
