@@ -87,9 +87,8 @@ def _run(args):
     session, worker = locate(os.getcwd(), args.tag)
     if args.cmd == "baseline":
         rows = runner.baseline(session, _workers(session, args.gpus, worker), args.repeats)
-        vals = [r["val_bpb"] for r in rows]
-        print(f"baseline {rows[0]['commit']}: val_bpb {', '.join(f'{v:.6f}' for v in vals)}; "
-              f"sigma {rows[0]['sigma']:.6f} (all baseline runs so far)")
+        vals = ", ".join(f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else r["status"] for r in rows)
+        print(f"baseline {rows[0]['commit']}: val_bpb {vals}; sigma {rows[0]['sigma']:.6f} (all baseline runs so far)")
     elif args.cmd == "run":
         out = runner.experiment(session, session.worker(worker), args.message, args.seed)
         print("---")

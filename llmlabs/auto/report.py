@@ -56,6 +56,7 @@ def plot(session: Session, summary: dict, path: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = session.ledger.read()
     bpbs = [float(r["val_bpb"]) for r in rows if r["val_bpb"]]
@@ -80,6 +81,7 @@ def plot(session: Session, summary: dict, path: Path):
             s = summary["sigma"]
             ax.fill_between(xs, [y - s for y in ys], [y + s for y in ys], step="post", color="C2", alpha=0.15,
                             label=f"noise band: frontier +- sigma ({s:.4f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("run (ledger order)")
     ax.set_ylabel("val_bpb")
     b, st = summary["best"]["val_bpb"], summary["start"]["val_bpb"]
