@@ -211,6 +211,12 @@ def test_loop_with_an_openai_compatible_server(lab, data_dir, monkeypatch, capsy
             if len(tools) == 1:
                 return tool_call(1, "edit_file", path="llmlabs/config.py", old_string=WEAK, new_string="\n")
             return {"role": "assistant", "content": "Restore the tuned learning rates"}
+        if iteration == 3:  # learning rates x 4 on top of the kept commit
+            if not tools:
+                return tool_call(5, "read_file", path="llmlabs/config.py")
+            if len(tools) == 1:
+                return tool_call(6, "write_file", path="llmlabs/config.py", content=tools[0]["content"] + HARMFUL)
+            return {"role": "assistant", "content": "Learning rates x 4"}
         # iteration 2: try to edit the evaluation (refused), then break the forward
         if not tools:
             return tool_call(2, "write_file", path="llmlabs/evaluate.py", content="cheat")
@@ -224,19 +230,20 @@ def test_loop_with_an_openai_compatible_server(lab, data_dir, monkeypatch, capsy
     monkeypatch.setenv("LAB_KEY", KEY)
     try:
         assert auto(lab, monkeypatch, "loop", "--agent", f"openai:{server.url}", "--model", "m", "--key-env", "LAB_KEY",
-                    "--iterations", "2", "--baseline-repeats", "2") == 0
+                    "--iterations", "3", "--baseline-repeats", "2") == 0
     finally:
         server.close()
     rows = ledger(sdir)
-    assert [r["status"] for r in rows] == ["baseline", "baseline", "keep", "crash"]
-    assert rows[2]["description"] == "Restore the tuned learning rates" and rows[3]["description"] == "A new forward"
-    assert rows[3]["parent"] == rows[2]["commit"]  # iteration 2 started from the kept commit
-    assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3)]
+    assert [r["status"] for r in rows] == ["baseline", "baseline", "keep", "crash", "discard"]
+    assert [r["description"] for r in rows[2:]] == ["Restore the tuned learning rates", "A new forward",
+                                                   "Learning rates x 4"]
+    assert rows[3]["parent"] == rows[4]["parent"] == rows[2]["commit"]  # later iterations start from the keep
+    assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3), (3, 0), (3, 1), (3, 2)]
     assert all(r["auth_ok"] for r in server.requests)
     first_user = server.requests[0]["body"]["messages"][1]["content"]
     assert "## Ledger so far" in first_user and "baseline" in first_user and "### llmlabs/config.py" in first_user
     assert "NEVER STOP" in server.requests[0]["body"]["messages"][0]["content"]  # program.md as the system prompt
-    refused = [m for m in server.requests[-1]["body"]["messages"] if m["role"] == "tool"][0]["content"]
+    refused = [m for m in server.requests[6]["body"]["messages"] if m["role"] == "tool"][0]["content"]
     assert refused.startswith("error: llmlabs/evaluate.py is not on the research surface")
     assert_at(sdir / "main", rows[2]["commit"], "auto/o")
     # the key reached the server's header and nothing else: no file of the session, no output
