@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 SRC=$PWD
 PY=${PY:-python3}
 OUT=${OUT:-$SRC/bench/results}
-BUDGET=${BUDGET:-45}  # 5 runs x (budget + ~30-60 s compile/eval/start-up) must fit ~9 minutes
+BUDGET=${BUDGET:-40}  # 5 runs x (budget + ~30-60 s compile/eval/start-up) must fit ~9 minutes
 TRAIN_ARGS=${TRAIN_ARGS:---device cuda}
 WORK=${WORK:-/tmp/llmlabs-auto-demo}
 export LLMLABS_HOME=${LLMLABS_HOME:-$WORK/home} PYTHONUNBUFFERED=1

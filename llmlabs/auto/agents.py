@@ -141,14 +141,14 @@ class OpenAIAgent:
         key = os.environ.get(self.key_env)
         return text.replace(key, "***") if key else text
 
-    def _post(self, payload) -> dict:
+    def _post(self, payload, timeout) -> dict:
         headers = {"Content-Type": "application/json"}
         if os.environ.get(self.key_env):
             headers["Authorization"] = f"Bearer {os.environ[self.key_env]}"
         req = urllib.request.Request(self.endpoint, data=json.dumps(payload).encode(), headers=headers)
         for attempt in range(4):  # rate limits and restarts of a local server are transient
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                with urllib.request.urlopen(req, timeout=timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
                 body = e.read().decode(errors="replace")[:300]
@@ -166,11 +166,15 @@ class OpenAIAgent:
         system, _, user = prompt.partition(PROMPT_SPLIT)
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         tools, transcript = Tools(wt), transcript.with_suffix(".json")
+        deadline = time.time() + self.timeout
         try:
             for _ in range(self.max_turns):
                 if runner.STOP.is_set():
                     raise KeyboardInterrupt
-                reply = self._post({"model": self.model, "messages": messages, "tools": TOOLS})
+                if time.time() > deadline:
+                    raise LabError(f"agent {self.endpoint} ran past --agent-timeout {self.timeout:g} s")
+                reply = self._post({"model": self.model, "messages": messages, "tools": TOOLS},
+                                   timeout=max(1.0, deadline - time.time()))
                 try:
                     msg = reply["choices"][0]["message"]
                 except (KeyError, IndexError, TypeError):

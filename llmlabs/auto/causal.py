@@ -24,7 +24,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |logit change| be
 def check_causal(model, vocab_size, seq_len, device, probes=4, seed=0, dtype=torch.float32) -> dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab_size, (seq_len,), generator=g)
-    # positions to change: random, plus the last one (the position any lookahead bug reaches first)
+    # positions to change: random ones, plus the last, which no earlier position may see
     ts = torch.randperm(seq_len - 1, generator=g)[:probes - 1].add(1).tolist() + [seq_len - 1]
     batch = x.repeat(len(ts) + 1, 1)
     for i, t in enumerate(ts, start=1):

@@ -29,7 +29,8 @@ STATUSES = ("baseline", "keep", "discard", "crash", "invalid")
 
 
 def clean(value) -> str:
-    """One TSV cell: floats with fixed precision, no tabs or newlines, None as empty."""
+    """One TSV cell: floats rounded to 6 decimals, whitespace runs (tabs, newlines) as one space,
+    at most 300 characters, None and NaN as empty."""
     if value is None:
         return ""
     if isinstance(value, float):
