@@ -12,6 +12,7 @@ memory, and the attention backend per layer kind. --profile prints the 25 costli
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def main():
 
 
 def _commit():
+    if os.environ.get("LLMLABS_COMMIT"):  # a copy of the tree without .git (e.g. a lent GPU machine)
+        return os.environ["LLMLABS_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
