@@ -1,4 +1,5 @@
 """Small shared helpers: errors, paths, atomic writes, device and distributed setup, peak FLOPs."""
+import ctypes
 import json
 import os
 import random
@@ -81,9 +82,24 @@ def compute_init(device: str | None = None):
             torch.distributed.init_process_group("nccl", device_id=dev)
     else:
         dev = torch.device(device)
+        if device == "cpu":
+            _reuse_freed_memory()
         if ddp and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo")
     return dev, rank, local_rank, world
+
+
+def _reuse_freed_memory():
+    """PyTorch's CPU allocator hands large tensors to glibc, which maps each one fresh from the kernel
+    and unmaps it when freed: every [B*T, vocab] logits tensor then pays a page fault per 4 KB. Raising
+    glibc's mmap and trim thresholds keeps freed blocks for reuse; measured on the 2-core CI machine:
+    softcap over 4096 x 8192 logits 196 -> 70 ms, a training step of the CPU preset ~2x faster."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the reusable heap
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap instead of returning it
 
 
 def seed_all(seed: int):
