@@ -91,9 +91,8 @@ def scaling_params(config: GPTConfig) -> int:
     return counts["block_matrices"] + counts["lm_head"]
 
 
-def hyperparams_for(config: GPTConfig, total_batch_size: int | None = None) -> dict:
-    """Batch size, learning rates and weight decay for a config, by nanochat's rules (with
-    total_batch_size given, that batch replaces the rule's and the LRs and decay follow it):
+def hyperparams_for(config: GPTConfig) -> dict:
+    """Batch size, learning rates and weight decay for a config, by nanochat's rules:
 
     - horizon: target_tokens = 12 * scaling_params (nanochat --target-param-data-ratio 12).
     - batch: B = B_ref * (D / D_ref) ** 0.383, rounded to a power of two, with B_ref = 2**19 tokens
@@ -110,7 +109,7 @@ def hyperparams_for(config: GPTConfig, total_batch_size: int | None = None) -> d
                            head_dim=config.head_dim, window_pattern=config.window_pattern)
     target_tokens = TOKENS_PER_PARAM * scaling_params(config)
     ref_tokens = TOKENS_PER_PARAM * scaling_params(ref)
-    batch = total_batch_size or 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / ref_tokens) ** 0.383))
+    batch = 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / ref_tokens) ** 0.383))
     lr_scale = (batch / REFERENCE_BATCH) ** 0.5
     return {
         "total_batch_size": batch,

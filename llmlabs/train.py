@@ -307,7 +307,8 @@ def setup(cfg, device, rank=0, world=1):
                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
                             n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"])
     model = build_model(mcfg, device)
-    for k, v in hyperparams_for(mcfg, cfg.get("total_batch_size")).items():
+    # the rules' LRs are for the rules' batch; a --total-batch-size far from it may want other LRs too
+    for k, v in hyperparams_for(mcfg).items():
         cfg.setdefault(k, v)
     T = cfg["seq_len"]
     # a forward pass never holds more rows than one optimizer step needs

@@ -26,13 +26,11 @@ BUDGET = "10"  # 30 steps take ~0.7 s on an idle 2-core machine; the rest is sla
 
 # Edits are appended to the research files, so they hold whatever those files look like inside.
 WEAK = ("\n\n_tuned_hyperparams_for = hyperparams_for\n\n\n"
-        "def hyperparams_for(config, total_batch_size=None):  # weak start: every learning rate x 0.1\n"
-        "    return {k: v * 0.1 if k.endswith('_lr') else v\n"
-        "            for k, v in _tuned_hyperparams_for(config, total_batch_size).items()}\n")
+        "def hyperparams_for(config):  # weak start: every learning rate x 0.1\n"
+        "    return {k: v * 0.1 if k.endswith('_lr') else v for k, v in _tuned_hyperparams_for(config).items()}\n")
 HARMFUL = ("\n\n_before_x4 = hyperparams_for\n\n\n"
-           "def hyperparams_for(config, total_batch_size=None):  # every learning rate x 4\n"
-           "    return {k: v * 4 if k.endswith('_lr') else v\n"
-           "            for k, v in _before_x4(config, total_batch_size).items()}\n")
+           "def hyperparams_for(config):  # every learning rate x 4\n"
+           "    return {k: v * 4 if k.endswith('_lr') else v for k, v in _before_x4(config).items()}\n")
 CRASH = ("\n\ndef _broken_forward(self, *args, **kwargs):\n"
          "    raise RuntimeError('deliberate crash in forward')\n\n\nGPT.forward = _broken_forward\n")
 SLOW = ("\n\nimport time as _time\n_fast_forward = GPT.forward\n\n\n"
@@ -272,9 +270,8 @@ else:
     model.write_text(model.read_text() + {crash!r})
     print("new forward, take", it)
 """
-TINY_LR = ("\n\n_before_tiny = hyperparams_for\n\n\ndef hyperparams_for(config, total_batch_size=None):\n"
-           "    return {k: v * 0.01 if k.endswith('_lr') else v\n"
-           "            for k, v in _before_tiny(config, total_batch_size).items()}\n")
+TINY_LR = ("\n\n_before_tiny = hyperparams_for\n\n\ndef hyperparams_for(config):\n"
+           "    return {k: v * 0.01 if k.endswith('_lr') else v for k, v in _before_tiny(config).items()}\n")
 
 
 def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
