@@ -19,7 +19,7 @@ BUDGET=${BUDGET:-40}  # 5 runs x (budget + ~30-60 s compile/eval/start-up) must 
 TRAIN_ARGS=${TRAIN_ARGS:---device cuda}
 WORK=${WORK:-/tmp/llmlabs-auto-demo}
 export LLMLABS_HOME=${LLMLABS_HOME:-$WORK/home} PYTHONUNBUFFERED=1
-COMMIT=$(git -C "$SRC" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+COMMIT=${LLMLABS_COMMIT:-$(git -C "$SRC" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
 NAME=auto_demo_$(echo "$DEVICE" | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')_$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$OUT" "$WORK"
@@ -83,4 +83,4 @@ S=.auto/demo
 cp "$S/report.png" "$OUT/$NAME.png"
 cp "$S/results.tsv" "$OUT/${NAME}_results.tsv"
 phase "done: $OUT/$NAME.{png,md,log} and ${NAME}_results.tsv"
-column -t -s $'\t' "$S/results.tsv" | cut -c1-160
+cut -f1-11 "$S/results.tsv"
