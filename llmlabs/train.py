@@ -140,7 +140,6 @@ def train(args):
         cfg = json.loads(cfg_path.read_text())
     else:
         cfg = resolve_config(args, device)
-    seed_all(cfg["seed"] + rank)
     if cfg.get("attention"):
         attention.set_backend(cfg["attention"])
 
@@ -301,6 +300,7 @@ def setup(cfg, device, rank=0, world=1):
     from llmlabs.data.loader import BestFitLoader
     from llmlabs.model import build_model
 
+    seed_all(cfg["seed"])  # the same on every rank: replicas start identical; ranks differ in data only
     data = _open_data(cfg.get("data"))  # prepared once, never re-tokenized here
     cfg["data"] = str(data.path)
     mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],

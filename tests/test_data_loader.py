@@ -33,7 +33,7 @@ def reference_rows(docs, n_rows, T, seed=0, rank=0, world_size=1, buffer_docs=10
     while len(rows) < n_rows:
         row = []
         while len(row) < T + 1:
-            while len(buffer) < buffer_docs:
+            while len(buffer) < min(buffer_docs, len(order)):
                 if cursor == len(order):
                     if not loop:
                         break
@@ -221,3 +221,14 @@ def test_cuda_batches_equal_cpu_batches(dd):
         assert x.is_cuda and y.is_cuda
         xc, yc = next(cpu)
         assert torch.equal(x.cpu(), xc) and torch.equal(y.cpu(), yc)
+
+
+def test_ranks_stay_disjoint_when_the_buffer_exceeds_the_split(dd):
+    """buffer_docs far above the documents a rank holds: each rank still packs only its own slice
+    (its buffer never fills from the next epochs, where the slices are drawn again)."""
+    bos, docs = dd.tokenizer.bos_id, documents(dd, "train")
+    mine = [set(np.random.default_rng([0, 0]).permutation(len(docs))[r::2].tolist()) for r in range(2)]
+    for rank in range(2):
+        loader = BestFitLoader(dd, "train", 2, 64, rank=rank, world_size=2, buffer_docs=10 ** 6, keep_tails=False)
+        rows = [r for _ in range(3) for r in rows_of(*next(loader))]
+        assert set(_doc_ids(rows, docs, bos)) <= mine[rank]

@@ -357,3 +357,31 @@ def test_presets_and_the_depth_dial():
     assert d20["device_batch_size"] == 16  # 64 rows at width 512 -> 16 at width 1280
     small = train.resolve_config(p.parse_args(["--device-batch-size", "3"]), cpu)
     assert small["device_batch_size"] == 3 and small["depth"] == train.CPU_PRESET["depth"]
+
+
+def test_ranks_start_from_identical_weights_and_read_other_data(data_dir):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    runs = []
+    for rank in (0, 1):
+        cfg = train.resolve_config(p.parse_args(TINY + ["--data", str(data_dir)]), torch.device("cpu"))
+        runs.append(train.setup(cfg, torch.device("cpu"), rank=rank, world=2))
+    a, b = (r.model.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(next(runs[0].loader)[0], next(runs[1].loader)[0])
+
+
+def test_torchrun_two_ranks_on_cpu(data_dir, tmp_path):
+    """The multi-process path end to end (gloo on CPU): gradient averaging, per-rank data slices,
+    the reduced evaluation, rank 0 writing the run directory."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmlabs", "train", *TINY,
+                          "--data", str(data_dir), "--run-dir", str(tmp_path / "run"), "--tokens", "5120"],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stdout.count("\n---\n") == 1  # one summary: rank 0 prints
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_steps"] == 10 and 0 < summary["val_bpb"] < 20
+    assert "x 2 ranks x 1 accum" in out.stdout

@@ -83,7 +83,9 @@ class BestFitLoader:
         return self._order
 
     def _refill(self):
-        while len(self._buf_ids) < self.buffer_docs:
+        # never more buffered than this rank has documents: a small split would otherwise fill the
+        # buffer across epochs, and every rank would end up holding (and packing) the same documents
+        while len(self._buf_ids) < min(self.buffer_docs, len(self._epoch_order())):
             order = self._epoch_order()
             if self._cursor == len(order):
                 if not self.loop:
