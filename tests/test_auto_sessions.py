@@ -28,9 +28,10 @@ BUDGET = "10"  # 30 steps take ~0.7 s on an idle 2-core machine; the rest is sla
 WEAK = ("\n\n_tuned_hyperparams_for = hyperparams_for\n\n\n"
         "def hyperparams_for(config):  # weak start: every learning rate x 0.1\n"
         "    return {k: v * 0.1 if k.endswith('_lr') else v for k, v in _tuned_hyperparams_for(config).items()}\n")
-HARMFUL = ("\n\n_before_x4 = hyperparams_for\n\n\n"
-           "def hyperparams_for(config):  # every learning rate x 4\n"
-           "    return {k: v * 4 if k.endswith('_lr') else v for k, v in _before_x4(config).items()}\n")
+# harmful for sure: 30 steps at a hundredth of the learning rates barely move the weights
+HARMFUL = ("\n\n_before_harm = hyperparams_for\n\n\n"
+           "def hyperparams_for(config):  # every learning rate x 0.01\n"
+           "    return {k: v * 0.01 if k.endswith('_lr') else v for k, v in _before_harm(config).items()}\n")
 CRASH = ("\n\ndef _broken_forward(self, *args, **kwargs):\n"
          "    raise RuntimeError('deliberate crash in forward')\n\n\nGPT.forward = _broken_forward\n")
 SLOW = ("\n\nimport time as _time\n_fast_forward = GPT.forward\n\n\n"
@@ -119,7 +120,7 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     assert [r["status"] for r in rows] == ["baseline"] * 2 and rows[0]["seed"] != rows[1]["seed"]
     start = rows[0]["commit"]
     sigma = statistics.stdev(float(r["val_bpb"]) for r in rows)
-    assert float(rows[-1]["sigma"]) == pytest.approx(sigma, rel=1e-4) and sigma > 0
+    assert float(rows[-1]["sigma"]) == pytest.approx(sigma, abs=1e-6) and sigma > 0  # the ledger keeps 6 decimals
 
     # 1. a real improvement: restore the tuned learning rates -> keep
     cfg = wt / "llmlabs/config.py"
@@ -135,9 +136,9 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     kept = keep["commit"]
     assert "status:    keep" in capsys.readouterr().out
 
-    # 2. a harmful change: learning rates x 4 on top -> discard, branch reset to the kept commit
+    # 2. a harmful change: learning rates x 0.01 on top -> discard, branch reset to the kept commit
     append(cfg, HARMFUL)
-    assert auto(wt, monkeypatch, "run", "-m", "learning rates x 4") == 0
+    assert auto(wt, monkeypatch, "run", "-m", "learning rates x 0.01") == 0
     r = ledger(sdir)[-1]
     assert r["status"] == "discard" and r["parent"] == kept and float(r["delta"]) > -2 * float(r["sigma"])
     assert r["commit"] != kept and not (sdir / "runs" / r["run"] / "checkpoints").exists()
@@ -211,12 +212,12 @@ def test_loop_with_an_openai_compatible_server(lab, data_dir, monkeypatch, capsy
             if len(tools) == 1:
                 return tool_call(1, "edit_file", path="llmlabs/config.py", old_string=WEAK, new_string="\n")
             return {"role": "assistant", "content": "Restore the tuned learning rates"}
-        if iteration == 3:  # learning rates x 4 on top of the kept commit
+        if iteration == 3:  # learning rates x 0.01 on top of the kept commit
             if not tools:
                 return tool_call(5, "read_file", path="llmlabs/config.py")
             if len(tools) == 1:
                 return tool_call(6, "write_file", path="llmlabs/config.py", content=tools[0]["content"] + HARMFUL)
-            return {"role": "assistant", "content": "Learning rates x 4"}
+            return {"role": "assistant", "content": "Learning rates x 0.01"}
         # iteration 2: try to edit the evaluation (refused), then break the forward
         if not tools:
             return tool_call(2, "write_file", path="llmlabs/evaluate.py", content="cheat")
@@ -236,7 +237,7 @@ def test_loop_with_an_openai_compatible_server(lab, data_dir, monkeypatch, capsy
     rows = ledger(sdir)
     assert [r["status"] for r in rows] == ["baseline", "baseline", "keep", "crash", "discard"]
     assert [r["description"] for r in rows[2:]] == ["Restore the tuned learning rates", "A new forward",
-                                                   "Learning rates x 4"]
+                                                   "Learning rates x 0.01"]
     assert rows[3]["parent"] == rows[4]["parent"] == rows[2]["commit"]  # later iterations start from the keep
     assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3), (3, 0), (3, 1), (3, 2)]
     assert all(r["auth_ok"] for r in server.requests)
