@@ -289,6 +289,9 @@ def train(args):
     print0("---")
     for k, v in summary.items():
         print0(f"{k + ':':<18}{v}")
+    if world > 1:  # leave together: a rank exiting while rank 0 still writes samples aborts in gloo
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
