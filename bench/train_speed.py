@@ -7,7 +7,7 @@ It builds the run exactly as `llmlabs train` does (train.resolve_config + train.
 preset with --depth changed) and times train.train_step, the loop's own step, after warm-up steps
 that hold the compilation. Reports the median step: tokens/s, MFU in two conventions (the model's
 exact count, and nanochat/autoresearch's, which counts full windows and no causal halving), peak
-memory, and the attention backend per layer kind. --profile prints the 25 costliest CUDA kernels of
+memory, and the attention backend per layer kind. --profile prints the 40 costliest CUDA kernels of
 3 profiled steps: where the time goes, before deciding what to speed up (bench/NOTES.md).
 """
 import argparse
@@ -77,7 +77,10 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 step()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        events = prof.key_averages()
+        # GPU busy time: the step's wall time minus this is time the GPU waited for the host
+        res["kernel_ms_per_step"] = round(sum(e.self_device_time_total for e in events) / 3e3, 1)
+        print(events.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")

@@ -5,11 +5,15 @@ environment variable force one for tests and benchmarks.
 
 Plans (layer kind -> kernel):
   CUDA, bf16/fp16, FA3 importable (Hopper)  full: fa3          window: fa3
-  CUDA, bf16/fp16, otherwise                full: sdpa-cudnn   window: flex (block-sparse mask)
-                                            (sdpa-flash where PyTorch would not pick cuDNN)
+  CUDA, bf16/fp16, otherwise                full: sdpa-cudnn   window: flash (FlashAttention-2)
+                                            (sdpa-flash where PyTorch would not pick cuDNN;
+                                             window: flex where torch's flash kernel has no window)
   CUDA, fp32                                full: sdpa (PyTorch picks)  window: flex
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
-A GPU never gets a dense T x T mask in training: sliding windows go to FA3 or FlexAttention.
+A GPU never gets a dense T x T mask in training. "flash" is the FlashAttention-2 kernel that ships
+inside PyTorch (arXiv 2307.08691), called directly so that its sliding window reaches it (SDPA has
+no window argument): it skips the key tiles outside the window at 64-key granularity, where
+FlexAttention's 128 x 128 block mask computes ~1.5x the needed scores at window 512 (bench/NOTES.md).
 
 Layout everywhere is FA3's [B, T, H, D]: the q/k/v projections reshape into it without a copy, and
 SDPA/flex see a transposed view of it. A window w means a query at t sees keys t-w..t (w+1 keys)."""
@@ -22,7 +26,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from llmlabs.common import LabError, print0
 
-CHOICES = ("auto", "fa3", "sdpa", "sdpa-cudnn", "sdpa-flash", "flex", "cpu")
+CHOICES = ("auto", "fa3", "flash", "sdpa", "sdpa-cudnn", "sdpa-flash", "flex", "cpu")
 ENV_VAR = "LLMLABS_ATTENTION"
 # FA3 from the HF kernels hub downloads a binary: only where the user says so (the lab's rule is
 # that only `prepare` touches the network).
@@ -78,6 +82,14 @@ def _fa3_usable(dtype) -> bool:
             and _load_fa3() is not None)
 
 
+def _flash_window_usable(dtype) -> bool:
+    # the window_size_left/right arguments of aten._flash_attention_forward (torch >= 2.6 or so);
+    # the kernel runs on Ampere and newer, in half precision only
+    schema = str(torch.ops.aten._flash_attention_forward.default._schema)
+    return (dtype in (torch.bfloat16, torch.float16) and "window_size_left" in schema
+            and torch.cuda.get_device_capability()[0] >= 8)
+
+
 @torch.compiler.assume_constant_result
 def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
     """The backend for one layer kind ("full" | "window"). Runs eagerly even while dynamo traces
@@ -100,6 +112,11 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
         raise LabError("attention backend fa3 is not available: it needs a Hopper GPU, bf16/fp16 tensors and "
                        f"`flash_attn_interface` (build flash-attention/hopper) or {HUB_ENV_VAR}=1 with the "
                        "`kernels` package; or use --attention auto")
+    elif choice == "flash" and not _flash_window_usable(dtype):
+        raise LabError(f"attention backend flash needs bf16/fp16 tensors (got {dtype}), an Ampere or newer GPU and "
+                       "torch >= 2.6 (window arguments of its flash kernel); or use --attention auto")
+    elif choice == "flash" or (kind == "window" and _flash_window_usable(dtype)):
+        name = "flash"
     elif kind == "window":
         name = "flex"  # SDPA has no sliding-window kernel; a dense mask would waste most of the work
     elif not half:
@@ -194,6 +211,10 @@ def attention(q, k, v, window: int | None = None, scale: float | None = None):
         out = _fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
                                    window_size=(-1 if window is None else window, 0))
         return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the LSE
+    if name == "flash":  # [B, T, H, D] is the kernel's own layout; GQA is native
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, None, None, T, T, 0.0, True, False, scale=scale,
+            window_size_left=-1 if window is None else window, window_size_right=0)[0]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # SDPA/flex layout, views
     if name == "flex":
         flex = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention

@@ -11,6 +11,10 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 - learnable per-layer residual and x0 (initial embedding) scalars (modded-nanogpt)
 - tanh logit softcap (Gemma 2, arXiv 2408.00118); grouped-query attention (arXiv 2305.13245)
 
+Speed (bench/NOTES.md): under autocast the residual stream is kept in the autocast dtype (bf16 on
+CUDA), not float32, which halves the bytes every norm and residual add moves; the training loss is
+one fused softcap + cross-entropy that reads the bf16 logits and never writes a float32 copy.
+
 Built on the meta device, then materialised and initialised explicitly: `build_model`."""
 import torch
 import torch.nn as nn
@@ -27,6 +31,39 @@ QK_GAIN = 1.2          # nanochat multiplies q and k by 1.2 after QK-norm: atten
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
+
+
+def softcap(logits, cap: float):
+    return cap * torch.tanh(logits / cap)
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of soft-capped logits, -log softmax(cap * tanh(z / cap))[target],
+    with targets -1 scoring 0. Written as one autograd Function so that both passes are single fused
+    kernels under torch.compile: the forward reads the (bf16) logits z once for the log-sum-exp, the
+    backward reads them once more and writes dz in z's dtype. F.cross_entropy on float32 logits would
+    write and keep a float32 copy of the [N, vocab] scores (at d8, 4.3 GB per micro-batch).
+    dz = (softmax - onehot) * (1 - tanh^2), the tanh recomputed from z."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, cap: float):
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # math in float32 (float64 stays)
+        lse = torch.logsumexp(softcap(logits.to(dtype), cap), dim=-1)
+        counted = targets >= 0
+        safe = torch.where(counted, targets, 0)
+        picked = softcap(logits.gather(1, safe[:, None]).squeeze(1).to(dtype), cap)
+        ctx.save_for_backward(logits, safe, counted, lse)
+        ctx.cap = cap
+        return torch.where(counted, lse - picked, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, safe, counted, lse = ctx.saved_tensors
+        th = torch.tanh(logits.to(lse.dtype) / ctx.cap)
+        probs = torch.exp(ctx.cap * th - lse[:, None])
+        hit = torch.arange(logits.size(1), device=logits.device) == safe[:, None]
+        g = torch.where(counted, grad, 0.0)[:, None]
+        return ((probs - hit.to(lse.dtype)) * (1 - th * th) * g).to(logits.dtype), None, None
 
 
 def has_value_embed(layer: int, n_layer: int) -> bool:
@@ -170,7 +207,7 @@ class GPT(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
-        """idx [B, T] token ids. No targets: float32 soft-capped logits [B, T, vocab]. With targets
+        """idx [B, T] token ids. No targets: soft-capped logits [B, T, vocab] in float32 (float64 for a float64 model). With targets
         [B, T] (-1 = ignore): the cross-entropy, mean over the counted tokens or per token [B, T]
         with loss_reduction="none". With a KVCache: idx holds the tokens at cache.pos.., which the
         cache appends; returns their logits."""
@@ -181,19 +218,30 @@ class GPT(nn.Module):
                            f"{self.config.sequence_len}): feed at most that many tokens")
         cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
         x = x0 = norm(self.wte(idx))
+        if torch.is_autocast_enabled(idx.device.type):
+            # the residual stream in the matmuls' dtype (bf16): every block reads and writes it
+            # several times, so float32 here would double most of the step's memory traffic
+            x = x0 = x0.to(torch.get_autocast_dtype(idx.device.type))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(norm(x)).float()
-        logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        logits = self.lm_head(norm(x))
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
-                               reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
+        if loss_reduction not in ("mean", "none"):
+            raise LabError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'")
+        targets, logits = targets.reshape(B * T), logits.view(B * T, -1)
+        if torch.compiler.is_compiling():
+            loss = SoftcapCrossEntropy.apply(logits, targets, self.config.softcap)
+        else:  # eager runs each op of the Function as a kernel of its own: F.cross_entropy's are fused
+            logits = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
+            loss = F.cross_entropy(logits, targets, ignore_index=-1, reduction="none")
+        if loss_reduction == "none":
+            return loss.view(B, T)
+        return loss.sum() / (targets >= 0).sum()
 
     def num_params(self) -> dict:
         """Parameter counts by group; scaling laws use block_matrices + lm_head (see config.py)."""

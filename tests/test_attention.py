@@ -109,7 +109,7 @@ def test_window_covering_the_whole_sequence_is_full_causal():
 
 def test_forcing_unavailable_or_unknown_backend_raises_lab_error():
     q, k, v = random_qkv(1, 8, 2, 2, 8, seed=4)
-    for name in ("fa3", "sdpa-cudnn", "sdpa"):
+    for name in ("fa3", "flash", "sdpa-cudnn", "sdpa"):
         attn.set_backend(name)
         with pytest.raises(LabError, match="needs a CUDA GPU"):
             attn.attention(q, k, v)
@@ -137,13 +137,13 @@ def test_describe_plans_for_a_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
-@pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "flex", "fa3"])
+@pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "flash", "flex", "fa3"])
 def test_cuda_backends_match_float64_reference_in_bf16(backend):
     if backend == "fa3" and attn._load_fa3() is None:
         pytest.skip("FA3 is not importable here")  # reported by name in the pytest summary
     attn.set_backend(backend)
     for T, window, Hq, Hkv in CASES:
         q, k, v = (x.cuda().bfloat16() for x in random_qkv(2, T, Hq, Hkv, 64, seed=T))
-        out = attn.attention(q, k, v, window)  # (sdpa-* hand windows to flex)
+        out = attn.attention(q, k, v, window)  # (sdpa-* hand windows to flash)
         err = (out.double() - reference(q, k, v, window, 64**-0.5)).norm() / out.double().norm()
         assert err < 1e-2, (backend, T, window, err.item())

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import llmlabs.model as model_module
 from llmlabs.attention import KVCache
@@ -104,6 +105,49 @@ def test_loss_is_masked_cross_entropy_of_softcapped_logits():
     assert mean.item() == pytest.approx(expected[targets != -1].mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_softcap_cross_entropy_matches_float64_autograd(dtype):
+    # logits up to ~4x the cap, so the tanh saturates for some and not others; every 5th target ignored
+    g = torch.Generator().manual_seed(21)
+    N, V, cap = 40, 97, 15.0
+    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * 20).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::5] = -1
+    upstream = torch.randn(N, generator=g, dtype=torch.float64)
+    loss = model_module.SoftcapCrossEntropy.apply(z, targets, cap)
+    (loss.double() * upstream).sum().backward()
+    z64 = z.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1, reduction="none")
+    (ref * upstream).sum().backward()
+    assert loss.dtype == torch.float32 and z.grad.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(z.grad.double(), z64.grad, **tol)
+    assert (loss[::5] == 0).all() and (z.grad[::5] == 0).all()
+
+
+def test_fused_softcap_cross_entropy_passes_gradcheck():
+    g = torch.Generator().manual_seed(22)
+    z = (torch.randn(6, 11, generator=g, dtype=torch.float64) * 8).requires_grad_(True)
+    targets = torch.tensor([3, -1, 0, 10, 7, 3])
+    assert torch.autograd.gradcheck(lambda x: model_module.SoftcapCrossEntropy.apply(x, targets, 5.0), (z,))
+
+
+def test_model_loss_gradients_equal_plain_cross_entropy():
+    config = tiny_config()
+    model = randomized(build_model(config, "cpu"), seed=23).double()
+    idx, targets = tokens(config, 2, 32, seed=24), tokens(config, 2, 32, seed=25)
+    targets[1, :9] = -1
+    model(idx, targets).backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-1).backward()
+    for a, (name, p) in zip(ours, model.named_parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    with pytest.raises(LabError, match="loss_reduction='sum'"):
+        model(idx, targets, loss_reduction="sum")
+
+
 def test_kv_cache_logits_equal_full_forward():
     config = tiny_config()  # short window 5 and GQA: the cache must respect both
     model = randomized(build_model(config, "cpu"), seed=6)
@@ -177,7 +221,7 @@ def test_hyperparams_follow_nanochat_rules():
     assert d20["weight_decay"] == pytest.approx(0.28 * 2**0.5 * 91_226_544 / 403_702_960)
 
 
-def test_bf16_autocast_reaches_attention_as_bf16(monkeypatch):
+def test_bf16_autocast_reaches_attention_and_the_residual_stream_as_bf16(monkeypatch):
     seen, real = [], model_module.attention
 
     def spy(q, k, v, window, scale):
@@ -187,10 +231,19 @@ def test_bf16_autocast_reaches_attention_as_bf16(monkeypatch):
     monkeypatch.setattr(model_module, "attention", spy)
     config = tiny_config()
     model = randomized(build_model(config, "cpu"))
+    stream = []
+    for block in model.blocks:  # what each block reads and writes: the residual stream
+        block.register_forward_hook(lambda mod, args, out: stream.append((args[0].dtype, out.dtype)))
+    idx = tokens(config, 2, 32, seed=10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(tokens(config, 2, 32, seed=10))
-    assert logits.dtype == torch.float32
+        logits = model(idx)
+        loss = model(idx, idx)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+    assert stream and all(dtypes == (torch.bfloat16,) * 2 for dtypes in stream)
+    stream.clear()
+    model(idx)  # no autocast: float32 throughout
+    assert all(dtypes == (torch.float32,) * 2 for dtypes in stream)
 
 
 def test_mlp_slot_takes_any_module():
