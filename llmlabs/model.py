@@ -11,9 +11,10 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 - learnable per-layer residual and x0 (initial embedding) scalars (modded-nanogpt)
 - tanh logit softcap (Gemma 2, arXiv 2408.00118); grouped-query attention (arXiv 2305.13245)
 
-Speed (bench/NOTES.md): under autocast the residual stream is kept in the autocast dtype (bf16 on
-CUDA), not float32, which halves the bytes every norm and residual add moves; the training loss is
-one fused softcap + cross-entropy that reads the bf16 logits and never writes a float32 copy.
+Speed (bench/NOTES.md), both only in a compiled forward: under autocast the residual stream is kept
+in the autocast dtype (bf16), not float32, which halves the bytes every norm and residual add moves;
+the training loss is one fused softcap + cross-entropy that reads the bf16 logits and never writes a
+float32 copy.
 
 Built on the meta device, then materialised and initialised explicitly: `build_model`."""
 import torch
@@ -218,9 +219,12 @@ class GPT(nn.Module):
                            f"{self.config.sequence_len}): feed at most that many tokens")
         cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
         x = x0 = norm(self.wte(idx))
-        if torch.is_autocast_enabled(idx.device.type):
-            # the residual stream in the matmuls' dtype (bf16): every block reads and writes it
-            # several times, so float32 here would double most of the step's memory traffic
+        if torch.compiler.is_compiling() and torch.is_autocast_enabled(idx.device.type):
+            # The residual stream stored in the matmuls' dtype (bf16): every block reads and writes
+            # it several times, so float32 would double most of the step's memory traffic. Only when
+            # compiled: fused kernels do the adds and norms in float32 registers and round once per
+            # store, while eager would round after every op (evaluation and sampling run eager, in
+            # float32 as before; measured on CPU, bench/NOTES.md round 2).
             x = x0 = x0.to(torch.get_autocast_dtype(idx.device.type))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0

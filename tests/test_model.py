@@ -148,6 +148,26 @@ def test_model_loss_gradients_equal_plain_cross_entropy():
         model(idx, targets, loss_reduction="sum")
 
 
+def test_compiled_loss_and_gradients_equal_eager():
+    # the compiled forward takes the fused SoftcapCrossEntropy, eager takes F.cross_entropy: in
+    # float32 (no autocast, so the residual stream stays float32 too) both must agree to rounding
+    config = tiny_config()
+    model = randomized(build_model(config, "cpu"), seed=26)
+    idx, targets = tokens(config, 2, 32, seed=27), tokens(config, 2, 32, seed=28)
+    targets[0, 3:11] = -1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    loss = compiled(idx, targets)
+    loss.backward()
+    fused = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(idx, targets)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for a, (name, p) in zip(fused, model.named_parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_kv_cache_logits_equal_full_forward():
     config = tiny_config()  # short window 5 and GQA: the cache must respect both
     model = randomized(build_model(config, "cpu"), seed=6)
@@ -221,7 +241,7 @@ def test_hyperparams_follow_nanochat_rules():
     assert d20["weight_decay"] == pytest.approx(0.28 * 2**0.5 * 91_226_544 / 403_702_960)
 
 
-def test_bf16_autocast_reaches_attention_and_the_residual_stream_as_bf16(monkeypatch):
+def test_bf16_autocast_reaches_attention_as_bf16(monkeypatch):
     seen, real = [], model_module.attention
 
     def spy(q, k, v, window, scale):
@@ -240,10 +260,37 @@ def test_bf16_autocast_reaches_attention_and_the_residual_stream_as_bf16(monkeyp
         loss = model(idx, idx)
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
-    assert stream and all(dtypes == (torch.bfloat16,) * 2 for dtypes in stream)
-    stream.clear()
-    model(idx)  # no autocast: float32 throughout
-    assert all(dtypes == (torch.float32,) * 2 for dtypes in stream)
+    # eager keeps the stream in float32 (it would round after every op); see the compiled test below
+    assert stream and all(dtypes == (torch.float32,) * 2 for dtypes in stream)
+
+
+def test_compiled_autocast_forward_keeps_the_residual_stream_in_bf16():
+    # dynamo's graph only (no inductor): the inputs of the residual-stream norms ([B, T, n_embd], the
+    # 3-D rms_norm calls; QK-norm is 4-D) are bf16 when compiled under autocast, float32 without it
+    config = tiny_config()
+    model = randomized(build_model(config, "cpu"))
+    idx = tokens(config, 2, 32, seed=10)
+
+    def stream_dtypes(autocast):
+        found = []
+
+        def backend(gm, example_inputs):
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and "rms_norm" in str(node.target):
+                    x = node.args[0].meta["example_value"]
+                    if x.dim() == 3:
+                        found.append(x.dtype)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.compile(model, backend=backend, fullgraph=True)(idx, idx)
+        return found
+
+    # per layer two norms, plus the embedding's and the final one; the embedding norm runs before the cast
+    expected = 2 * config.n_layer + 1
+    assert stream_dtypes(True)[1:] == [torch.bfloat16] * expected
+    assert stream_dtypes(False) == [torch.float32] * (expected + 1)
 
 
 def test_mlp_slot_takes_any_module():
