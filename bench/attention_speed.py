@@ -18,14 +18,9 @@ import time
 import torch
 
 from llmlabs import attention as attn
+from llmlabs.model import attended_pairs
 
 BACKENDS = {"full": ["sdpa-cudnn", "sdpa-flash", "flash", "flex"], "window": ["flash", "flex"]}
-
-
-def pairs(T, window):
-    """(query, key) pairs one sequence attends: query t sees min(t, window) + 1 keys."""
-    m = T if window is None else min(window + 1, T)
-    return m * (m + 1) // 2 + (T - m) * m
 
 
 def timed(fn, reps):
@@ -64,7 +59,7 @@ def main():
     scale = 1.44 / D**0.5
     rows = []
     for kind, window in (("full", None), ("window", args.window)):
-        fwd_flop = 4 * D * H * B * pairs(T, window)
+        fwd_flop = 4 * D * H * B * attended_pairs(T, window)
         for backend in BACKENDS[kind]:
             attn.set_backend(backend)
             try:

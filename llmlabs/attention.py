@@ -12,8 +12,9 @@ Plans (layer kind -> kernel):
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
 A GPU never gets a dense T x T mask in training. "flash" is the FlashAttention-2 kernel that ships
 inside PyTorch (arXiv 2307.08691), called directly so that its sliding window reaches it (SDPA has
-no window argument): it skips the key tiles outside the window at 64-key granularity, where
-FlexAttention's 128 x 128 block mask computes ~1.5x the needed scores at window 512 (bench/NOTES.md).
+no window argument); it skips the key tiles outside the window. FlexAttention's 128 x 128 block mask
+computes ~1.5x the needed scores at window 512, and its kernels ran at about half cuDNN's rate per
+FLOP on an H100 (bench/NOTES.md).
 
 Layout everywhere is FA3's [B, T, H, D]: the q/k/v projections reshape into it without a copy, and
 SDPA/flex see a transposed view of it. A window w means a query at t sees keys t-w..t (w+1 keys)."""
@@ -83,8 +84,9 @@ def _fa3_usable(dtype) -> bool:
 
 
 def _flash_window_usable(dtype) -> bool:
-    # the window_size_left/right arguments of aten._flash_attention_forward (torch >= 2.6 or so);
-    # the kernel runs on Ampere and newer, in half precision only
+    # the window_size_left/right arguments of aten._flash_attention_forward (torch 2.13 has them,
+    # and its autograd passes them to the backward; a build without them gets flex); the kernel runs
+    # on Ampere and newer, in half precision only
     schema = str(torch.ops.aten._flash_attention_forward.default._schema)
     return (dtype in (torch.bfloat16, torch.float16) and "window_size_left" in schema
             and torch.cuda.get_device_capability()[0] >= 8)
@@ -114,7 +116,7 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
                        "`kernels` package; or use --attention auto")
     elif choice == "flash" and not _flash_window_usable(dtype):
         raise LabError(f"attention backend flash needs bf16/fp16 tensors (got {dtype}), an Ampere or newer GPU and "
-                       "torch >= 2.6 (window arguments of its flash kernel); or use --attention auto")
+                       "a torch whose flash kernel takes a window (window_size_left); or use --attention auto")
     elif choice == "flash" or (kind == "window" and _flash_window_usable(dtype)):
         name = "flash"
     elif kind == "window":

@@ -67,6 +67,13 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return ((probs - hit.to(lse.dtype)) * (1 - th * th) * g).to(logits.dtype), None, None
 
 
+def attended_pairs(T: int, window: int | None) -> int:
+    """(query, key) pairs a causal layer scores over T positions: query t sees min(t, window) + 1
+    keys (all t + 1 for window None)."""
+    m = T if window is None else min(window + 1, T)  # keys per query once the window is full
+    return m * (m + 1) // 2 + (T - m) * m
+
+
 def has_value_embed(layer: int, n_layer: int) -> bool:
     """Alternating layers, always including the last (nanochat)."""
     return layer % 2 == (n_layer - 1) % 2
@@ -208,10 +215,10 @@ class GPT(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
-        """idx [B, T] token ids. No targets: soft-capped logits [B, T, vocab] in float32 (float64 for a float64 model). With targets
-        [B, T] (-1 = ignore): the cross-entropy, mean over the counted tokens or per token [B, T]
-        with loss_reduction="none". With a KVCache: idx holds the tokens at cache.pos.., which the
-        cache appends; returns their logits."""
+        """idx [B, T] token ids. No targets: soft-capped logits [B, T, vocab] in float32 (float64 for
+        a float64 model). With targets [B, T] (-1 = ignore): the cross-entropy, mean over the counted
+        tokens or per token [B, T] with loss_reduction="none". With a KVCache: idx holds the tokens at
+        cache.pos.., which the cache appends; returns their logits."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         if t0 + T > self.config.sequence_len:
@@ -285,10 +292,7 @@ class GPT(nn.Module):
             return 6 * weights + sum(per_pair * (T if w is None else min(w, T)) for w in self.windows)
         if convention != "exact":
             raise LabError(f"flops convention {convention!r}: use 'exact' or 'nanochat'")
-        pairs = 0  # (query, key) pairs over one sequence, summed over layers
-        for w in self.windows:
-            m = T if w is None else min(w + 1, T)  # keys per query once the window is full
-            pairs += m * (m + 1) // 2 + (T - m) * m
+        pairs = sum(attended_pairs(T, w) for w in self.windows)  # over one sequence, all layers
         return round((6 * weights * T + per_pair * pairs) / T)
 
     def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,

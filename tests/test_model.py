@@ -210,6 +210,13 @@ def test_flops_and_params_equal_a_hand_count():
         model.flops_per_token("palm")
 
 
+def test_attended_pairs_equal_a_loop_count():
+    for T in (1, 7, 40):
+        for window in (None, 0, 3, T - 1, 100):
+            loop = sum(1 for t in range(T) for s in range(T) if s <= t and (window is None or t - s <= window))
+            assert model_module.attended_pairs(T, window) == loop, (T, window)
+
+
 def test_depth_dial_presets_and_validation():
     for depth, width, heads in ((4, 256, 2), (8, 512, 4), (12, 768, 6), (20, 1280, 10), (26, 1664, 13)):
         c = config_for_depth(depth)
