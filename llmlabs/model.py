@@ -240,16 +240,17 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         logits = self.lm_head(norm(x))
-        if targets is None:
-            return softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
-        if loss_reduction not in ("mean", "none"):
+        if targets is not None and loss_reduction not in ("mean", "none"):
             raise LabError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'")
-        targets, logits = targets.reshape(B * T), logits.view(B * T, -1)
-        if torch.compiler.is_compiling():
-            loss = SoftcapCrossEntropy.apply(logits, targets, self.config.softcap)
+        if targets is not None and torch.compiler.is_compiling():
+            targets = targets.reshape(B * T)
+            loss = SoftcapCrossEntropy.apply(logits.view(B * T, -1), targets, self.config.softcap)
         else:  # eager runs each op of the Function as a kernel of its own: F.cross_entropy's are fused
             logits = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
-            loss = F.cross_entropy(logits, targets, ignore_index=-1, reduction="none")
+            if targets is None:
+                return logits
+            targets = targets.reshape(B * T)
+            loss = F.cross_entropy(logits.view(B * T, -1), targets, ignore_index=-1, reduction="none")
         if loss_reduction == "none":
             return loss.view(B, T)
         return loss.sum() / (targets >= 0).sum()
