@@ -2,10 +2,10 @@
 
     PYTHONPATH=. python3 bench/gpu_check_attention.py
 
-1. For sdpa-cudnn, sdpa-flash, flash, flex and fa3 (when importable): bf16 outputs AND gradients of
+1. For sdpa-cudnn, sdpa-flash, cudnn, flash, flex and fa3 (when importable): bf16 outputs AND gradients of
    attention() against a float64 reference (dense masked softmax), causal, sliding windows and GQA.
    Error = ||x - ref|| / ||ref|| (Frobenius); pass: output < 1e-2, gradients < 2e-2.
-   (sdpa-* hand windowed layers to flash, so they are checked on full layers only.)
+   (sdpa-* hand windowed layers to cudnn or flex, so they are checked on full layers only.)
 2. For each backend: torch.compile(model, fullgraph=True) forward + backward of a small GPT under
    bf16 autocast (fullgraph: any graph break is an error), loss compared with the eager model.
 Prints a table last; exits 1 if anything failed."""
@@ -15,6 +15,7 @@ import time
 import torch
 
 from llmlabs import attention as attn
+from llmlabs import cudnn_attention
 from llmlabs.config import GPTConfig
 from llmlabs.model import build_model
 
@@ -86,7 +87,8 @@ def main():
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.recompile_limit = 64  # each case is a new shape for the eagerly compiled flex
-    backends = ["sdpa-cudnn", "sdpa-flash", "flash", "flex"] + (["fa3"] if attn._load_fa3() is not None else [])
+    backends = (["sdpa-cudnn", "sdpa-flash"] + (["cudnn"] if cudnn_attention.usable(torch.bfloat16) else [])
+                + ["flash", "flex"] + (["fa3"] if attn._load_fa3() is not None else []))
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  backends: {', '.join(backends)}")
     rows, failures = [], 0
     for backend in backends:

@@ -5,16 +5,17 @@ environment variable force one for tests and benchmarks.
 
 Plans (layer kind -> kernel):
   CUDA, bf16/fp16, FA3 importable (Hopper)  full: fa3          window: fa3
-  CUDA, bf16/fp16, otherwise                full: sdpa-cudnn   window: flash (FlashAttention-2)
-                                            (sdpa-flash where PyTorch would not pick cuDNN;
-                                             window: flex where torch's flash kernel has no window)
+  CUDA, bf16/fp16, otherwise                full: sdpa-cudnn   window: cudnn (cudnn-frontend installed)
+                                            (sdpa-flash where PyTorch   or flex (without it)
+                                             would not pick cuDNN)
   CUDA, fp32                                full: sdpa (PyTorch picks)  window: flex
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
-A GPU never gets a dense T x T mask in training. "flash" is the FlashAttention-2 kernel that ships
-inside PyTorch (arXiv 2307.08691), called directly so that its sliding window reaches it (SDPA has
-no window argument); it skips the key tiles outside the window. FlexAttention's 128 x 128 block mask
-computes ~1.5x the needed scores at window 512, and its kernels ran at about half cuDNN's rate per
-FLOP on an H100 (bench/NOTES.md).
+A GPU never gets a dense T x T mask in training. "cudnn" is cuDNN's fused attention with its
+diagonal band (cudnn_attention.py): the kernels PyTorch's SDPA runs for full layers, reached through
+cudnn-frontend because SDPA has no window argument. Without it, window layers get FlexAttention,
+whose 128 x 128 block mask computes ~1.5x the needed scores at window 512. "flash" (forced only) is
+the FlashAttention-2 kernel inside PyTorch (arXiv 2307.08691), called directly with its window: on
+an H200 it ran window layers slower than flex inside the compiled step (bench/NOTES.md round 2).
 
 Layout everywhere is FA3's [B, T, H, D]: the q/k/v projections reshape into it without a copy, and
 SDPA/flex see a transposed view of it. A window w means a query at t sees keys t-w..t (w+1 keys)."""
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from llmlabs import cudnn_attention
 from llmlabs.common import LabError, print0
 
-CHOICES = ("auto", "fa3", "flash", "sdpa", "sdpa-cudnn", "sdpa-flash", "flex", "cpu")
+CHOICES = ("auto", "fa3", "cudnn", "flash", "sdpa", "sdpa-cudnn", "sdpa-flash", "flex", "cpu")
 ENV_VAR = "LLMLABS_ATTENTION"
 # FA3 from the HF kernels hub downloads a binary: only where the user says so (the lab's rule is
 # that only `prepare` touches the network).
@@ -117,8 +119,14 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
     elif choice == "flash" and not _flash_window_usable(dtype):
         raise LabError(f"attention backend flash needs bf16/fp16 tensors (got {dtype}), an Ampere or newer GPU and "
                        "a torch whose flash kernel takes a window (window_size_left); or use --attention auto")
-    elif choice == "flash" or (kind == "window" and _flash_window_usable(dtype)):
+    elif choice == "flash":
         name = "flash"
+    elif choice == "cudnn" and not cudnn_attention.usable(dtype):
+        raise LabError(f"attention backend cudnn needs bf16/fp16 tensors (got {dtype}) and cuDNN's attention "
+                       "through `pip install nvidia-cudnn-frontend` (its probe graph must build); or use "
+                       "--attention auto")
+    elif choice == "cudnn" or (kind == "window" and cudnn_attention.usable(dtype)):
+        name = "cudnn"
     elif kind == "window":
         name = "flex"  # SDPA has no sliding-window kernel; a dense mask would waste most of the work
     elif not half:
@@ -213,6 +221,8 @@ def attention(q, k, v, window: int | None = None, scale: float | None = None):
         out = _fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True,
                                    window_size=(-1 if window is None else window, 0))
         return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the LSE
+    if name == "cudnn":  # [B, T, H, D] described to cuDNN by its strides; GQA is native
+        return cudnn_attention.attention(q, k, v, window, D**-0.5 if scale is None else scale)
     if name == "flash":  # [B, T, H, D] is the kernel's own layout; GQA is native
         return torch.ops.aten._flash_attention_forward(
             q, k, v, None, None, T, T, 0.0, True, False, scale=scale,

@@ -44,15 +44,29 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     kernels under torch.compile: the forward reads the (bf16) logits z once for the log-sum-exp, the
     backward reads them once more and writes dz in z's dtype. F.cross_entropy on float32 logits would
     write and keep a float32 copy of the [N, vocab] scores (at d8, 4.3 GB per micro-batch).
-    dz = (softmax - onehot) * (1 - tanh^2), the tanh recomputed from z."""
+    dz = (softmax - onehot) * (1 - tanh^2), the tanh recomputed from z.
+
+    Both kernels are bound by arithmetic, not memory, at vocab 8192 (an H200 profile, bench/NOTES.md
+    round 3), so: tanh(u) = 2 sigmoid(2u) - 1, one fast exp where inductor's libdevice tanh costs
+    dozens of instructions; and the log-sum-exp shifts by the cap instead of the row max, one pass
+    instead of two. That is exact: capped scores lie in (-cap, cap), so exp(s - cap) lies in
+    (exp(-2 cap), 1], far from float32's underflow for cap <= 40; larger caps take the max."""
+
+    @staticmethod
+    def _capped(z, cap):
+        return cap * (2 * torch.sigmoid(z * (2 / cap)) - 1)
 
     @staticmethod
     def forward(ctx, logits, targets, cap: float):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # math in float32 (float64 stays)
-        lse = torch.logsumexp(softcap(logits.to(dtype), cap), dim=-1)
+        s = SoftcapCrossEntropy._capped(logits.to(dtype), cap)
+        if cap <= 40:
+            lse = cap + torch.log(torch.exp(s - cap).sum(-1))
+        else:
+            lse = torch.logsumexp(s, dim=-1)
         counted = targets >= 0
         safe = torch.where(counted, targets, 0)
-        picked = softcap(logits.gather(1, safe[:, None]).squeeze(1).to(dtype), cap)
+        picked = SoftcapCrossEntropy._capped(logits.gather(1, safe[:, None]).squeeze(1).to(dtype), cap)
         ctx.save_for_backward(logits, safe, counted, lse)
         ctx.cap = cap
         return torch.where(counted, lse - picked, 0.0)
@@ -60,8 +74,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, safe, counted, lse = ctx.saved_tensors
-        th = torch.tanh(logits.to(lse.dtype) / ctx.cap)
-        probs = torch.exp(ctx.cap * th - lse[:, None])
+        s = SoftcapCrossEntropy._capped(logits.to(lse.dtype), ctx.cap)
+        th = s / ctx.cap
+        probs = torch.exp(s - lse[:, None])
         hit = torch.arange(logits.size(1), device=logits.device) == safe[:, None]
         g = torch.where(counted, grad, 0.0)[:, None]
         return ((probs - hit.to(lse.dtype)) * (1 - th * th) * g).to(logits.dtype), None, None

@@ -78,7 +78,7 @@ def add_args(p):
     g = p.add_argument_group("system")
     g.add_argument("--device", help="cpu | cuda | mps (default: best available)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA (slower; quicker start)")
-    g.add_argument("--attention", choices=["auto", "fa3", "flash", "sdpa", "flex", "cpu"], help="force an attention backend")
+    g.add_argument("--attention", choices=["auto", "fa3", "cudnn", "flash", "sdpa", "flex", "cpu"], help="force an attention backend")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights and the data order")
     g.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llmlabs import attention as attn
+from llmlabs import cudnn_attention
 from llmlabs.common import LabError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +110,7 @@ def test_window_covering_the_whole_sequence_is_full_causal():
 
 def test_forcing_unavailable_or_unknown_backend_raises_lab_error():
     q, k, v = random_qkv(1, 8, 2, 2, 8, seed=4)
-    for name in ("fa3", "flash", "sdpa-cudnn", "sdpa"):
+    for name in ("fa3", "cudnn", "flash", "sdpa-cudnn", "sdpa"):
         attn.set_backend(name)
         with pytest.raises(LabError, match="needs a CUDA GPU"):
             attn.attention(q, k, v)
@@ -137,16 +138,18 @@ def test_describe_plans_for_a_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
-@pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "flash", "flex", "fa3"])
+@pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "cudnn", "flash", "flex", "fa3"])
 def test_cuda_backends_match_float64_reference_in_bf16(backend):
     if backend == "fa3" and attn._load_fa3() is None:
         pytest.skip("FA3 is not importable here")  # reported by name in the pytest summary
+    if backend == "cudnn" and not cudnn_attention.usable(torch.bfloat16):
+        pytest.skip("cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)")
     attn.set_backend(backend)
     for T, window, Hq, Hkv in CASES:
         q, k, v = (x.cuda().bfloat16().requires_grad_(True) for x in random_qkv(2, T, Hq, Hkv, 64, seed=T))
         q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
         dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(T), dtype=torch.float64).cuda()
-        out = attn.attention(q, k, v, window)  # (sdpa-* hand windows to flash)
+        out = attn.attention(q, k, v, window)  # (sdpa-* hand windows to cudnn or flex)
         (out.double() * dout).sum().backward()
         ref = reference(q64, k64, v64, window, 64**-0.5)
         (ref * dout).sum().backward()
