@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._inductor.config
 
 
 class LabError(Exception):
@@ -77,11 +76,6 @@ def compute_init(device: str | None = None):
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        # compiled kernels take exp from the GPU's exp2 unit (ex2.approx.ftz, ~2 ulp) instead of
-        # libdevice's exact exp, which costs ~10x the instructions: the fused loss evaluates one per
-        # logit and was bound by arithmetic (bench/NOTES.md round 3). Eager code, evaluation included,
-        # keeps its own exact kernels.
-        torch._inductor.config.use_fast_math = True
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         if ddp and not torch.distributed.is_initialized():

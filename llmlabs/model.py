@@ -14,13 +14,14 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 Speed (bench/NOTES.md), both only in a compiled forward: under autocast the residual stream is kept
 in the autocast dtype (bf16), not float32, which halves the bytes every norm and residual add moves;
 the training loss is one fused softcap + cross-entropy that reads the bf16 logits and never writes a
-float32 copy.
+float32 copy (on a GPU, two Triton kernels: triton_loss.py).
 
 Built on the meta device, then materialised and initialised explicitly: `build_model`."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmlabs import triton_loss
 from llmlabs.attention import attention
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
@@ -46,11 +47,13 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     write and keep a float32 copy of the [N, vocab] scores (at d8, 4.3 GB per micro-batch).
     dz = (softmax - onehot) * (1 - tanh^2), the tanh recomputed from z.
 
-    Both kernels are bound by arithmetic, not memory, at vocab 8192 (an H200 profile, bench/NOTES.md
-    round 3), so: tanh(u) = 2 sigmoid(2u) - 1, one fast exp where inductor's libdevice tanh costs
-    dozens of instructions; and the log-sum-exp shifts by the cap instead of the row max, one pass
-    instead of two. That is exact: capped scores lie in (-cap, cap), so exp(s - cap) lies in
-    (exp(-2 cap), 1], far from float32's underflow for cap <= 40; larger caps take the max."""
+    On a GPU triton_loss.py runs the same math as two hand-written kernels; this Function serves the
+    compiled CPU path and caps above 40. Inductor's kernels for it were bound by arithmetic at vocab
+    8192 (an H200 profile, bench/NOTES.md round 3), so: tanh(u) = 2 sigmoid(2u) - 1, where
+    inductor's libdevice tanh costs dozens of instructions; and the log-sum-exp shifts by the cap
+    instead of the row max, one pass instead of two. That is exact: capped scores lie in (-cap, cap),
+    so exp(s - cap) lies in (exp(-2 cap), 1], far from float32's underflow for cap <= 40; larger caps
+    take the max."""
 
     @staticmethod
     def _capped(z, cap):
@@ -258,8 +261,11 @@ class GPT(nn.Module):
         if targets is not None and loss_reduction not in ("mean", "none"):
             raise LabError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'")
         if targets is not None and torch.compiler.is_compiling():
-            targets = targets.reshape(B * T)
-            loss = SoftcapCrossEntropy.apply(logits.view(B * T, -1), targets, self.config.softcap)
+            targets, flat, cap = targets.reshape(B * T), logits.view(B * T, -1), self.config.softcap
+            if triton_loss.usable(flat, cap):  # the same math as two Triton kernels (GPU)
+                loss = triton_loss.softcap_cross_entropy(flat, targets, cap)
+            else:
+                loss = SoftcapCrossEntropy.apply(flat, targets, cap)
         else:  # eager runs each op of the Function as a kernel of its own: F.cross_entropy's are fused
             logits = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
             if targets is None:

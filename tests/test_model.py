@@ -127,6 +127,39 @@ def test_fused_softcap_cross_entropy_matches_float64_autograd(dtype, cap):
     assert (loss[::5] == 0).all() and (z.grad[::5] == 0).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernels run on a CUDA GPU")
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 97), (torch.bfloat16, 8192 + 7)])
+def test_triton_softcap_cross_entropy_matches_float64_autograd_on_cuda(dtype, V):
+    # V = 8192 + 7: a loop over two full blocks and a ragged third; also through a fullgraph compile
+    # with a mean, whose gradient reaches the kernel as an expanded (stride 0) tensor
+    from llmlabs import triton_loss
+    g = torch.Generator().manual_seed(26)
+    N, cap = 37, 15.0
+    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * 1.3 * cap).to(dtype).cuda().requires_grad_(True)
+    targets = torch.randint(0, V, (N,), generator=g).cuda()
+    targets[::5] = -1
+    upstream = torch.randn(N, generator=g, dtype=torch.float64).cuda()
+    assert triton_loss.usable(z, cap)
+    loss = triton_loss.softcap_cross_entropy(z, targets, cap)
+    (loss.double() * upstream).sum().backward()
+    z64 = z.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1, reduction="none")
+    (ref * upstream).sum().backward()
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(z.grad.double(), z64.grad, **tol)
+    assert (loss[::5] == 0).all() and (z.grad[::5] == 0).all() and z.grad.dtype == dtype
+    z.grad = None
+    mean = torch.compile(lambda x: triton_loss.softcap_cross_entropy(x, targets, cap).sum() / (targets >= 0).sum(),
+                         fullgraph=True)(z)
+    mean.backward()
+    z64.grad = None
+    ref_mean = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1)
+    ref_mean.backward()
+    torch.testing.assert_close(mean.double(), ref_mean, **tol)
+    torch.testing.assert_close(z.grad.double(), z64.grad, **tol)
+
+
 def test_fused_softcap_cross_entropy_passes_gradcheck():
     g = torch.Generator().manual_seed(22)
     z = (torch.randn(6, 11, generator=g, dtype=torch.float64) * 8).requires_grad_(True)
