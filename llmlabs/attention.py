@@ -15,7 +15,7 @@ diagonal band (cudnn_attention.py): the kernels PyTorch's SDPA runs for full lay
 cudnn-frontend because SDPA has no window argument. Without it, window layers get FlexAttention,
 whose 128 x 128 block mask computes ~1.5x the needed scores at window 512. "flash" (forced only) is
 the FlashAttention-2 kernel inside PyTorch (arXiv 2307.08691), called directly with its window: on
-an H200 it ran window layers slower than flex inside the compiled step (bench/NOTES.md round 2).
+an H200 it ran window layers slower than flex inside the compiled step (bench/NOTES.md round 3).
 
 Layout everywhere is FA3's [B, T, H, D]: the q/k/v projections reshape into it without a copy, and
 SDPA/flex see a transposed view of it. A window w means a query at t sees keys t-w..t (w+1 keys)."""
@@ -86,9 +86,9 @@ def _fa3_usable(dtype) -> bool:
 
 
 def _flash_window_usable(dtype) -> bool:
-    # the window_size_left/right arguments of aten._flash_attention_forward (torch 2.13 has them,
-    # and its autograd passes them to the backward; a build without them gets flex); the kernel runs
-    # on Ampere and newer, in half precision only
+    # the window_size_left/right arguments of aten._flash_attention_forward (torch 2.11 and 2.13
+    # have them, and their autograd passes them to the backward; forcing flash on a build without
+    # them is an error); the kernel runs on Ampere and newer, in half precision only
     schema = str(torch.ops.aten._flash_attention_forward.default._schema)
     return (dtype in (torch.bfloat16, torch.float16) and "window_size_left" in schema
             and torch.cuda.get_device_capability()[0] >= 8)

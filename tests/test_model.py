@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmlabs.model as model_module
+from llmlabs import triton_loss
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
 from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
@@ -132,7 +133,6 @@ def test_fused_softcap_cross_entropy_matches_float64_autograd(dtype, cap):
 def test_triton_softcap_cross_entropy_matches_float64_autograd_on_cuda(dtype, V):
     # V = 8192 + 7: a loop over two full blocks and a ragged third; also through a fullgraph compile
     # with a mean, whose gradient reaches the kernel as an expanded (stride 0) tensor
-    from llmlabs import triton_loss
     g = torch.Generator().manual_seed(26)
     N, cap = 37, 15.0
     z = (torch.randn(N, V, generator=g, dtype=torch.float64) * 1.3 * cap).to(dtype).cuda().requires_grad_(True)
