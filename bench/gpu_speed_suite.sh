@@ -15,7 +15,9 @@
 # Every record gets the date, device, commit and exact command: train_speed.py and
 # attention_speed.py write them into their JSON lines, the logs here start with a header.
 # COMMIT=<sha> names the commit where the tree has no .git (a lent machine gets a copy). Data is
-# prepared on first use, which needs rustbpe (carry its wheel to a machine without it).
+# prepared on first use, which needs rustbpe (carry its wheel to a machine without it). The window
+# layers run on cuDNN only where cudnn-frontend imports (pip install nvidia-cudnn-frontend, or carry
+# its wheel); without it they run on flex, and the numbers are not those of bench/NOTES.md round 3.
 set -euo pipefail
 stage=${1:?usage: bash bench/gpu_speed_suite.sh check|d8|sizes|train [OUT_DIR]}
 [[ $stage =~ ^(check|d8|sizes|train)$ ]] || { echo "unknown stage $stage: use check, d8, sizes or train" >&2; exit 2; }
