@@ -8,27 +8,13 @@ The defaults are one micro-batch of a d8 window layer; --window 0 times a full c
 time is the median of 10 runs after 3 warm-up runs (CUDA events). Needs cudnn-frontend."""
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
 
+from attention_speed import timed  # bench/ is the script's own directory, first on sys.path
 from llmlabs import cudnn_attention as ca
-
-
-def timed(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main():
@@ -59,7 +45,7 @@ def main():
         for i in range(g.get_execution_plan_count()):
             try:
                 ws = torch.empty(g.get_workspace_size_plan_at_index(i), device="cuda", dtype=torch.uint8)
-                ms = timed(lambda: g.execute_plan_at_index(pack, ws, i, handle=ca._handle()))
+                ms = timed(lambda: g.execute_plan_at_index(pack, ws, i, handle=ca._handle()), 10)
                 rows.append(dict(pass_=name, plan=i, name=g.get_plan_name_at_index(i), ms=round(ms, 3)))
             except Exception as e:  # a plan that did not build or refuses to run: say so, go on
                 rows.append(dict(pass_=name, plan=i, error=f"{type(e).__name__}: {str(e)[:100]}"))

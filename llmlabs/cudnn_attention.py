@@ -21,10 +21,6 @@ _graphs = {}
 _handles = {}
 
 
-def available() -> bool:
-    return cudnn is not None
-
-
 def _handle():
     device = torch.cuda.current_device()
     if device not in _handles:
