@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmlabs import triton_loss
+from llmlabs import triton_loss, triton_rope_norm
 from llmlabs.attention import attention
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
@@ -113,6 +113,15 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def rope_norm(x, cos, sin):
+    """QK-norm after RoPE, in x's dtype (rms_norm runs in float32 under autocast: cast back so the
+    attention kernel gets bf16 q/k). A compiled GPU forward uses triton_rope_norm.py's two kernels,
+    whose backward needs only the output and one rstd per row."""
+    if torch.compiler.is_compiling() and triton_rope_norm.usable(x):
+        return triton_rope_norm.rope_norm(x, cos, sin)
+    return norm(apply_rope(x, cos, sin)).to(x.dtype)
+
+
 class MLP(nn.Module):
     """The default occupant of a block's MLP slot: ReLU^2, 4x wide. Whatever fills the slot
     (`mlp_factory(config, layer_idx)`) provides the same three methods: forward(x) -> x-shaped,
@@ -163,9 +172,7 @@ class CausalSelfAttention(nn.Module):
             # ResFormer value residual: the gate in (0, 3) is per token and per kv head (nanochat)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
-        # rms_norm runs in float32 under autocast: cast back so the kernel gets bf16 q/k/v
-        q = norm(apply_rope(q, cos, sin)).to(v.dtype)
-        k = norm(apply_rope(k, cos, sin)).to(v.dtype)
+        q, k = rope_norm(q, cos, sin), rope_norm(k, cos, sin)
         if kv_cache is None:
             y = attention(q, k, v, self.window, self.scale)
         else:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmlabs.model as model_module
-from llmlabs import triton_loss
+from llmlabs import triton_loss, triton_rope_norm
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
 from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
@@ -158,6 +158,30 @@ def test_triton_softcap_cross_entropy_matches_float64_autograd_on_cuda(dtype, V)
     ref_mean.backward()
     torch.testing.assert_close(mean.double(), ref_mean, **tol)
     torch.testing.assert_close(z.grad.double(), z64.grad, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton RoPE + QK-norm kernels run on a CUDA GPU")
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 37, 3, 16)), (torch.bfloat16, (2, 256, 4, 128))])
+def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
+    # 37 positions x 3 heads: a ragged last program; cos/sin sliced at an offset, as a KV cache would
+    B, T, H, D = shape
+    g = torch.Generator().manual_seed(27)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).cuda().requires_grad_(True)
+    cos, sin = (t[5:5 + T].cuda() for t in rope_tables(T + 9, D, 100000.0))
+    upstream = torch.randn(shape, generator=g, dtype=torch.float64).cuda()
+    assert triton_rope_norm.usable(x)
+    for run in (lambda x: triton_rope_norm.rope_norm(x, cos, sin),
+                torch.compile(lambda x: model_module.rope_norm(x, cos, sin), fullgraph=True)):
+        x.grad = None
+        y = run(x)
+        (y.double() * upstream).sum().backward()
+        x64 = x.detach().double().requires_grad_(True)
+        ref = F.rms_norm(apply_rope(x64, cos.double(), sin.double()), (D,), eps=torch.finfo(torch.float32).eps)
+        (ref * upstream).sum().backward()
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        assert y.dtype == dtype and x.grad.dtype == dtype
+        assert (y.double() - ref).norm() / ref.norm() < tol
+        assert (x.grad.double() - x64.grad).norm() / x64.grad.norm() < tol
 
 
 def test_fused_softcap_cross_entropy_passes_gradcheck():
