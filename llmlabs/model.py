@@ -14,7 +14,8 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 Speed (bench/NOTES.md), both only in a compiled forward: under autocast the residual stream is kept
 in the autocast dtype (bf16), not float32, which halves the bytes every norm and residual add moves;
 the training loss is one fused softcap + cross-entropy that reads the bf16 logits and never writes a
-float32 copy (on a GPU, two Triton kernels: triton_loss.py).
+float32 copy (on a GPU, one Triton kernel after lm_head writes the loss and its gradient together:
+triton_loss.py).
 
 Built on the meta device, then materialised and initialised explicitly: `build_model`."""
 import torch
@@ -47,7 +48,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     write and keep a float32 copy of the [N, vocab] scores (at d8, 4.3 GB per micro-batch).
     dz = (softmax - onehot) * (1 - tanh^2), the tanh recomputed from z.
 
-    On a GPU triton_loss.py runs the same math as two hand-written kernels; this Function serves the
+    On a GPU triton_loss.py runs the same math in one hand-written kernel; this Function serves the
     compiled CPU path and caps above 40. Inductor's kernels for it were bound by arithmetic at vocab
     8192 (an H200 profile, bench/NOTES.md round 3), so: tanh(u) = 2 sigmoid(2u) - 1, where
     inductor's libdevice tanh costs dozens of instructions; and the log-sum-exp shifts by the cap
@@ -264,16 +265,18 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(norm(x))
+        h = norm(x)
         if targets is not None and loss_reduction not in ("mean", "none"):
             raise LabError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'")
         if targets is not None and torch.compiler.is_compiling():
-            targets, flat, cap = targets.reshape(B * T), logits.view(B * T, -1), self.config.softcap
-            if triton_loss.usable(flat, cap):  # the same math as two Triton kernels (GPU)
-                loss = triton_loss.softcap_cross_entropy(flat, targets, cap)
+            targets, cap = targets.reshape(B * T), self.config.softcap
+            if triton_loss.usable(h, cap):  # lm_head, then loss and gradient in one Triton kernel (GPU)
+                h = h.to(x.dtype).view(B * T, -1)  # rms_norm computes in float32 under autocast
+                loss = triton_loss.lm_head_softcap_cross_entropy(h, self.lm_head.weight, targets, cap)
             else:
-                loss = SoftcapCrossEntropy.apply(flat, targets, cap)
+                loss = SoftcapCrossEntropy.apply(self.lm_head(h).view(B * T, -1), targets, cap)
         else:  # eager runs each op of the Function as a kernel of its own: F.cross_entropy's are fused
+            logits = self.lm_head(h)
             logits = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
             if targets is None:
                 return logits

@@ -128,36 +128,44 @@ def test_fused_softcap_cross_entropy_matches_float64_autograd(dtype, cap):
     assert (loss[::5] == 0).all() and (z.grad[::5] == 0).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernels run on a CUDA GPU")
-@pytest.mark.parametrize("dtype,V", [(torch.float32, 97), (torch.bfloat16, 8192 + 7)])
-def test_triton_softcap_cross_entropy_matches_float64_autograd_on_cuda(dtype, V):
-    # V = 8192 + 7: a loop over two full blocks and a ragged third; also through a fullgraph compile
-    # with a mean, whose gradient reaches the kernel as an expanded (stride 0) tensor
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 97), (torch.bfloat16, 8192 + 7), (torch.bfloat16, 16384 + 5)])
+def test_triton_lm_head_softcap_cross_entropy_matches_float64_autograd_on_cuda(dtype, V):
+    # 8192 + 7: a ragged row held in registers; 16384 + 5: past SINGLE_MAX, the two-pass loop. Then
+    # through a fullgraph compile with a mean, whose gradient arrives as an expanded (stride 0) tensor
     g = torch.Generator().manual_seed(26)
-    N, cap = 37, 15.0
-    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * 1.3 * cap).to(dtype).cuda().requires_grad_(True)
+    N, C, cap = 37, 64, 15.0
+    h = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2).to(dtype).cuda().requires_grad_(True)
+    w = (torch.randn(V, C, generator=g) * 0.5).cuda().requires_grad_(True)  # float32, as the model's
     targets = torch.randint(0, V, (N,), generator=g).cuda()
     targets[::5] = -1
     upstream = torch.randn(N, generator=g, dtype=torch.float64).cuda()
-    assert triton_loss.usable(z, cap)
-    loss = triton_loss.softcap_cross_entropy(z, targets, cap)
+    assert triton_loss.usable(h, cap) and (V > triton_loss.SINGLE_MAX) == (V == 16384 + 5)
+    h64, w64 = (t.detach().double().requires_grad_(True) for t in (h, w))
+
+    def reference(reduction):
+        z = h64 @ w64.to(dtype).double().t()  # the matmul's inputs rounded as the kernel sees them
+        return F.cross_entropy(cap * torch.tanh(z / cap), targets, ignore_index=-1, reduction=reduction)
+
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    loss = triton_loss.lm_head_softcap_cross_entropy(h, w, targets, cap)
     (loss.double() * upstream).sum().backward()
-    z64 = z.detach().double().requires_grad_(True)
-    ref = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1, reduction="none")
+    ref = reference("none")
     (ref * upstream).sum().backward()
-    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    assert loss.dtype == torch.float32 and h.grad.dtype == dtype and w.grad.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref, **tol)
-    torch.testing.assert_close(z.grad.double(), z64.grad, **tol)
-    assert (loss[::5] == 0).all() and (z.grad[::5] == 0).all() and z.grad.dtype == dtype
-    z.grad = None
-    mean = torch.compile(lambda x: triton_loss.softcap_cross_entropy(x, targets, cap).sum() / (targets >= 0).sum(),
-                         fullgraph=True)(z)
+    assert (loss[::5] == 0).all()
+    for grad, grad64 in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert (grad.double() - grad64).norm() / grad64.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
+    h.grad = w.grad = h64.grad = w64.grad = None
+    mean = torch.compile(lambda a, b: triton_loss.lm_head_softcap_cross_entropy(a, b, targets, cap).sum()
+                         / (targets >= 0).sum(), fullgraph=True)(h, w)
     mean.backward()
-    z64.grad = None
-    ref_mean = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1)
+    ref_mean = reference("mean")
     ref_mean.backward()
     torch.testing.assert_close(mean.double(), ref_mean, **tol)
-    torch.testing.assert_close(z.grad.double(), z64.grad, **tol)
+    for grad, grad64 in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert (grad.double() - grad64).norm() / grad64.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton RoPE + QK-norm kernels run on a CUDA GPU")
