@@ -34,6 +34,10 @@ CPU_PRESET = dict(depth=4, aspect_ratio=32, head_dim=32, seq_len=256, window_pat
                   matrix_lr=0.04, embedding_lr=0.6, unembedding_lr=0.016, scalar_lr=0.5, weight_decay=0.0)
 GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_pattern="SSSL",
                   total_batch_size=2**19, device_batch_size=64, time_budget=300.0, eval_tokens=2**21)
+# GPUs with at least this much memory (H100, H200, A100 80GB) take twice the preset's rows: half the
+# accumulation steps, the same math. d8 on an H200: 279.1 -> 275.0 ms a step, peak 22.6 -> 44.2 GB
+# (bench/NOTES.md round 5); a 24-48 GB card keeps 64 rows.
+BIG_GPU_GIB = 64
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
 UNTIMED_STEPS = 2        # compiled runs: steps not charged to --time-budget (torch.compile runs in them)
@@ -110,8 +114,10 @@ def resolve_config(args, device):
     With no --depth the preset is a fixed experiment, batch and learning rates included. With --depth
     the preset only supplies the shape (aspect, head size, context, windows) and the budget; batch,
     learning rates and decay come from the scaling rules, and the device batch shrinks as the width
-    grows, so activation memory stays near the preset's."""
+    grows, so activation memory stays near the preset's (which doubles on a GPU of BIG_GPU_GIB or more)."""
     preset = dict(GPU_PRESET if device.type == "cuda" else CPU_PRESET)
+    if device.type == "cuda" and _gpu_memory(device) >= BIG_GPU_GIB * 2**30:
+        preset["device_batch_size"] *= 2
     cfg = {k: v for k, v in vars(args).items() if v is not None}
     if any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio")):
         del preset["time_budget"]
@@ -125,6 +131,11 @@ def resolve_config(args, device):
     for k, v in preset.items():
         cfg.setdefault(k, v)
     return cfg
+
+
+def _gpu_memory(device) -> int:
+    """Total memory of the GPU `device` names, in bytes; 0 where no GPU is visible."""
+    return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else 0
 
 
 def train(args):
@@ -241,7 +252,7 @@ def train(args):
                         tb.add_scalar(k, row[k], step)
             if time.time() - last_status > (0.5 if sys.stdout.isatty() else 10) or progress() >= 1:
                 last_status = time.time()
-                _status(step, row, t_start)
+                _status(step, row)
             if cfg.get("eval_every") and step % cfg["eval_every"] == 0:
                 eval_bpb = _evaluate(model, data, "val", cfg, device, autocast)["bpb"]
                 print0(f"\nstep {step}: val_bpb {eval_bpb:.4f}")
@@ -399,11 +410,13 @@ def _evaluate(model, data, split, cfg, device, autocast):
                         autocast=autocast if device.type == "cuda" else None)
 
 
-def _status(step, row, t_start):
-    p = row["progress"]
-    eta = (time.time() - t_start) * (1 - p) / max(p, 1e-9)
+def _status(step, row):
+    """One status line. The ETA extrapolates the timed steps only: wall time since the start would
+    count torch.compile's first steps and promise a run many times its budget."""
+    p, spent = row["progress"], row["train_time"]
+    eta = f"{spent * (1 - p) / p:5.0f}s" if spent > 0 and p > 0 else "    ?"
     line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
-            f"MFU {row['mfu']:5.1f}% | ETA {eta:5.0f}s")
+            f"MFU {row['mfu']:5.1f}% | ETA {eta}")
     print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
 
