@@ -34,9 +34,10 @@ CPU_PRESET = dict(depth=4, aspect_ratio=32, head_dim=32, seq_len=256, window_pat
                   matrix_lr=0.04, embedding_lr=0.6, unembedding_lr=0.016, scalar_lr=0.5, weight_decay=0.0)
 GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_pattern="SSSL",
                   total_batch_size=2**19, device_batch_size=64, time_budget=300.0, eval_tokens=2**21)
-# GPUs with at least this much memory (H100, H200, A100 80GB) take twice the preset's rows: half the
-# accumulation steps, the same math. d8 on an H200: 279.1 -> 275.0 ms a step, peak 22.6 -> 44.2 GB
-# (bench/NOTES.md round 5); a 24-48 GB card keeps 64 rows.
+# GPUs with at least this much memory (H100, H200, A100 80GB) run the preset's model with twice its
+# rows: half the accumulation steps, the same math. d8 on an H200: 279.1 -> 275.0 ms a step, peak
+# 22.6 -> 44.2 GB (bench/NOTES.md round 5); a 24-48 GB card keeps 64 rows. Other depths still scale
+# from 64 rows: their memory at twice the rows is unmeasured.
 BIG_GPU_GIB = 64
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
@@ -114,10 +115,9 @@ def resolve_config(args, device):
     With no --depth the preset is a fixed experiment, batch and learning rates included. With --depth
     the preset only supplies the shape (aspect, head size, context, windows) and the budget; batch,
     learning rates and decay come from the scaling rules, and the device batch shrinks as the width
-    grows, so activation memory stays near the preset's (which doubles on a GPU of BIG_GPU_GIB or more)."""
+    grows, so activation memory stays near the preset's. On a GPU of BIG_GPU_GIB or more the preset's
+    own model takes twice the rows."""
     preset = dict(GPU_PRESET if device.type == "cuda" else CPU_PRESET)
-    if device.type == "cuda" and _gpu_memory(device) >= BIG_GPU_GIB * 2**30:
-        preset["device_batch_size"] *= 2
     cfg = {k: v for k, v in vars(args).items() if v is not None}
     if any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio")):
         del preset["time_budget"]
@@ -128,6 +128,8 @@ def resolve_config(args, device):
             width = preset["depth"] * preset["aspect_ratio"]
             new_width = cfg["depth"] * cfg.get("aspect_ratio", preset["aspect_ratio"])
             cfg["device_batch_size"] = max(1, 2 ** math.floor(math.log2(preset["device_batch_size"] * width / new_width)))
+    elif device.type == "cuda" and _gpu_memory(device) >= BIG_GPU_GIB * 2**30:
+        preset["device_batch_size"] *= 2  # the preset's own model only: measured there, not at other depths
     for k, v in preset.items():
         cfg.setdefault(k, v)
     return cfg
