@@ -42,7 +42,7 @@ def main():
         spills = int(re.search(r"(\d+) bytes spill stores", info).group(1))
         rows = min(REGISTERS_PER_SM // (regs * 32 * warps), WARPS_PER_SM // warps)
         ops = {op: ptx.count(op) for op in ("ex2.approx", "div.full", "rcp.approx", "lg2.approx")}
-        print(f"  {warps:2d} warps: {regs:3d} registers/thread, {rows} rows per SM, {spills} B spilled; "
+        print(f"  {warps:2d} warps: {regs:3d} registers/thread, {rows} row(s) per SM, {spills} B spilled; "
               f"special-function ops in the PTX: {ops}")
 
 
