@@ -20,8 +20,10 @@ reciprocal). The log-sum-exp shifts by the cap rather than the row max: capped s
 one pass suffices. Rows up to SINGLE_MAX logits stay in registers between the log-sum-exp and the
 gradient; longer rows are read twice (the second time mostly from L2) and the scores recomputed.
 
-The version before this one (bench/NOTES.md round 3) was two kernels, 0.99 ms forward and 1.12 ms
-backward per d8 micro-batch on an H200."""
+Measured on an H200 (bench/NOTES.md round 5): 2.05 ms per d8 micro-batch, about what the two
+kernels before it took (0.99 ms forward + 1.12 ms backward), not the ~1.0 ms its traffic needs: at
+89 registers a thread (16 warps) an SM holds one row at a time, and its load, reduction and store
+run one after another (bench/triton_registers.py)."""
 import torch
 
 try:
