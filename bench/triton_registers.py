@@ -7,12 +7,16 @@ rows an SM holds at once (bench/NOTES.md round 5); this answers that before a GP
 import argparse
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:
+    sys.exit("bench/triton_registers.py needs Triton: pip install triton (CUDA builds of torch ship it)")
 
 from llmlabs import triton_loss
 
