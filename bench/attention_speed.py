@@ -39,6 +39,15 @@ def timed(fn, reps):
     return statistics.median(times)
 
 
+def record(path, head, rows):
+    """Append each row, with the run's header fields, as a JSON line to `path` (if given); print the header."""
+    if path:
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**head, **row}) + "\n")
+    print(json.dumps(head))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
@@ -79,11 +88,7 @@ def main():
     attn.set_backend("auto")
     head = dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(), torch=torch.__version__,
                 command="PYTHONPATH=. python3 " + " ".join(sys.argv), B=B, T=T, H=H, Hkv=Hkv, D=D, window=args.window)
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**head, **row}) + "\n")
-    print(json.dumps(head))
+    record(args.out, head, rows)
     print(f"{'kind':<7} {'backend':<11} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
     for r in rows:
         if "error" in r:

@@ -7,13 +7,12 @@ plan that llmlabs/cudnn_attention.py runs (heuristic A's first) the fastest one?
 The defaults are one micro-batch of a d8 window layer; --window 0 times a full causal layer. Each
 time is the median of 10 runs after 3 warm-up runs (CUDA events). Needs cudnn-frontend."""
 import argparse
-import json
 import sys
 import time
 
 import torch
 
-from attention_speed import timed  # bench/ is the script's own directory, first on sys.path
+from attention_speed import record, timed  # bench/ is the script's own directory, first on sys.path
 from llmlabs import cudnn_attention as ca
 
 
@@ -49,11 +48,7 @@ def main():
                 rows.append(dict(pass_=name, plan=i, name=g.get_plan_name_at_index(i), ms=round(ms, 3)))
             except Exception as e:  # a plan that did not build or refuses to run: say so, go on
                 rows.append(dict(pass_=name, plan=i, error=f"{type(e).__name__}: {str(e)[:100]}"))
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**head, **row}) + "\n")
-    print(json.dumps(head))
+    record(args.out, head, rows)
     print(f"{'pass':<9} {'plan':>4} {'ms':>8}  name (plan 0: heuristic A's first, which cudnn_attention.py runs)")
     for r in rows:
         print(f"{r['pass_']:<9} {r['plan']:>4} {r.get('ms', '-'):>8}  {r.get('name', r.get('error'))}")

@@ -21,13 +21,19 @@ EPS = torch.finfo(torch.float32).eps  # what F.rms_norm uses for float32 math
 
 if triton is not None:
     @triton.jit
-    def _forward_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, T, H, eps,
-                        D: tl.constexpr, ROWS: tl.constexpr):
+    def _offsets(n_rows, T, H, D: tl.constexpr, ROWS: tl.constexpr):
+        # this program's ROWS rows of x viewed as [B * T * H, D]: the first half-channels' offsets and
+        # the rows' positions into the [T, D/2] cos/sin tables
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        ok = (rows < n_rows)[:, None]
         j = tl.arange(0, D // 2)[None, :]
         at = rows.to(tl.int64)[:, None] * D + j
         pos = ((rows // H) % T)[:, None] * (D // 2) + j
+        return rows, (rows < n_rows)[:, None], at, pos
+
+    @triton.jit
+    def _forward_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, T, H, eps,
+                        D: tl.constexpr, ROWS: tl.constexpr):
+        rows, ok, at, pos = _offsets(n_rows, T, H, D, ROWS)
         x1 = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + at + D // 2, mask=ok, other=0.0).to(tl.float32)
         c = tl.load(cos_ptr + pos, mask=ok, other=0.0)
@@ -41,11 +47,7 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(g_ptr, y_ptr, rstd_ptr, cos_ptr, sin_ptr, dx_ptr, n_rows, T, H,
                          D: tl.constexpr, ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        ok = (rows < n_rows)[:, None]
-        j = tl.arange(0, D // 2)[None, :]
-        at = rows.to(tl.int64)[:, None] * D + j
-        pos = ((rows // H) % T)[:, None] * (D // 2) + j
+        rows, ok, at, pos = _offsets(n_rows, T, H, D, ROWS)
         g1 = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
         g2 = tl.load(g_ptr + at + D // 2, mask=ok, other=0.0).to(tl.float32)
         y1 = tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float32)
