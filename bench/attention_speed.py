@@ -2,7 +2,7 @@
 each CUDA backend for full causal layers and for sliding-window layers.
 
     PYTHONPATH=. python3 bench/attention_speed.py [--batch 64 --seq-len 2048 --heads 4 --head-dim 128
-        --window 512] [--out bench/results/attention_speed-h200.jsonl]
+        --window 1024] [--out bench/results/attention_speed-h200.jsonl]
 
 The defaults are one micro-batch of the d8 experiment. TFLOP/s counts model FLOPs as the model's
 exact count does (model.py, flops_per_token): 4 * D per (query, key) pair forward, twice that
@@ -55,7 +55,7 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, help="default: = heads")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--window", type=int, default=1024)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", help="append one JSON line per measurement to this file")
     args = p.parse_args()

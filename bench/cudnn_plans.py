@@ -2,7 +2,7 @@
 plan that llmlabs/cudnn_attention.py runs (heuristic A's first) the fastest one?
 
     PYTHONPATH=. python3 bench/cudnn_plans.py [--batch 64 --seq-len 2048 --heads 4 --head-dim 128
-        --window 512] [--out bench/results/cudnn_plans-h200.jsonl]
+        --window 1024] [--out bench/results/cudnn_plans-h200.jsonl]
 
 The defaults are one micro-batch of a d8 window layer; --window 0 times a full causal layer. Each
 time is the median of 10 runs after 3 warm-up runs (CUDA events). Needs cudnn-frontend."""
@@ -22,7 +22,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, default=512, help="0 = full causal")
+    p.add_argument("--window", type=int, default=1024, help="0 = full causal")
     p.add_argument("--out", help="append one JSON line per plan to this file")
     args = p.parse_args()
     if not torch.cuda.is_available() or not ca.usable(torch.bfloat16):

@@ -57,7 +57,7 @@ class GPTConfig:
 
 
 def config_for_depth(depth, vocab_size=8192, sequence_len=2048, aspect_ratio=64, head_dim=128,
-                     n_kv_head=None, window_pattern="SSSL") -> GPTConfig:
+                     n_kv_head=None, window_pattern="SSSL", short_window=None) -> GPTConfig:
     """The depth dial (nanochat base_train.py): width = depth * aspect_ratio rounded up to a
     multiple of head_dim, so every head has exactly head_dim channels; heads = width / head_dim."""
     if not isinstance(depth, int) or depth < 1:
@@ -66,7 +66,7 @@ def config_for_depth(depth, vocab_size=8192, sequence_len=2048, aspect_ratio=64,
     n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_embd=n_embd,
                      n_head=n_head, n_kv_head=n_head if n_kv_head is None else n_kv_head,
-                     head_dim=head_dim, window_pattern=window_pattern)
+                     head_dim=head_dim, window_pattern=window_pattern, short_window=short_window)
 
 
 # Named depths. d8 is the autoresearch experiment, d12 nanochat's tuning reference (GPT-2 small
@@ -106,7 +106,8 @@ def hyperparams_for(config: GPTConfig) -> dict:
       so pass these numbers to it unchanged.
     """
     ref = config_for_depth(REFERENCE_DEPTH, vocab_size=config.vocab_size, sequence_len=config.sequence_len,
-                           head_dim=config.head_dim, window_pattern=config.window_pattern)
+                           head_dim=config.head_dim, window_pattern=config.window_pattern,
+                           short_window=config.short_window)
     target_tokens = TOKENS_PER_PARAM * scaling_params(config)
     ref_tokens = TOKENS_PER_PARAM * scaling_params(ref)
     batch = 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / ref_tokens) ** 0.383))

@@ -26,13 +26,14 @@ from llmlabs.common import LabError, atomic_write_json, compute_init, peak_flops
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
 # 2-core machine prepare + training + evaluation take under 5 minutes; the GPU preset is the
-# autoresearch d8 experiment (5 minutes of training, seq 2048, batch 2^19 tokens, windows SSSL).
+# autoresearch d8 experiment (5 minutes of training, seq 2048, batch 2^19 tokens, windows SSSL with
+# autoresearch's S = half the context, 1024; nanochat has since moved to a quarter, GPTConfig's default).
 CPU_PRESET = dict(depth=4, aspect_ratio=32, head_dim=32, seq_len=256, window_pattern="L",
                   total_batch_size=4096, device_batch_size=16, time_budget=180.0, eval_tokens=2**16,
                   # tuned on the 2-core CI machine, 60 s runs (2026-11-24): matrix LR 0.02 -> 1.776 bpb,
                   # 0.04 -> 1.723, 0.08 -> 1.805; scaling-rule LRs (made for 2^17-token batches) -> 1.794
                   matrix_lr=0.04, embedding_lr=0.6, unembedding_lr=0.016, scalar_lr=0.5, weight_decay=0.0)
-GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_pattern="SSSL",
+GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_pattern="SSSL", short_window=1024,
                   total_batch_size=2**19, device_batch_size=64, time_budget=300.0, eval_tokens=2**21)
 # GPUs with at least this much memory (H100, H200, A100 80GB) run the preset's model with twice its
 # rows: half the accumulation steps, the same math. d8 on an H200: 279.1 -> 275.0 ms a step, peak
@@ -56,6 +57,7 @@ def add_args(p):
     g.add_argument("--n-kv-head", type=int, help="key/value heads for grouped-query attention (default: = heads)")
     g.add_argument("--seq-len", type=int, help="context length in tokens")
     g.add_argument("--window-pattern", help='sliding-window pattern over layers, e.g. "SSSL" or "L"')
+    g.add_argument("--short-window", type=int, help="keys back an S layer attends (GPU preset 1024; else a quarter of the context)")
     g = p.add_argument_group("budget (training stops at the first one used up)")
     g.add_argument("--time-budget", type=float, help="seconds of training, compile and warm-up excluded")
     g.add_argument("--tokens", type=float, help="training tokens, e.g. 2e8")
@@ -321,7 +323,8 @@ def setup(cfg, device, rank=0, world=1):
     cfg["data"] = str(data.path)
     mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],
                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
-                            n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"])
+                            n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"],
+                            short_window=cfg.get("short_window"))
     model = build_model(mcfg, device)
     # the rules' LRs are for the rules' batch; a --total-batch-size far from it may want other LRs too
     for k, v in hyperparams_for(mcfg).items():

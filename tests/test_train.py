@@ -89,6 +89,18 @@ def test_budgets_pick_the_same_token_count(data_dir, tmp_path):
     assert cfg["tokens"] == 4096
 
 
+def test_short_window_flag_sets_the_s_layers_span(data_dir):
+    """--short-window reaches the model; unset, a CPU run keeps GPTConfig's quarter of the context
+    (here 64 // 4 rounded up to 128: a full causal layer)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    for extra, windows in (([], [None, None]), (["--short-window", "8"], [8, None])):
+        cfg = train.resolve_config(p.parse_args(TINY + ["--data", str(data_dir)] + extra), torch.device("cpu"))
+        assert train.setup(cfg, torch.device("cpu")).model.windows == windows
+
+
 def test_time_budget_stops_on_time(data_dir, tmp_path, capsys):
     run_train(data_dir, tmp_path / "run", "--time-budget", "3")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -355,6 +367,7 @@ def test_presets_and_the_depth_dial(monkeypatch):
         monkeypatch.setattr(train, "_gpu_memory", lambda device: gib * 2**30)
         d8 = train.resolve_config(p.parse_args([]), gpu)
         assert (d8["depth"], d8["total_batch_size"], d8["seq_len"], d8["time_budget"]) == (8, 2**19, 2048, 300.0)
+        assert (d8["window_pattern"], d8["short_window"]) == ("SSSL", 1024)  # autoresearch's windows
         assert d8["device_batch_size"] == rows
         d20 = train.resolve_config(p.parse_args(["--depth", "d20", "--tokens", "1e9"]), gpu)
         assert "total_batch_size" not in d20 and "time_budget" not in d20  # scaling rules; --tokens is the budget
