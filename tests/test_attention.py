@@ -160,7 +160,7 @@ def test_cuda_backends_match_float64_reference_in_bf16(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN backend needs a GPU")
-def test_cudnn_attention_reads_views_into_one_qkv_buffer():
+def test_cuda_cudnn_attention_reads_views_into_one_qkv_buffer():
     """q, k and v as views into one [B, T, (Hq + 2 Hkv) * D] buffer, as a single q/k/v matmul leaves
     them (not dense: rows lie (Hq + 2 Hkv) * D apart). Outputs and gradients are allocated dense;
     cuDNN must be told their own strides, not the inputs' (it wrote out of bounds before)."""
