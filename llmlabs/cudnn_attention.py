@@ -63,15 +63,14 @@ def _graph(tensors, window, scale, backward):
     if backward:
         outs = g.sdpa_backward(q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"], stats=t["stats"],
                                attn_scale=scale, use_causal_mask=True, **band)
-        for out, name in zip(outs, ("dq", "dk", "dv")):  # each described by its own buffer's strides:
-            dim, stride = _bhsd(tensors[name])          # q/k/v may be views into a wider one
-            out.set_output(True).set_dim(dim).set_stride(stride)
+        like = (t["q"], t["k"], t["v"])
+        for out, ref in zip(outs, like):
+            out.set_output(True).set_dim(ref.get_dim()).set_stride(ref.get_stride())
         t["dq"], t["dk"], t["dv"] = outs
     else:
         o, stats = g.sdpa(q=t["q"], k=t["k"], v=t["v"], generate_stats=True, attn_scale=scale,
                           use_causal_mask=True, **band)
-        dim, stride = _bhsd(tensors["o"])
-        o.set_output(True).set_dim(dim).set_stride(stride)
+        o.set_output(True).set_dim(t["q"].get_dim()).set_stride(t["q"].get_stride())
         stats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
         t["o"], t["stats"] = o, stats
     g.validate()
