@@ -63,14 +63,15 @@ def _graph(tensors, window, scale, backward):
     if backward:
         outs = g.sdpa_backward(q=t["q"], k=t["k"], v=t["v"], o=t["o"], dO=t["do"], stats=t["stats"],
                                attn_scale=scale, use_causal_mask=True, **band)
-        like = (t["q"], t["k"], t["v"])
-        for out, ref in zip(outs, like):
-            out.set_output(True).set_dim(ref.get_dim()).set_stride(ref.get_stride())
+        for out, name in zip(outs, ("dq", "dk", "dv")):  # each described by its own buffer's strides:
+            dim, stride = _bhsd(tensors[name])          # q/k/v may be views into a wider one
+            out.set_output(True).set_dim(dim).set_stride(stride)
         t["dq"], t["dk"], t["dv"] = outs
     else:
         o, stats = g.sdpa(q=t["q"], k=t["k"], v=t["v"], generate_stats=True, attn_scale=scale,
                           use_causal_mask=True, **band)
-        o.set_output(True).set_dim(t["q"].get_dim()).set_stride(t["q"].get_stride())
+        dim, stride = _bhsd(tensors["o"])
+        o.set_output(True).set_dim(dim).set_stride(stride)
         stats.set_output(True).set_data_type(cudnn.data_type.FLOAT)
         t["o"], t["stats"] = o, stats
     g.validate()
@@ -150,8 +151,8 @@ def usable(dtype) -> bool:
     q = torch.empty(1, 256, 2, 64, device="meta", dtype=dtype)
     stats = torch.empty(1, 2, 256, 1, device="meta", dtype=torch.float32)
     try:
-        _build(dict(q=q, k=q, v=q), 64, 0.125, backward=False)
-        _build(dict(q=q, k=q, v=q, o=q, do=q, stats=stats), 64, 0.125, backward=True)
+        _build(dict(q=q, k=q, v=q, o=q), 64, 0.125, backward=False)
+        _build(dict(q=q, k=q, v=q, o=q, do=q, stats=stats, dq=q, dk=q, dv=q), 64, 0.125, backward=True)
         return True
-    except Exception:  # cudnnGraphNotSupportedError and the like: another backend is used
-        return False
+    except (cudnn.cudnnGraphNotSupportedError, RuntimeError):  # this cuDNN lacks the graph: another
+        return False  # backend is used. Only cuDNN's errors: a bug of ours here must raise, not hide

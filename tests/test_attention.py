@@ -142,7 +142,7 @@ def test_describe_plans_for_a_device():
 def test_cuda_backends_match_float64_reference_in_bf16(backend):
     if backend == "fa3" and attn._load_fa3() is None:
         pytest.skip("FA3 is not importable here")  # reported by name in the pytest summary
-    if backend == "cudnn" and not cudnn_attention.usable(torch.bfloat16):
+    if backend == "cudnn" and cudnn_attention.cudnn is None:
         pytest.skip("cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)")
     attn.set_backend(backend)
     for T, window, Hq, Hkv in CASES:
@@ -157,3 +157,40 @@ def test_cuda_backends_match_float64_reference_in_bf16(backend):
                                    ("dv", v.grad, v64.grad)):
             err = (ours.double() - theirs).norm() / theirs.norm()
             assert err < 2e-2, (backend, T, window, name, err.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN backend needs a GPU")
+def test_cuda_cudnn_probe_passes_where_the_frontend_imports():
+    """On Hopper with cudnn-frontend installed the window graphs build: usable() False here means
+    the probe itself broke and every window layer would silently fall back to flex."""
+    if cudnn_attention.cudnn is None:
+        pytest.skip("cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)")
+    assert cudnn_attention.usable(torch.bfloat16) and cudnn_attention.usable(torch.float16)
+    if attn._load_fa3() is None:  # auto prefers FA3 where it imports
+        assert attn.describe("cuda", torch.bfloat16)["window"] == "cudnn"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN backend needs a GPU")
+def test_cuda_cudnn_attention_reads_views_into_one_qkv_buffer():
+    """q, k and v as views into one [B, T, (Hq + 2 Hkv) * D] buffer, as a single q/k/v matmul leaves
+    them (not dense: rows lie (Hq + 2 Hkv) * D apart). Outputs and gradients are allocated dense;
+    cuDNN must be told their own strides, not the inputs' (it wrote out of bounds before)."""
+    if cudnn_attention.cudnn is None:
+        pytest.skip("cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)")
+    attn.set_backend("cudnn")
+    B, T, Hq, Hkv, D, window = 2, 300, 4, 2, 64, 77
+    g = torch.Generator().manual_seed(31)
+    buf = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=g).cuda().bfloat16().requires_grad_(True)
+    q, k, v = (x.view(B, T, -1, D) for x in buf.split((Hq * D, Hkv * D, Hkv * D), -1))
+    assert not v.is_contiguous()
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    dout = torch.randn(B, T, Hq, D, generator=g, dtype=torch.float64).cuda()
+    out = attn.attention(q, k, v, window)
+    (out.double() * dout).sum().backward()
+    ref = reference(q64, k64, v64, window, D**-0.5)
+    (ref * dout).sum().backward()
+    grads = buf.grad.split((Hq * D, Hkv * D, Hkv * D), -1)
+    for name, ours, theirs in (("out", out, ref), ("dq", grads[0], q64.grad), ("dk", grads[1], k64.grad),
+                               ("dv", grads[2], v64.grad)):
+        theirs = theirs.reshape(ours.shape)
+        assert (ours.double() - theirs).norm() / theirs.norm() < 2e-2, name
