@@ -35,11 +35,13 @@ CPU_PRESET = dict(depth=4, aspect_ratio=32, head_dim=32, seq_len=256, window_pat
                   matrix_lr=0.04, embedding_lr=0.6, unembedding_lr=0.016, scalar_lr=0.5, weight_decay=0.0)
 GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_pattern="SSSL", short_window=1024,
                   total_batch_size=2**19, device_batch_size=64, time_budget=300.0, eval_tokens=2**21)
-# GPUs with at least this much memory (H100, H200, A100 80GB) run the preset's model with twice its
-# rows: half the accumulation steps, the same math. d8 on an H200: 279.1 -> 275.0 ms a step, peak
-# 22.6 -> 44.2 GB (bench/NOTES.md round 5); a 24-48 GB card keeps 64 rows. Other depths still scale
-# from 64 rows: their memory at twice the rows is unmeasured.
-BIG_GPU_GIB = 64
+# Twice the rows where they fit: half the accumulation steps, the same math, fewer and larger kernels.
+# On an H200 (bench/NOTES.md rounds 5-7): d8 128 vs 64 rows 279.1 -> 275.0 ms a step, d12 64 vs 32
+# -2.2%, d20 32 vs 16 5694.8 -> 5627.9 ms. Their peaks, 44.2, 45.7 and 64.1 GB, are 38-41 bytes per
+# layer x row x channel x position; the rows double where 40 such bytes fit in 80% of the GPU: d8 on a
+# 48 GB card keeps 64 rows, d20 on an 80 GB H100 takes 32, d26 takes 32 only on an H200.
+ACT_BYTES = 40
+MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
 UNTIMED_STEPS = 2        # compiled runs: steps not charged to --time-budget (torch.compile runs in them)
@@ -117,23 +119,27 @@ def resolve_config(args, device):
     With no --depth the preset is a fixed experiment, batch and learning rates included. With --depth
     the preset only supplies the shape (aspect, head size, context, windows) and the budget; batch,
     learning rates and decay come from the scaling rules, and the device batch shrinks as the width
-    grows, so activation memory stays near the preset's. On a GPU of BIG_GPU_GIB or more the preset's
-    own model takes twice the rows."""
+    grows, so activation memory stays near the preset's. Unless --device-batch-size is given, a GPU
+    where the estimate says twice the rows fit takes them (ACT_BYTES)."""
     preset = dict(GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     cfg = {k: v for k, v in vars(args).items() if v is not None}
     if any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio")):
         del preset["time_budget"]
+    rows_given = "device_batch_size" in cfg
     if "depth" in cfg and cfg["depth"] != preset["depth"]:
         for k in EXPERIMENT_KEYS:
             preset.pop(k, None)
-        if "device_batch_size" not in cfg:
+        if not rows_given:
             width = preset["depth"] * preset["aspect_ratio"]
             new_width = cfg["depth"] * cfg.get("aspect_ratio", preset["aspect_ratio"])
             cfg["device_batch_size"] = max(1, 2 ** math.floor(math.log2(preset["device_batch_size"] * width / new_width)))
-    elif device.type == "cuda" and _gpu_memory(device) >= BIG_GPU_GIB * 2**30:
-        preset["device_batch_size"] *= 2  # the preset's own model only: measured there, not at other depths
     for k, v in preset.items():
         cfg.setdefault(k, v)
+    if device.type == "cuda" and not rows_given:
+        width = cfg["depth"] * cfg["aspect_ratio"]
+        doubled = ACT_BYTES * cfg["depth"] * 2 * cfg["device_batch_size"] * width * cfg["seq_len"]
+        if doubled <= MEM_FRACTION * _gpu_memory(device):
+            cfg["device_batch_size"] *= 2
     return cfg
 
 

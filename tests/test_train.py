@@ -356,23 +356,28 @@ def test_cuda_compiled_and_eager_runs_agree(data_dir, tmp_path):
 def test_presets_and_the_depth_dial(monkeypatch):
     """No --depth: the hardware preset is a fixed experiment (GPU: the autoresearch d8 run with its
     2^19 batch). With --depth: the batch comes from the scaling rules and the device batch shrinks
-    with the width. A GPU of 64 GiB or more doubles the preset model's rows (the same total batch),
-    not those of other depths."""
+    with the width. Where twice the rows fit (40 bytes per layer x row x channel x position in 80%
+    of the GPU) they double, at any depth, the total batch unchanged; given rows are kept."""
     import argparse
 
     p = argparse.ArgumentParser()
     train.add_args(p)
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    for gib, rows in ((24, 64), (80, 128)):  # 64 rows at width 512 -> 16 at width 1280
+    # 64 rows at width 512 -> 16 at width 1280 and 1664; d8 at 128 rows needs 42.9 GB, d20 at 32
+    # 67.1 GB, d26 at 32 113.4 GB
+    for gib, d8_rows, d20_rows, d26_rows in ((24, 64, 16, 16), (48, 64, 16, 16), (80, 128, 32, 16), (141, 128, 32, 32)):
         monkeypatch.setattr(train, "_gpu_memory", lambda device: gib * 2**30)
         d8 = train.resolve_config(p.parse_args([]), gpu)
         assert (d8["depth"], d8["total_batch_size"], d8["seq_len"], d8["time_budget"]) == (8, 2**19, 2048, 300.0)
         assert (d8["window_pattern"], d8["short_window"]) == ("SSSL", 1024)  # autoresearch's windows
-        assert d8["device_batch_size"] == rows
+        assert d8["device_batch_size"] == d8_rows
         d20 = train.resolve_config(p.parse_args(["--depth", "d20", "--tokens", "1e9"]), gpu)
         assert "total_batch_size" not in d20 and "time_budget" not in d20  # scaling rules; --tokens is the budget
-        assert d20["device_batch_size"] == 16
+        assert d20["device_batch_size"] == d20_rows
+        assert train.resolve_config(p.parse_args(["--depth", "26"]), gpu)["device_batch_size"] == d26_rows
         assert train.resolve_config(p.parse_args(["--device-batch-size", "32"]), gpu)["device_batch_size"] == 32
+        short = train.resolve_config(p.parse_args(["--depth", "20", "--seq-len", "1024"]), gpu)
+        assert short["device_batch_size"] == 32 if gib >= 48 else 16  # half the positions, half the bytes
     small = train.resolve_config(p.parse_args(["--device-batch-size", "3"]), cpu)
     assert small["device_batch_size"] == 3 and small["depth"] == train.CPU_PRESET["depth"]
 
