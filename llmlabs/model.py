@@ -11,18 +11,18 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 - learnable per-layer residual and x0 (initial embedding) scalars (modded-nanogpt)
 - tanh logit softcap (Gemma 2, arXiv 2408.00118); grouped-query attention (arXiv 2305.13245)
 
-Speed (bench/NOTES.md), both only in a compiled forward: under autocast the residual stream is kept
+Speed (bench/NOTES.md), all only in a compiled forward: under autocast the residual stream is kept
 in the autocast dtype (bf16), not float32, which halves the bytes every norm and residual add moves;
 the training loss is one fused softcap + cross-entropy that reads the bf16 logits and never writes a
 float32 copy (on a GPU, one Triton kernel after lm_head writes the loss and its gradient together:
-triton_loss.py).
+triton_loss.py), and on a GPU the MLP's ReLU^2 runs inside its matmuls' epilogues (triton_mlp.py).
 
 Built on the meta device, then materialised and initialised explicitly: `build_model`."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmlabs import triton_loss, triton_rope_norm
+from llmlabs import triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.attention import attention
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
@@ -136,6 +136,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
+        if torch.compiler.is_compiling() and triton_mlp.usable(x, self.c_fc.weight):
+            return triton_mlp.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)  # ReLU^2 in the matmuls
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmlabs.model as model_module
-from llmlabs import triton_loss, triton_rope_norm
+from llmlabs import triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
 from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
@@ -190,6 +190,40 @@ def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
         assert y.dtype == dtype and x.grad.dtype == dtype
         assert (y.double() - ref).norm() / ref.norm() < tol
         assert (x.grad.double() - x64.grad).norm() / x64.grad.norm() < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ReLU^2 matmuls run on a CUDA GPU")
+@pytest.mark.parametrize("shape", [(3, 37, 128), (2, 256, 512)])
+def test_triton_relu2_mlp_matches_float64_reference_on_cuda(shape):
+    # 3 x 37 rows: ragged row and column blocks; float32 weights and input under bf16 autocast, as
+    # the model runs; then the compiled MLP module, which takes this path
+    g = torch.Generator().manual_seed(28)
+    B, T, C = shape
+    x = torch.randn(shape, generator=g).cuda().requires_grad_(True)
+    w_fc = (torch.randn(4 * C, C, generator=g) * C**-0.5).cuda().requires_grad_(True)
+    w_proj = (torch.randn(C, 4 * C, generator=g) * (4 * C) ** -0.5).cuda().requires_grad_(True)
+    upstream = torch.randn(B, T, C, generator=g, dtype=torch.float64).cuda()
+    x64, fc64, proj64 = (t.detach().double().requires_grad_(True) for t in (x, w_fc, w_proj))
+    ref = F.relu(x64 @ fc64.t()).square() @ proj64.t()
+    (ref * upstream).sum().backward()
+    mlp = model_module.MLP(GPTConfig(n_embd=C), 0).cuda()
+    with torch.no_grad():
+        mlp.c_fc.weight.copy_(w_fc)
+        mlp.c_proj.weight.copy_(w_proj)
+    compiled = torch.compile(mlp, fullgraph=True)
+    for run, params in ((lambda x: triton_mlp.relu2_mlp(x, w_fc, w_proj), (w_fc, w_proj)),
+                        (compiled, (mlp.c_fc.weight, mlp.c_proj.weight))):
+        x.grad = None
+        with torch.autocast("cuda", torch.bfloat16):
+            assert triton_mlp.usable(x, w_fc)
+            y = run(x)
+        (y.double() * upstream).sum().backward()
+        assert y.dtype == torch.bfloat16 and x.grad.dtype == params[0].grad.dtype == torch.float32
+        for ours, theirs in ((y, ref), (x.grad, x64.grad), (params[0].grad, fc64.grad), (params[1].grad, proj64.grad)):
+            assert (ours.double() - theirs).norm() / theirs.norm() < 1e-2
+    with torch.profiler.profile() as prof, torch.autocast("cuda", torch.bfloat16):
+        compiled(x)
+    assert any("llmlabs::relu2_mlp" in e.name for e in prof.events())  # the compiled module took this path
 
 
 def test_fused_softcap_cross_entropy_passes_gradcheck():
