@@ -39,7 +39,8 @@ GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_p
 # On an H200 (bench/NOTES.md rounds 5-7): d8 128 vs 64 rows 279.1 -> 275.0 ms a step, d12 64 vs 32
 # -2.2%, d20 32 vs 16 5694.8 -> 5627.9 ms. Their peaks, 44.2, 45.7 and 64.1 GB, are 38-41 bytes per
 # layer x row x channel x position; the rows double where 40 such bytes fit in 80% of the GPU: d8 on a
-# 48 GB card keeps 64 rows, d20 on an 80 GB H100 takes 32, d26 takes 32 only on an H200.
+# 48 GB card keeps 64 rows, d20 on an 80 GB H100 takes 32, d26 takes 32 only on an H200. (With
+# triton_mlp keeping only h the peaks fell to 36.1, 36.5 and 51.2 GB, 30-34 bytes: 40 leaves room.)
 ACT_BYTES = 40
 MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
