@@ -23,7 +23,8 @@ if triton is not None:
     # tiles whose pipeline fits twice in an SM's 228 KB of shared memory (2-3 stages) let one tile's
     # stores overlap another's loads. d8 on an H200 (bench/NOTES.md round 7): the first five configs
     # ran 1.55 ms a matmul (355 TFLOP/s), all ten 1.48 ms (372; picked: 256x128 forward, 128x128 at
-    # 4 warps backward); cuBLAS runs the same shape in ~0.95 ms. A persistent TMA kernel: branch speed/triton-mlp-tma.
+    # 4 warps backward); cuBLAS runs the same shape in ~0.95 ms. Branch speed/triton-mlp-tma adds a
+    # persistent TMA kernel (unmeasured).
     CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8), num_stages=s, num_warps=w)
                for bm, bn, s, w in ((128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 4), (128, 128, 4, 8),
                                     (64, 256, 4, 4), (128, 256, 2, 8), (128, 128, 3, 8), (128, 128, 3, 4),
