@@ -32,6 +32,20 @@ def block_weights(c):
             "attn_proj": (c.n_embd, q), "mlp_fc": (4 * c.n_embd, c.n_embd), "mlp_proj": (c.n_embd, 4 * c.n_embd)}
 
 
+def depth_run(depth, device) -> dict:
+    """The configuration `llmlabs train --depth D` resolves to on this GPU (rows, seq len, widths)."""
+    parser = argparse.ArgumentParser()
+    train.add_args(parser)
+    return train.resolve_config(parser.parse_args(["--depth", str(depth)]), device)
+
+
+def header(peak) -> dict:
+    """The fields each JSON line starts with: date, device, torch, commit, the exact command, peak."""
+    return dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(), torch=torch.__version__,
+                commit=_commit(), command="PYTHONPATH=. python3 " + " ".join(sys.argv),
+                peak_tflops=peak / 1e12 if peak else None)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, nargs="+", default=[8, 12, 20])
@@ -41,12 +55,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/gemm_shapes.py times CUDA matmuls: run it on a machine with a GPU")
     device, *_ = compute_init("cuda")
-    parser = argparse.ArgumentParser()
-    train.add_args(parser)
     peak = peak_flops(device)
     rows = []
     for depth in args.depth:
-        cfg = train.resolve_config(parser.parse_args(["--depth", str(depth)]), device)
+        cfg = depth_run(depth, device)
         c = config_for_depth(depth, sequence_len=cfg["seq_len"], aspect_ratio=cfg["aspect_ratio"],
                              head_dim=cfg["head_dim"])
         M = cfg["device_batch_size"] * cfg["seq_len"]
@@ -63,10 +75,7 @@ def main():
                                      ms=round(ms, 4), tflops=round(2 * M * N * K / ms / 1e9, 1)))
             del x, w, dy
     torch.backends.cuda.preferred_blas_library("default")
-    head = dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=_commit(), command="PYTHONPATH=. python3 " + " ".join(sys.argv),
-                peak_tflops=peak / 1e12 if peak else None)
-    record(args.out, head, rows)
+    record(args.out, header(peak), rows)
     print(f"{'depth':>5} {'M':>7} {'weight':<10} {'N x K':>11} {'blas':<9} {'fwd TF/s':>9} {'dx TF/s':>8} {'dW TF/s':>8}"
           f" {'3 ms':>7}")
     for i in range(0, len(rows), 3):

@@ -9,14 +9,13 @@ rows per micro-batch x seq len = M tokens), float32 weights and input under bf16
 training. FLOPs: 3 x (2 matmuls x 2 M C 4C). Each time is the median of --reps runs (CUDA events)."""
 import argparse
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from attention_speed import record, timed  # bench/ is the script's own directory, first on sys.path
-from train_speed import _commit
-from llmlabs import train, triton_mlp
+from gemm_shapes import depth_run, header
+from llmlabs import triton_mlp
 from llmlabs.common import compute_init, peak_flops
 from llmlabs.config import GPTConfig
 from llmlabs.model import MLP
@@ -31,12 +30,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/mlp_speed.py times CUDA kernels: run it on a machine with a GPU")
     device, *_ = compute_init("cuda")
-    parser = argparse.ArgumentParser()
-    train.add_args(parser)
     peak = peak_flops(device)
     rows = []
     for depth in args.depth:
-        cfg = train.resolve_config(parser.parse_args(["--depth", str(depth)]), device)
+        cfg = depth_run(depth, device)
         C, M = depth * cfg["aspect_ratio"], cfg["device_batch_size"] * cfg["seq_len"]
         mlp = MLP(GPTConfig(n_embd=C), 0).cuda()
         torch.nn.init.normal_(mlp.c_proj.weight, std=C**-0.5)  # not the zero init: real gradients
@@ -55,10 +52,7 @@ def main():
             rows.append(dict(depth=depth, M=M, C=C, variant=name, ms=round(ms, 3),
                              tflops=round(48 * M * C * C / ms / 1e9, 1)))
         del x, dy, mlp, variants
-    head = dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(), torch=torch.__version__,
-                commit=_commit(), command="PYTHONPATH=. python3 " + " ".join(sys.argv),
-                peak_tflops=peak / 1e12 if peak else None)
-    record(args.out, head, rows)
+    record(args.out, header(peak), rows)
     print(f"{'depth':>5} {'M':>7} {'C':>5} {'variant':<11} {'ms':>8} {'TFLOP/s':>8}")
     for r in rows:
         print(f"{r['depth']:>5} {r['M']:>7} {r['C']:>5} {r['variant']:<11} {r['ms']:>8.3f} {r['tflops']:>8}")
