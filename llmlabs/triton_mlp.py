@@ -6,7 +6,10 @@ before the single store, so the pre-activation never reaches memory; then y = h 
 Backward keeps only h, because relu(a) = sqrt(h): dL/da = 2 sqrt(h) * (dy W2) comes out of a
 second Triton matmul, whose epilogue reads h; dW2 = dy^T h, dx = da W1 and dW1 = da^T x stay on
 cuBLAS. Inductor instead writes the pre-activation and runs two pointwise passes over
-[tokens, 4 x width] (19.8 ms of a 281.5 ms d8 step on an H200, bench/NOTES.md round 7)."""
+[tokens, 4 x width] (19.8 ms of a 281.5 ms d8 step on an H200, bench/NOTES.md round 7).
+
+Two kernels do each matmul: a plain tiled loop over pointers, and a persistent one with TMA loads
+and stores whose programs walk many tiles; the first call at a shape times both and keeps the faster."""
 import torch
 
 try:
@@ -19,12 +22,30 @@ BLOCK_K = 64  # the reduction dimension (the model width) must be a multiple of 
 RELU2, TIMES_2SQRT = 0, 1  # the epilogues
 
 if triton is not None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def _tile(t, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        # tile t -> (row block, column block): GROUP_M row blocks walk the columns together, so the
+        # weight's tiles stay in L2 while they are reused
+        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+        per_group = GROUP_M * grid_n
+        first_m = (t // per_group) * GROUP_M
+        rows_here = min(grid_m - first_m, GROUP_M)
+        return first_m + (t % per_group) % rows_here, (t % per_group) // rows_here
+
+    @triton.jit
+    def _epilogue(acc, h, EPILOGUE: tl.constexpr):
+        if EPILOGUE == 0:  # RELU2
+            acc = tl.maximum(acc, 0.0)
+            return acc * acc
+        return acc * 2.0 * tl.sqrt(h.to(tl.float32))  # TIMES_2SQRT: 2 relu(a) from h = relu(a)^2
+
     # With K = the width (512 at d8) a tile runs only K / 64 steps, so its prologue and epilogue count:
     # tiles whose pipeline fits twice in an SM's 228 KB of shared memory (2-3 stages) let one tile's
     # stores overlap another's loads. d8 on an H200 (bench/NOTES.md round 7): the first five configs
     # ran 1.55 ms a matmul (355 TFLOP/s), all ten 1.48 ms (372; picked: 256x128 forward, 128x128 at
-    # 4 warps backward); cuBLAS runs the same shape in ~0.95 ms. Branch speed/triton-mlp-tma adds a
-    # persistent TMA kernel (unmeasured).
+    # 4 warps backward); cuBLAS runs the same shape in ~0.95 ms.
     CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8), num_stages=s, num_warps=w)
                for bm, bn, s, w in ((128, 256, 3, 8), (256, 128, 3, 8), (128, 128, 4, 4), (128, 128, 4, 8),
                                     (64, 256, 4, 4), (128, 256, 2, 8), (128, 128, 3, 8), (128, 128, 3, 4),
@@ -36,13 +57,7 @@ if triton is not None:
                        EPILOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        GROUP_M: tl.constexpr):
         # c [M, N] = epilogue(a [M, K] @ b [K, N]); a and c row-major, b by its strides (W^T or W)
-        pid = tl.program_id(0)
-        grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        per_group = GROUP_M * grid_n  # GROUP_M row blocks walk the columns together: b stays in L2
-        first_m = (pid // per_group) * GROUP_M
-        rows_here = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows_here
-        pid_n = (pid % per_group) // rows_here
+        pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -56,30 +71,96 @@ if triton is not None:
             b += BK * stride_bk
         at = rm.to(tl.int64)[:, None] * N + rn[None, :]
         ok = (rm < M)[:, None] & (rn < N)[None, :]
-        if EPILOGUE == 0:  # RELU2
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
-        else:  # TIMES_2SQRT: the gradient of relu(a)^2, 2 relu(a), from h = relu(a)^2
-            h = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            acc = acc * 2.0 * tl.sqrt(h)
-        tl.store(c_ptr + at, acc.to(c_ptr.dtype.element_ty), mask=ok)
+        if EPILOGUE == 1:
+            h = tl.load(h_ptr + at, mask=ok, other=0.0)
+        else:
+            h = acc  # unread
+        tl.store(c_ptr + at, _epilogue(acc, h, EPILOGUE).to(c_ptr.dtype.element_ty), mask=ok)
+
+    def _tma_blocks(nargs):  # the descriptors' block shapes follow the config being run
+        BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
+        nargs["a_desc"].block_shape = [BM, BK]
+        nargs["b_desc"].block_shape = [BN, BK] if nargs["B_NK"] else [BK, BN]
+        nargs["c_desc"].block_shape = nargs["h_desc"].block_shape = [BM, BN]
+
+    TMA_CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8), num_stages=s, num_warps=w,
+                                 pre_hook=_tma_blocks)
+                   for bm, bn, s, w in ((128, 256, 3, 8), (128, 256, 2, 8), (256, 128, 3, 8), (128, 128, 4, 8),
+                                        (128, 128, 3, 4), (128, 128, 4, 4))]
+
+    @triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K", "EPILOGUE"])
+    @triton.jit
+    def _tma_kernel(a_desc, b_desc, c_desc, h_desc, M, N, K, EPILOGUE: tl.constexpr, B_NK: tl.constexpr,
+                    NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+        # Persistent: one program per SM walks the tiles NUM_SMS apart, and the flattened loop lets
+        # the pipeliner issue the next tile's TMA loads while this tile's epilogue runs. TMA zero-fills
+        # reads past the edges and clips the stores there. b is W [N, K] (B_NK) or W [K, N].
+        tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+        done = tl.program_id(0) - NUM_SMS  # a second tile counter for the epilogue (the pipeliner's
+        for t in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):  # values stay per stage)
+            pid_m, pid_n = _tile(t, M, N, BM, BN, GROUP_M)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):
+                a = a_desc.load([pid_m * BM, k])
+                if B_NK:
+                    b = b_desc.load([pid_n * BN, k]).T
+                else:
+                    b = b_desc.load([k, pid_n * BN])
+                acc = tl.dot(a, b, acc)
+            done += NUM_SMS
+            pid_m, pid_n = _tile(done, M, N, BM, BN, GROUP_M)
+            if EPILOGUE == 1:
+                h = h_desc.load([pid_m * BM, pid_n * BN])
+            else:
+                h = acc  # unread
+            c_desc.store([pid_m * BM, pid_n * BN], _epilogue(acc, h, EPILOGUE).to(c_desc.dtype))
 
 
-def _matmul(a, b_kn, epilogue, h=None):
-    """epilogue(a [M, K] @ b_kn [K, N]) in a's dtype; b_kn may be a transposed view (W^T)."""
+def _pointer_matmul(a, w, w_is_nk, epilogue, h):
+    b = w.t() if w_is_nk else w  # [K, N], a view
     M, K = a.shape
-    N = b_kn.size(1)
+    N = b.size(1)
     c = a.new_empty(M, N)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    _matmul_kernel[grid](a, b_kn, c, c if h is None else h, M, N, K, a.stride(0), b_kn.stride(0),
-                         b_kn.stride(1), EPILOGUE=epilogue)
+    _matmul_kernel[grid](a, b, c, c if h is None else h, M, N, K, a.stride(0), b.stride(0), b.stride(1),
+                         EPILOGUE=epilogue)
     return c
+
+
+def _tma_matmul(a, w, w_is_nk, epilogue, h):
+    M, K = a.shape
+    N = w.size(0) if w_is_nk else w.size(1)
+    c = a.new_empty(M, N)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    desc = lambda t: TensorDescriptor.from_tensor(t, [64, 64])  # noqa: E731  (blocks: _tma_blocks)
+    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)  # noqa: E731
+    _tma_kernel[grid](desc(a), desc(w), desc(c), desc(c if h is None else h), M, N, K, EPILOGUE=epilogue,
+                      B_NK=w_is_nk, NUM_SMS=sms)
+    return c
+
+
+KERNELS = {"pointer": _pointer_matmul, "tma": _tma_matmul}
+_chosen = {}  # (shapes, dtype, layout, epilogue) -> the kernel that ran it fastest here
+
+
+def _matmul(a, w, w_is_nk, epilogue, h=None):
+    """epilogue(a [M, K] @ W^T) for w = W [N, K] (w_is_nk), or epilogue(a @ w) for w [K, N], in a's
+    dtype. Each kernel autotunes its own configs; the first call of a shape then times the two
+    kernels' best against each other (triton.testing.do_bench) and keeps the faster."""
+    key = (a.shape, w.shape, a.dtype, w_is_nk, epilogue)
+    if key not in _chosen:
+        runs = {name: (lambda f=f: f(a, w, w_is_nk, epilogue, h)) for name, f in KERNELS.items()}
+        for run in runs.values():
+            run()  # each autotunes its configs here, outside the timing
+        _chosen[key] = min(runs, key=lambda name: triton.testing.do_bench(runs[name]))
+    return KERNELS[_chosen[key]](a, w, w_is_nk, epilogue, h)
 
 
 @torch.library.custom_op("llmlabs::relu2_mlp", mutates_args=(), device_types="cuda")
 def _forward(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = x.reshape(-1, x.size(-1))
-    h = _matmul(x2, w_fc.to(x.dtype).t(), RELU2)
+    h = _matmul(x2, w_fc.to(x.dtype), True, RELU2)
     y = h @ w_proj.to(x.dtype).t()
     return y.view(*x.shape[:-1], -1), h
 
@@ -94,7 +175,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: tor
               h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x2 = x.reshape(-1, x.size(-1))
     dy2 = dy.reshape(-1, dy.size(-1)).to(x.dtype).contiguous()
-    da = _matmul(dy2, w_proj.to(x.dtype), TIMES_2SQRT, h)
+    da = _matmul(dy2, w_proj.to(x.dtype), False, TIMES_2SQRT, h)
     dw_proj = (dy2.t() @ h).to(w_proj.dtype)
     dw_fc = (da.t() @ x2).to(w_fc.dtype)
     return (da @ w_fc.to(x.dtype)).view(x.shape), dw_fc, dw_proj

@@ -193,6 +193,24 @@ def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ReLU^2 matmuls run on a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+def test_each_triton_mlp_kernel_matches_float64_on_cuda(kernel):
+    # 300 x 200 outputs: ragged row and column tiles for every config; the persistent kernel walks
+    # several tiles per program. Both epilogues, both weight layouts
+    g = torch.Generator().manual_seed(29)
+    M, C, N = 300, 128, 200
+    x, dy = (torch.randn(M, C, generator=g).cuda().bfloat16() for _ in range(2))
+    w1 = (torch.randn(N, C, generator=g) * C**-0.5).cuda().bfloat16()
+    w2 = (torch.randn(C, N, generator=g) * C**-0.5).cuda().bfloat16()
+    a = x.double() @ w1.double().t()
+    f = triton_mlp.KERNELS[kernel]
+    h = f(x, w1, True, triton_mlp.RELU2, None)
+    da = f(dy, w2, False, triton_mlp.TIMES_2SQRT, h)
+    for ours, theirs in ((h, F.relu(a).square()), (da, (dy.double() @ w2.double()) * 2 * F.relu(a))):
+        assert ours.shape == theirs.shape and (ours.double() - theirs).norm() / theirs.norm() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ReLU^2 matmuls run on a CUDA GPU")
 @pytest.mark.parametrize("shape", [(3, 37, 128), (2, 256, 512)])
 def test_triton_relu2_mlp_matches_float64_reference_on_cuda(shape):
     # 3 x 37 rows: ragged row and column blocks; float32 weights and input under bf16 autocast, as
