@@ -81,24 +81,39 @@ if triton is not None:
         BM, BN, BK = nargs["BM"], nargs["BN"], nargs["BK"]
         nargs["a_desc"].block_shape = [BM, BK]
         nargs["b_desc"].block_shape = [BN, BK] if nargs["B_NK"] else [BK, BN]
-        nargs["c_desc"].block_shape = nargs["h_desc"].block_shape = [BM, BN]
+        nargs["c_desc"].block_shape = nargs["h_desc"].block_shape = [BM, BN // nargs["SPLIT"]]
 
-    TMA_CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8), num_stages=s, num_warps=w,
-                                 pre_hook=_tma_blocks)
-                   for bm, bn, s, w in ((128, 256, 3, 8), (128, 256, 2, 8), (256, 128, 3, 8), (128, 128, 4, 8),
-                                        (128, 128, 3, 4), (128, 128, 4, 4))]
+    # SPLIT 2 stores (and reads h) in two [BM, BN / 2] halves: half the epilogue's shared memory, so
+    # 128 x 256 tiles keep 3 stages in the backward. PER_SM 2 runs two programs on each SM, whose
+    # small tiles fit twice in its shared memory: one's epilogue runs while the other's MMAs do.
+    TMA_CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8, SPLIT=split, PER_SM=per_sm),
+                                 num_stages=s, num_warps=w, pre_hook=_tma_blocks)
+                   for bm, bn, s, w, split, per_sm in (
+                       (128, 256, 3, 8, 1, 1), (128, 256, 2, 8, 1, 1), (256, 128, 3, 8, 1, 1), (128, 128, 4, 8, 1, 1),
+                       (128, 128, 3, 4, 1, 1), (128, 128, 4, 4, 1, 1), (128, 256, 3, 8, 2, 1), (128, 256, 4, 8, 2, 1),
+                       (128, 128, 2, 4, 2, 2), (128, 128, 3, 4, 2, 2), (128, 128, 2, 8, 2, 2))]
+
+    @triton.jit
+    def _tma_store(c_desc, h_desc, m, n, acc, EPILOGUE: tl.constexpr):
+        if EPILOGUE == 1:
+            h = h_desc.load([m, n])
+        else:
+            h = acc  # unread
+        c_desc.store([m, n], _epilogue(acc, h, EPILOGUE).to(c_desc.dtype))
 
     @triton.autotune(configs=TMA_CONFIGS, key=["M", "N", "K", "EPILOGUE"])
     @triton.jit
     def _tma_kernel(a_desc, b_desc, c_desc, h_desc, M, N, K, EPILOGUE: tl.constexpr, B_NK: tl.constexpr,
                     NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    GROUP_M: tl.constexpr):
-        # Persistent: one program per SM walks the tiles NUM_SMS apart, and the flattened loop lets
-        # the pipeliner issue the next tile's TMA loads while this tile's epilogue runs. TMA zero-fills
-        # reads past the edges and clips the stores there. b is W [N, K] (B_NK) or W [K, N].
+                    GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PER_SM: tl.constexpr):
+        # Persistent: the programs (PER_SM on each SM) walk the tiles NUM_SMS x PER_SM apart, and the
+        # flattened loop lets the pipeliner issue the next tile's TMA loads while this tile's epilogue
+        # runs. TMA zero-fills reads past the edges and clips the stores there. b is W [N, K] (B_NK)
+        # or W [K, N].
         tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-        done = tl.program_id(0) - NUM_SMS  # a second tile counter for the epilogue (the pipeliner's
-        for t in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):  # values stay per stage)
+        step: tl.constexpr = NUM_SMS * PER_SM
+        done = tl.program_id(0) - step  # a second tile counter for the epilogue (the pipeliner's
+        for t in tl.range(tl.program_id(0), tiles, step, flatten=True):  # values stay per stage)
             pid_m, pid_n = _tile(t, M, N, BM, BN, GROUP_M)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
@@ -108,13 +123,14 @@ if triton is not None:
                 else:
                     b = b_desc.load([k, pid_n * BN])
                 acc = tl.dot(a, b, acc)
-            done += NUM_SMS
+            done += step
             pid_m, pid_n = _tile(done, M, N, BM, BN, GROUP_M)
-            if EPILOGUE == 1:
-                h = h_desc.load([pid_m * BM, pid_n * BN])
+            if SPLIT == 2:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+                _tma_store(c_desc, h_desc, pid_m * BM, pid_n * BN, left, EPILOGUE)
+                _tma_store(c_desc, h_desc, pid_m * BM, pid_n * BN + BN // 2, right, EPILOGUE)
             else:
-                h = acc  # unread
-            c_desc.store([pid_m * BM, pid_n * BN], _epilogue(acc, h, EPILOGUE).to(c_desc.dtype))
+                _tma_store(c_desc, h_desc, pid_m * BM, pid_n * BN, acc, EPILOGUE)
 
 
 def _pointer_matmul(a, w, w_is_nk, epilogue, h):
@@ -134,7 +150,7 @@ def _tma_matmul(a, w, w_is_nk, epilogue, h):
     c = a.new_empty(M, N)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     desc = lambda t: TensorDescriptor.from_tensor(t, [64, 64])  # noqa: E731  (blocks: _tma_blocks)
-    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)  # noqa: E731
+    grid = lambda meta: (min(sms * meta["PER_SM"], triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)  # noqa: E731
     _tma_kernel[grid](desc(a), desc(w), desc(c), desc(c if h is None else h), M, N, K, EPILOGUE=epilogue,
                       B_NK=w_is_nk, NUM_SMS=sms)
     return c

@@ -193,21 +193,26 @@ def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ReLU^2 matmuls run on a CUDA GPU")
-@pytest.mark.parametrize("kernel", ["pointer", "tma"])
-def test_each_triton_mlp_kernel_matches_float64_on_cuda(kernel):
-    # 300 x 200 outputs: ragged row and column tiles for every config; the persistent kernel walks
-    # several tiles per program. Both epilogues, both weight layouts
+@pytest.mark.parametrize("kernel,autotuned", [("pointer", "_matmul_kernel"), ("tma", "_tma_kernel")])
+def test_every_config_of_each_triton_mlp_kernel_matches_float64_on_cuda(kernel, autotuned, monkeypatch):
+    # autotuning would check only the config it picks, so each config runs alone. 40000 x 200
+    # outputs: ragged row and column tiles, and more tiles than programs, so each persistent program
+    # walks several. Both epilogues, both weight layouts
     g = torch.Generator().manual_seed(29)
-    M, C, N = 300, 128, 200
+    M, C, N = 40000, 128, 200
     x, dy = (torch.randn(M, C, generator=g).cuda().bfloat16() for _ in range(2))
     w1 = (torch.randn(N, C, generator=g) * C**-0.5).cuda().bfloat16()
     w2 = (torch.randn(C, N, generator=g) * C**-0.5).cuda().bfloat16()
     a = x.double() @ w1.double().t()
-    f = triton_mlp.KERNELS[kernel]
-    h = f(x, w1, True, triton_mlp.RELU2, None)
-    da = f(dy, w2, False, triton_mlp.TIMES_2SQRT, h)
-    for ours, theirs in ((h, F.relu(a).square()), (da, (dy.double() @ w2.double()) * 2 * F.relu(a))):
-        assert ours.shape == theirs.shape and (ours.double() - theirs).norm() / theirs.norm() < 1e-2
+    refs = (F.relu(a).square(), (dy.double() @ w2.double()) * 2 * F.relu(a))
+    tuner = getattr(triton_mlp, autotuned)
+    for config in tuner.configs:
+        monkeypatch.setattr(triton_mlp, autotuned, triton_mlp.triton.autotune([config], tuner.keys)(tuner.fn))
+        h = triton_mlp.KERNELS[kernel](x, w1, True, triton_mlp.RELU2, None)
+        da = triton_mlp.KERNELS[kernel](dy, w2, False, triton_mlp.TIMES_2SQRT, h)
+        for ours, theirs in zip((h, da), refs):
+            assert ours.shape == theirs.shape, config
+            assert (ours.double() - theirs).norm() / theirs.norm() < 1e-2, config
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ReLU^2 matmuls run on a CUDA GPU")
