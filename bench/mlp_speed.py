@@ -69,8 +69,6 @@ def main():
     print(f"{'depth':>5} {'M':>7} {'C':>5} {'variant':<34} {'ms':>8} {'TFLOP/s':>8}")
     for r in rows:
         print(f"{r['depth']:>5} {r['M']:>7} {r['C']:>5} {r['variant']:<34} {r['ms']:>8.3f} {r['tflops']:>8}")
-    for key, kernel in triton_mlp._chosen.items():  # (shapes, dtype, layout, epilogue) -> the faster kernel
-        print("chosen:", key[0], key[1], "epilogue", key[-1], kernel)
     for tuner in (triton_mlp._matmul_kernel, triton_mlp._tma_kernel):  # the config each autotune kept
         for key, config in tuner.cache.items():
             print("autotuned:", tuner.fn.__name__, key[:4], config)

@@ -8,8 +8,8 @@ second Triton matmul, whose epilogue reads h; dW2 = dy^T h, dx = da W1 and dW1 =
 cuBLAS. Inductor instead writes the pre-activation and runs two pointwise passes over
 [tokens, 4 x width] (19.8 ms of a 281.5 ms d8 step on an H200, bench/NOTES.md round 7).
 
-Two kernels do each matmul: a plain tiled loop over pointers, and a persistent one with TMA loads
-and stores whose programs walk many tiles; the first call at a shape times both and keeps the faster."""
+Two kernels do each matmul: on Hopper and newer a persistent one with TMA loads and stores whose
+programs walk many tiles, before Hopper (no TMA) a plain tiled loop over pointers."""
 import torch
 
 try:
@@ -84,14 +84,15 @@ if triton is not None:
         nargs["c_desc"].block_shape = nargs["h_desc"].block_shape = [BM, BN // nargs["SPLIT"]]
 
     # SPLIT 2 stores (and reads h) in two [BM, BN / 2] halves: half the epilogue's shared memory, so
-    # 128 x 256 tiles keep 3 stages in the backward. PER_SM 2 runs two programs on each SM, whose
-    # small tiles fit twice in its shared memory: one's epilogue runs while the other's MMAs do.
-    TMA_CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8, SPLIT=split, PER_SM=per_sm),
-                                 num_stages=s, num_warps=w, pre_hook=_tma_blocks)
-                   for bm, bn, s, w, split, per_sm in (
-                       (128, 256, 3, 8, 1, 1), (128, 256, 2, 8, 1, 1), (256, 128, 3, 8, 1, 1), (128, 128, 4, 8, 1, 1),
-                       (128, 128, 3, 4, 1, 1), (128, 128, 4, 4, 1, 1), (128, 256, 3, 8, 2, 1), (128, 256, 4, 8, 2, 1),
-                       (128, 128, 2, 4, 2, 2), (128, 128, 3, 4, 2, 2), (128, 128, 2, 8, 2, 2))]
+    # 128 x 256 tiles keep 3-4 stages beside h's tile in the backward. On an H200 (bench/NOTES.md
+    # round 8) autotuning kept 128 x 256 at 8 warps for d8, d12 and d20: split in five of the six
+    # matmuls. Two programs per SM on 128 x 128 tiles (one's epilogue beside the other's MMAs) won
+    # none and were dropped.
+    TMA_CONFIGS = [triton.Config(dict(BM=bm, BN=bn, BK=BLOCK_K, GROUP_M=8, SPLIT=split), num_stages=s,
+                                 num_warps=w, pre_hook=_tma_blocks)
+                   for bm, bn, s, w, split in ((128, 256, 3, 8, 1), (128, 256, 2, 8, 1), (256, 128, 3, 8, 1),
+                                               (128, 128, 4, 8, 1), (128, 128, 4, 4, 1), (128, 256, 3, 8, 2),
+                                               (128, 256, 4, 8, 2))]
 
     @triton.jit
     def _tma_store(c_desc, h_desc, m, n, acc, EPILOGUE: tl.constexpr):
@@ -105,15 +106,13 @@ if triton is not None:
     @triton.jit
     def _tma_kernel(a_desc, b_desc, c_desc, h_desc, M, N, K, EPILOGUE: tl.constexpr, B_NK: tl.constexpr,
                     NUM_SMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    GROUP_M: tl.constexpr, SPLIT: tl.constexpr, PER_SM: tl.constexpr):
-        # Persistent: the programs (PER_SM on each SM) walk the tiles NUM_SMS x PER_SM apart, and the
-        # flattened loop lets the pipeliner issue the next tile's TMA loads while this tile's epilogue
-        # runs. TMA zero-fills reads past the edges and clips the stores there. b is W [N, K] (B_NK)
-        # or W [K, N].
+                    GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
+        # Persistent: one program per SM walks the tiles NUM_SMS apart, and the flattened loop lets
+        # the pipeliner issue the next tile's TMA loads while this tile's epilogue runs. TMA zero-fills
+        # reads past the edges and clips the stores there. b is W [N, K] (B_NK) or W [K, N].
         tiles = tl.cdiv(M, BM) * tl.cdiv(N, BN)
-        step: tl.constexpr = NUM_SMS * PER_SM
-        done = tl.program_id(0) - step  # a second tile counter for the epilogue (the pipeliner's
-        for t in tl.range(tl.program_id(0), tiles, step, flatten=True):  # values stay per stage)
+        done = tl.program_id(0) - NUM_SMS  # a second tile counter for the epilogue (the pipeliner's
+        for t in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True):  # values stay per stage)
             pid_m, pid_n = _tile(t, M, N, BM, BN, GROUP_M)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k in range(0, K, BK):
@@ -123,7 +122,7 @@ if triton is not None:
                 else:
                     b = b_desc.load([k, pid_n * BN])
                 acc = tl.dot(a, b, acc)
-            done += step
+            done += NUM_SMS
             pid_m, pid_n = _tile(done, M, N, BM, BN, GROUP_M)
             if SPLIT == 2:
                 left, right = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -150,27 +149,21 @@ def _tma_matmul(a, w, w_is_nk, epilogue, h):
     c = a.new_empty(M, N)
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     desc = lambda t: TensorDescriptor.from_tensor(t, [64, 64])  # noqa: E731  (blocks: _tma_blocks)
-    grid = lambda meta: (min(sms * meta["PER_SM"], triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)  # noqa: E731
+    grid = lambda meta: (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)  # noqa: E731
     _tma_kernel[grid](desc(a), desc(w), desc(c), desc(c if h is None else h), M, N, K, EPILOGUE=epilogue,
                       B_NK=w_is_nk, NUM_SMS=sms)
     return c
 
 
 KERNELS = {"pointer": _pointer_matmul, "tma": _tma_matmul}
-_chosen = {}  # (shapes, dtype, layout, epilogue) -> the kernel that ran it fastest here
 
 
 def _matmul(a, w, w_is_nk, epilogue, h=None):
     """epilogue(a [M, K] @ W^T) for w = W [N, K] (w_is_nk), or epilogue(a @ w) for w [K, N], in a's
-    dtype. Each kernel autotunes its own configs; the first call of a shape then times the two
-    kernels' best against each other (triton.testing.do_bench) and keeps the faster."""
-    key = (a.shape, w.shape, a.dtype, w_is_nk, epilogue)
-    if key not in _chosen:
-        runs = {name: (lambda f=f: f(a, w, w_is_nk, epilogue, h)) for name, f in KERNELS.items()}
-        for run in runs.values():
-            run()  # each autotunes its configs here, outside the timing
-        _chosen[key] = min(runs, key=lambda name: triton.testing.do_bench(runs[name]))
-    return KERNELS[_chosen[key]](a, w, w_is_nk, epilogue, h)
+    dtype: on the TMA kernel where the GPU has TMA (compute capability 9.0 and up). On an H200 it beat
+    the pointer kernel at every d8, d12 and d20 shape, by 1.3-1.4x forward (bench/NOTES.md round 8)."""
+    kernel = "tma" if torch.cuda.get_device_capability(a.device)[0] >= 9 else "pointer"
+    return KERNELS[kernel](a, w, w_is_nk, epilogue, h)
 
 
 @torch.library.custom_op("llmlabs::relu2_mlp", mutates_args=(), device_types="cuda")

@@ -197,22 +197,31 @@ def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
 def test_every_config_of_each_triton_mlp_kernel_matches_float64_on_cuda(kernel, autotuned, monkeypatch):
     # autotuning would check only the config it picks, so each config runs alone. 40000 x 200
     # outputs: ragged row and column tiles, and more tiles than programs, so each persistent program
-    # walks several. Both epilogues, both weight layouts
+    # walks several. Both epilogues, both weight layouts. A config may not fit in shared memory for
+    # one epilogue (autotuning skips it there), but each must run for at least one
+    from triton.runtime.errors import OutOfResources
     g = torch.Generator().manual_seed(29)
     M, C, N = 40000, 128, 200
     x, dy = (torch.randn(M, C, generator=g).cuda().bfloat16() for _ in range(2))
     w1 = (torch.randn(N, C, generator=g) * C**-0.5).cuda().bfloat16()
     w2 = (torch.randn(C, N, generator=g) * C**-0.5).cuda().bfloat16()
     a = x.double() @ w1.double().t()
-    refs = (F.relu(a).square(), (dy.double() @ w2.double()) * 2 * F.relu(a))
+    h = F.relu(a).square().bfloat16()
+    calls = (((x, w1, True, triton_mlp.RELU2, None), F.relu(a).square()),
+             ((dy, w2, False, triton_mlp.TIMES_2SQRT, h), (dy.double() @ w2.double()) * 2 * h.double().sqrt()))
     tuner = getattr(triton_mlp, autotuned)
     for config in tuner.configs:
         monkeypatch.setattr(triton_mlp, autotuned, triton_mlp.triton.autotune([config], tuner.keys)(tuner.fn))
-        h = triton_mlp.KERNELS[kernel](x, w1, True, triton_mlp.RELU2, None)
-        da = triton_mlp.KERNELS[kernel](dy, w2, False, triton_mlp.TIMES_2SQRT, h)
-        for ours, theirs in zip((h, da), refs):
+        ran = 0
+        for args, theirs in calls:
+            try:
+                ours = triton_mlp.KERNELS[kernel](*args)
+            except OutOfResources:
+                continue
+            ran += 1
             assert ours.shape == theirs.shape, config
             assert (ours.double() - theirs).norm() / theirs.norm() < 1e-2, config
+        assert ran, f"{config} fits neither epilogue: drop it"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ReLU^2 matmuls run on a CUDA GPU")
