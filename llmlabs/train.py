@@ -366,6 +366,7 @@ def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
     optimizer.step()
     model.zero_grad(set_to_none=True)
+    loader.prefetch()  # the next step's first batch, packed while the GPU runs the queued step
     return loss_sum / accum
 
 

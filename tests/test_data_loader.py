@@ -191,6 +191,38 @@ def test_resume_reproduces_the_same_batches(dd):
     assert a.cropped_fraction == b.cropped_fraction and a.state_dict() == b.state_dict()
 
 
+def test_prefetch_keeps_the_stream_and_a_checkpoint_in_between_resumes_with_the_prefetched_batch(dd):
+    plain = BestFitLoader(dd, "train", 4, 96, seed=11, buffer_docs=20)
+    expected = [next(plain) for _ in range(12)]
+    a = BestFitLoader(dd, "train", 4, 96, seed=11, buffer_docs=20)
+    got = []
+    for i in range(12):
+        if i == 5:
+            a.prefetch()
+            a.prefetch()  # a second prefetch before next() packs nothing more
+            state = json.loads(json.dumps(a.state_dict()))
+            assert state == plain_state
+        got.append(next(a))
+        if i == 4:
+            plain_state = a.state_dict()
+    for (x1, y1), (x2, y2) in zip(expected, got):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    b = BestFitLoader(dd, "train", 4, 96, seed=11, buffer_docs=20)
+    b.load_state_dict(state)  # taken while batch 5 was prefetched: b yields it again
+    for (x1, _), (x2, _) in zip(expected[5:], (next(b) for _ in range(7))):
+        assert torch.equal(x1, x2)
+    # at the end of a loop=False pass the prefetch finds nothing and next() stops
+    val = BestFitLoader(dd, "val", 3, 64, loop=False, seed=2)
+    n = sum(1 for _ in val)
+    val = BestFitLoader(dd, "val", 3, 64, loop=False, seed=2)
+    for _ in range(n):
+        val.prefetch()
+        next(val)
+    val.prefetch()
+    with pytest.raises(StopIteration):
+        next(val)
+
+
 def test_seed_changes_the_order_deterministically(dd):
     # a buffer smaller than the split, so the order matters (a buffer holding every document
     # packs the same rows whatever the order)
@@ -216,7 +248,11 @@ def test_bad_arguments(dd, data_dir):
 def test_cuda_batches_equal_cpu_batches(dd):
     cpu = BestFitLoader(dd, "train", 8, 256, seed=4)
     gpu = BestFitLoader(dd, "train", 8, 256, seed=4, device="cuda")
-    batches = [next(gpu) for _ in range(20)]  # held while later batches are written: no aliasing
+    batches = []
+    for i in range(20):  # held while later batches are written: no aliasing, with prefetches too
+        if i % 3 == 0:
+            gpu.prefetch()
+        batches.append(next(gpu))
     for x, y in batches:
         assert x.is_cuda and y.is_cuda
         xc, yc = next(cpu)
