@@ -8,13 +8,9 @@ second Triton matmul, whose epilogue reads h; dW2 = dy^T h, dx = da W1 and dW1 =
 cuBLAS. Inductor instead writes the pre-activation and runs two pointwise passes over
 [tokens, 4 x width] (19.8 ms of a 281.5 ms d8 step on an H200, bench/NOTES.md round 7).
 
-Three kernels can do each matmul: on Hopper (sm90) a warp-specialised one written in Gluon
-(gluon_mlp.py: one warp loads, eight multiply), on other GPUs with TMA a persistent Triton kernel with
-TMA loads and stores whose programs walk many tiles, before Hopper (no TMA) a plain tiled loop over
-pointers."""
+Two kernels do each matmul: on Hopper and newer a persistent one with TMA loads and stores whose
+programs walk many tiles, before Hopper (no TMA) a plain tiled loop over pointers."""
 import torch
-
-from llmlabs import gluon_mlp
 
 try:
     import triton
@@ -162,23 +158,15 @@ def _tma_matmul(a, w, w_is_nk, epilogue, h):
 
 
 KERNELS = {"pointer": _pointer_matmul, "tma": _tma_matmul}
-if gluon_mlp.gluon is not None:
-    KERNELS["gluon"] = gluon_mlp.ws_matmul
 
 
 def _matmul(a, w, w_is_nk, epilogue, h=None):
     """epilogue(a [M, K] @ W^T) for w = W [N, K] (w_is_nk), or epilogue(a @ w) for w [K, N], in a's
-    dtype and bf16 only on Gluon. Hopper (compute capability 9.x) runs the Gluon kernel where Triton
-    has Gluon (its wgmma exists on Hopper only); other GPUs with TMA (and Triton its descriptors) the
-    TMA kernel, which beat the pointer kernel at every d8, d12 and d20 shape on an H200, by 1.35-1.4x
-    forward and 1.2x backward (bench/NOTES.md round 8); the rest the pointer kernel."""
-    major = torch.cuda.get_device_capability(a.device)[0]
-    if major == 9 and "gluon" in KERNELS and a.dtype == torch.bfloat16:
-        kernel = "gluon"
-    elif major >= 9 and TensorDescriptor is not None:
-        kernel = "tma"
-    else:
-        kernel = "pointer"
+    dtype: on the TMA kernel where the GPU has TMA (compute capability 9.0 and up) and Triton its
+    descriptors. On an H200 it beat the pointer kernel at every d8, d12 and d20 shape, by 1.35-1.4x
+    forward and 1.2x backward (bench/NOTES.md round 8)."""
+    has_tma = TensorDescriptor is not None and torch.cuda.get_device_capability(a.device)[0] >= 9
+    kernel = "tma" if has_tma else "pointer"
     return KERNELS[kernel](a, w, w_is_nk, epilogue, h)
 
 
