@@ -12,18 +12,24 @@ upstream gradient g, and does it on the narrow side of lm_head, where it is 16x 
 (exact for any per-token g, since the scale is one number per row of dz). dz is kept for the
 backward in place of the logits, which the kernel's output frees: the same memory.
 
-The arithmetic: tanh(u) = 1 - 2 r with r = 1 / (1 + e^(2u)), so the capped score is s = cap (1 - 2r),
-exp(s - cap) = e^(-2 cap r) and 1 - tanh^2 = 4 r (1 - r), with 1 - r taken as r e^(2u) where
-r > 1/2 (no cancellation). Three special-function operations per logit (two exp2, one
-reciprocal). The log-sum-exp shifts by the cap rather than the row max: capped scores lie in
-(-cap, cap), so exp(s - cap) >= exp(-2 cap) stays far from float32 underflow for cap <= 40, and
-one pass suffices. Rows up to SINGLE_MAX logits stay in registers between the log-sum-exp and the
-gradient; longer rows are read twice (the second time mostly from L2) and the scores recomputed.
+The arithmetic for 16-bit logits: th = tanh(z / cap) from the GPU's one-instruction tanh
+(PTX tanh.approx.f32), the capped score s = cap th, exp(s - cap) = 2^((th - 1) cap log2 e) and
+d s / d z = 1 - th^2: two special-function operations per logit. The approximate tanh errs far
+below the bf16 rounding of the logits it reads: against float64 the loss moved from 4e-6 to 9e-5
+nats at most over 4,096 d8-sized rows, dz stayed at its bf16 rounding (2e-3 of its largest value),
+and the kernel went 3.48 -> 2.85 ms a d8 micro-batch on an H200 (bench/NOTES.md round 10).
+val_bpb never sees it: evaluation runs eager in float32. Float32 logits keep exact float32 math:
+tanh(u) = 1 - 2 r with r = 1 / (1 + e^(2u)), exp(s - cap) = e^(-2 cap r), 1 - tanh^2 = 4 r (1 - r)
+with 1 - r taken as r e^(2u) where r > 1/2 (no cancellation); three special-function operations.
 
-Measured on an H200 (bench/NOTES.md round 5): 2.05 ms per d8 micro-batch, about what the two
-kernels before it took (0.99 ms forward + 1.12 ms backward), not the ~1.0 ms its traffic needs: at
-89 registers a thread (16 warps) an SM holds one row at a time, and its load, reduction and store
-run one after another (bench/triton_registers.py)."""
+The log-sum-exp shifts by the cap rather than the row max: capped scores lie in (-cap, cap), so
+exp(s - cap) >= exp(-2 cap) stays far from float32 underflow for cap <= 40, and one pass suffices.
+Rows up to SINGLE_MAX logits stay in registers between the log-sum-exp and the gradient; longer
+rows are read twice (the second time mostly from L2) and the scores recomputed.
+
+Registers decide the speed (bench/NOTES.md rounds 5 and 10, bench/triton_registers.py): with 16-bit
+logits the kernel keeps th and exp(s - cap) per logit, 64 registers a thread at 16 warps, so an SM
+holds two rows and one row's loads overlap the other's math (the exact form needs 89: one row)."""
 import torch
 
 try:
@@ -38,21 +44,26 @@ BLOCK = 4096        # logits per loop step of a longer row
 LOG2E = 1.4426950408889634
 
 if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)  # a jit function reads module globals only as constexprs
+
     @triton.jit
-    def _scores(z, k_u, k_r):
-        # r = (1 - tanh(z / cap)) / 2, x = e^(2 z / cap); e = exp(s - cap) with s = cap (1 - 2r)
-        x = tl.exp2(z * k_u)
+    def _scores(z, cap, APPROX: tl.constexpr):
+        # (th, exp(s - cap), d s / d z) for capped scores s = cap th, th = tanh(z / cap)
+        if APPROX:
+            th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z * (1 / cap)],
+                                           dtype=tl.float32, is_pure=True, pack=1)
+            return th, tl.exp2((th - 1) * (cap * _LOG2E)), 1 - th * th
+        x = tl.exp2(z * (2 * _LOG2E / cap))  # e^(2u); r = (1 - th) / 2
         r = 1 / (1 + x)
-        return x, r, tl.exp2(-k_r * r)
+        return 1 - 2 * r, tl.exp2(r * (-2 * _LOG2E * cap)), 4 * r * tl.where(r < 0.5, 1 - r, r * x)
 
     @triton.jit
-    def _grad(x, r, e, inv_total, hit):
-        # (softmax - onehot) * d s / d z; 1 - tanh^2 = 4 r (1 - r), 1 - r = r x where r > 1/2
-        return (e * inv_total - tl.where(hit, 1.0, 0.0)) * (4 * r * tl.where(r < 0.5, 1 - r, r * x))
+    def _grad(e, dsdz, inv_total, hit):
+        return (e * inv_total - tl.where(hit, 1.0, 0.0)) * dsdz  # (softmax - onehot) * d s / d z
 
     @triton.jit
-    def _softcap_ce_kernel(z_ptr, z_stride, dz_ptr, dz_stride, t_ptr, loss_ptr, V, cap, k_u, k_r,
-                           BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    def _softcap_ce_kernel(z_ptr, z_stride, dz_ptr, dz_stride, t_ptr, loss_ptr, V, cap,
+                           BLOCK: tl.constexpr, SINGLE: tl.constexpr, APPROX: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         z_row, dz_row = z_ptr + row * z_stride, dz_ptr + row * dz_stride
         t = tl.load(t_ptr + row)
@@ -60,24 +71,24 @@ if triton is not None:
         if SINGLE:
             cols = tl.arange(0, BLOCK)
             ok = cols < V
-            x, r, e = _scores(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), k_u, k_r)
+            _, e, dsdz = _scores(tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), cap, APPROX)
             total = tl.sum(tl.where(ok, e, 0.0), axis=0)
-            dz = _grad(x, r, e, 1 / total, cols == t)
+            dz = _grad(e, dsdz, 1 / total, cols == t)
             tl.store(dz_row + cols, tl.where(counted, dz, 0.0).to(dz_ptr.dtype.element_ty), mask=ok)
         else:
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                _, _, e = _scores(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), k_u, k_r)
+                _, e, _ = _scores(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), cap, APPROX)
                 acc += tl.where(cols < V, e, 0.0)
             total = tl.sum(acc, axis=0)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                x, r, e = _scores(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), k_u, k_r)
-                dz = _grad(x, r, e, 1 / total, cols == t)
+                _, e, dsdz = _scores(tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32), cap, APPROX)
+                dz = _grad(e, dsdz, 1 / total, cols == t)
                 tl.store(dz_row + cols, tl.where(counted, dz, 0.0).to(dz_ptr.dtype.element_ty), mask=cols < V)
-        _, r_t, _ = _scores(tl.load(z_row + tl.where(counted, t, 0)).to(tl.float32), k_u, k_r)
-        tl.store(loss_ptr + row, tl.where(counted, cap + tl.log(total) - cap * (1 - 2 * r_t), 0.0))
+        th_t, _, _ = _scores(tl.load(z_row + tl.where(counted, t, 0)).to(tl.float32), cap, APPROX)
+        tl.store(loss_ptr + row, tl.where(counted, cap + tl.log(total) - cap * th_t, 0.0))
 
 
 def _launch(logits, targets, cap):
@@ -86,8 +97,8 @@ def _launch(logits, targets, cap):
     dz = torch.empty_like(logits)
     single = V <= SINGLE_MAX
     _softcap_ce_kernel[(N,)](logits, logits.stride(0), dz, dz.stride(0), targets, loss, V, cap,
-                             2 / cap * LOG2E, 2 * cap * LOG2E, BLOCK=triton.next_power_of_2(V) if single else BLOCK,
-                             SINGLE=single, num_warps=16 if single else 8)
+                             BLOCK=triton.next_power_of_2(V) if single else BLOCK, SINGLE=single,
+                             APPROX=logits.element_size() == 2, num_warps=16 if single else 8)
     return loss, dz
 
 

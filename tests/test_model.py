@@ -168,6 +168,26 @@ def test_triton_lm_head_softcap_cross_entropy_matches_float64_autograd_on_cuda(d
         assert (grad.double() - grad64).norm() / grad64.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton loss kernel runs on a CUDA GPU")
+@pytest.mark.parametrize("V,scale", [(8192 + 7, 0.3), (8192 + 7, 1.3), (16384 + 5, 1.3)])
+def test_triton_softcap_ce_kernel_on_bf16_logits_matches_float64(V, scale):
+    # bf16 logits straight into the kernel (its approximate tanh), against float64 on the very same
+    # logits: what is left is the kernel's own error, which the matmul's bf16 rounding hides in the
+    # test above. Logits at 0.3x the cap (mostly unsaturated) and 1.3x (many saturated).
+    g = torch.Generator().manual_seed(28)
+    N, cap = 300, 15.0
+    z = (torch.randn(N, V, generator=g, dtype=torch.float64) * scale * cap).bfloat16().cuda()
+    targets = torch.randint(0, V, (N,), generator=g).cuda()
+    targets[::7] = -1
+    loss, dz = triton_loss._loss_and_grad(z, targets, cap)
+    z64 = z.double().requires_grad_(True)
+    ref = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1, reduction="none")
+    ref.sum().backward()
+    assert (loss.double() - ref).abs().max() < 5e-4  # nats; bf16 rounding of z itself moves it ~1e-2
+    assert (dz.double() - z64.grad).abs().max() < 2**-8 * z64.grad.abs().max()  # dz's own bf16 rounding
+    assert (loss[::7] == 0).all() and (dz[::7] == 0).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton RoPE + QK-norm kernels run on a CUDA GPU")
 @pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 37, 3, 16)), (torch.bfloat16, (2, 256, 4, 128))])
 def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
