@@ -7,7 +7,9 @@ It builds the run exactly as `llmlabs train` does (train.resolve_config + train.
 preset with --depth changed) and times train.train_step, the loop's own step, after warm-up steps
 that hold the compilation. Reports the median step: tokens/s, MFU in two conventions (the model's
 exact count, and nanochat/autoresearch's, which counts full windows and no causal halving), peak
-memory, and the attention backend per layer kind. --profile prints the 40 costliest CUDA kernels of
+memory, the attention backend per layer kind, and this GPU's own speed (a bf16 matmul and a copy):
+machines of one kind differ by 2-3% (bench/NOTES.md rounds 9 and 10), so a step time is read
+beside them. --profile prints the 40 costliest CUDA kernels of
 3 profiled steps: where the time goes, before deciding what to speed up (bench/NOTES.md).
 """
 import argparse
@@ -71,6 +73,8 @@ def main():
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_cuda else None,
         "warmup_s": round(warm_s, 1), "attention": attention.describe(),
     }
+    if use_cuda:
+        res.update(machine_speed())
     if args.profile and use_cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -86,6 +90,28 @@ def main():
             f.write(json.dumps(res) + "\n")
     width = max(map(len, res))
     print("\n".join(f"{k:<{width}}  {v}" for k, v in res.items()))
+
+
+def machine_speed(reps=20):
+    """The GPU's bf16 matmul rate (8192^3, TFLOP/s) and copy bandwidth (1 GiB, read + write TB/s),
+    medians of `reps` CUDA-event-timed runs: the yardsticks for comparing step times across machines."""
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms_mm, ms_copy = median_ms(lambda: a @ b), median_ms(lambda: dst.copy_(src))
+    return {"gpu_matmul_tflops": round(2 * 8192**3 / ms_mm / 1e9, 1), "gpu_copy_tbs": round(2 * 2**30 / ms_copy / 1e9, 2)}
 
 
 def _commit():
