@@ -15,9 +15,10 @@ backward in place of the logits, which the kernel's output frees: the same memor
 The arithmetic for 16-bit logits: th = tanh(z / cap) from the GPU's one-instruction tanh
 (PTX tanh.approx.f32), the capped score s = cap th, exp(s - cap) = 2^((th - 1) cap log2 e) and
 d s / d z = 1 - th^2: two special-function operations per logit. The approximate tanh errs far
-below the bf16 rounding of the logits it reads: against float64 the loss moved from 4e-6 to 9e-5
-nats at most over 4,096 d8-sized rows, dz stayed at its bf16 rounding (2e-3 of its largest value),
-and the kernel went 3.48 -> 2.85 ms a d8 micro-batch on an H200 (bench/NOTES.md round 10).
+below the bf16 rounding of the logits it reads: against float64 the loss moved from 5e-6 to 1.2e-4
+nats at most over 4,096 d8-sized rows (mean shift under 1e-5), dz stayed at its bf16 rounding (2e-3
+of its largest value), and the kernel went 3.63 -> 2.92 ms a d8 micro-batch on an H200
+(bench/loss_speed.py; bench/NOTES.md round 10).
 val_bpb never sees it: evaluation runs eager in float32. Float32 logits keep exact float32 math:
 tanh(u) = 1 - 2 r with r = 1 / (1 + e^(2u)), exp(s - cap) = e^(-2 cap r), 1 - tanh^2 = 4 r (1 - r)
 with 1 - r taken as r e^(2u) where r > 1/2 (no cancellation); three special-function operations.
