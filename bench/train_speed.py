@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from attention_speed import timed  # bench/ is the script's own directory, first on sys.path
 from llmlabs import attention, train
 from llmlabs.common import compute_init, peak_flops
 
@@ -95,22 +96,10 @@ def main():
 def machine_speed(reps=20):
     """The GPU's bf16 matmul rate (8192^3, TFLOP/s) and copy bandwidth (1 GiB, read + write TB/s),
     medians of `reps` CUDA-event-timed runs: the yardsticks for comparing step times across machines."""
-    def median_ms(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms_mm, ms_copy = median_ms(lambda: a @ b), median_ms(lambda: dst.copy_(src))
+    ms_mm, ms_copy = timed(lambda: a @ b, reps), timed(lambda: dst.copy_(src), reps)
     return {"gpu_matmul_tflops": round(2 * 8192**3 / ms_mm / 1e9, 1), "gpu_copy_tbs": round(2 * 2**30 / ms_copy / 1e9, 2)}
 
 
