@@ -1,5 +1,5 @@
 """Every execution plan cuDNN offers for one attention layer's forward and backward, timed: is the
-plan that llmlabs/cudnn_attention.py runs (heuristic A's first) the fastest one?
+plan that llmlabs/kernels/cudnn_attention.py runs (heuristic A's first) the fastest one?
 
     PYTHONPATH=. python3 bench/cudnn_plans.py [--batch 64 --seq-len 2048 --heads 4 --head-dim 128
         --window 1024] [--out bench/results/cudnn_plans-h200.jsonl]
@@ -13,7 +13,7 @@ import time
 import torch
 
 from attention_speed import record, timed  # bench/ is the script's own directory, first on sys.path
-from llmlabs import cudnn_attention as ca
+from llmlabs.kernels import cudnn_attention as ca
 
 
 def main():

@@ -15,7 +15,7 @@ import time
 import torch
 
 from llmlabs import attention as attn
-from llmlabs import cudnn_attention
+from llmlabs.kernels import cudnn_attention
 from llmlabs.config import GPTConfig
 from llmlabs.model import build_model
 

@@ -1,4 +1,4 @@
-"""The Triton loss kernel (llmlabs/triton_loss.py) alone on a GPU: ms a call and the bandwidth it
+"""The Triton loss kernel (llmlabs/kernels/triton_loss.py) alone on a GPU: ms a call and the bandwidth it
 reaches at one micro-batch's logits, then its error against float64 on the same logits at several
 scales (times the cap), bf16 logits by default (the approximate tanh), float32 with --dtype fp32.
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from attention_speed import record, timed  # bench/ is the script's own directory, first on sys.path
 from gemm_shapes import header
-from llmlabs import triton_loss
+from llmlabs.kernels import triton_loss
 
 
 def main():

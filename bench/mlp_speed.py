@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from attention_speed import record, timed  # bench/ is the script's own directory, first on sys.path
 from gemm_shapes import depth_run, header
-from llmlabs import triton_mlp
+from llmlabs.kernels import triton_mlp
 from llmlabs.common import compute_init, peak_flops
 from llmlabs.config import GPTConfig
 from llmlabs.model import MLP

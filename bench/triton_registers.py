@@ -18,7 +18,7 @@ try:
 except ImportError:
     sys.exit("bench/triton_registers.py needs Triton: pip install triton (CUDA builds of torch ship it)")
 
-from llmlabs import triton_loss
+from llmlabs.kernels import triton_loss
 
 REGISTERS_PER_SM, WARPS_PER_SM = 65536, 64  # Hopper
 

@@ -11,11 +11,12 @@ Plans (layer kind -> kernel):
   CUDA, fp32                                full: sdpa (PyTorch picks)  window: flex
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
 A GPU never gets a dense T x T mask in training. "cudnn" is cuDNN's fused attention with its
-diagonal band (cudnn_attention.py): the kernels PyTorch's SDPA runs for full layers, reached through
-cudnn-frontend because SDPA has no window argument. Without it, window layers get FlexAttention,
-whose 128 x 128 block mask computes ~1.5x the needed scores at window 512. "flash" (forced only) is
-the FlashAttention-2 kernel inside PyTorch (arXiv 2307.08691), called directly with its window: on
-an H200 it ran window layers slower than flex inside the compiled step (bench/NOTES.md round 3).
+diagonal band (kernels/cudnn_attention.py): the kernels PyTorch's SDPA runs for full layers,
+reached through cudnn-frontend because SDPA has no window argument. Without it, window layers get
+FlexAttention, whose 128 x 128 block mask computes ~1.5x the needed scores at window 512. "flash"
+(forced only) is the FlashAttention-2 kernel inside PyTorch (arXiv 2307.08691), called directly
+with its window: on an H200 it ran window layers slower than flex inside the compiled step
+(bench/NOTES.md round 3).
 
 Layout everywhere is FA3's [B, T, H, D]: the q/k/v projections reshape into it without a copy, and
 SDPA/flex see a transposed view of it. A window w means a query at t sees keys t-w..t (w+1 keys)."""
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from llmlabs import cudnn_attention
+from llmlabs.kernels import cudnn_attention
 from llmlabs.common import LabError, print0
 
 CHOICES = ("auto", "fa3", "cudnn", "flash", "sdpa", "sdpa-cudnn", "sdpa-flash", "flex", "cpu")

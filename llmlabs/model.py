@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmlabs import triton_loss, triton_mlp, triton_rope_norm
+from llmlabs.kernels import triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.attention import attention
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmlabs import attention as attn
-from llmlabs import cudnn_attention
+from llmlabs.kernels import cudnn_attention
 from llmlabs.common import LabError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmlabs.model as model_module
-from llmlabs import triton_loss, triton_mlp, triton_rope_norm
+from llmlabs.kernels import triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
 from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
