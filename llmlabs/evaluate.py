@@ -23,35 +23,60 @@ def evaluate_bpb(model, data, split="val", *, batch_size, seq_len, max_tokens, d
     every call sees the same tokens). Under torchrun each rank scores its slice and the sums are
     reduced. Returns val_bpb plus the same tokens scored by a unigram model fit on the train split
     (the baseline a trained model must beat)."""
-    from llmlabs.data.loader import BestFitLoader
-
-    tok = data.tokenizer
-    token_bytes = tok.token_bytes().to(device)
-    unigram_logp = unigram_log_probs(data).to(device)
+    token_bytes, unigram_logp = token_bytes_and_unigram(data, device)
     rank, world = _rank_world()
-    loader = BestFitLoader(data, split, batch_size, seq_len, seed=0, rank=rank, world_size=world,
-                           device=device, loop=False)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, bytes, unigram nats, tokens
-    budget = max(1, max_tokens // world)
-    seen = 0
-    for x, y in loader:
-        if seen >= budget:
-            break
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for x, y in eval_batches(data, split, batch_size, seq_len, max_tokens, device, rank, world):
         with autocast or torch.autocast(device.type, enabled=False):
             logits = model(x)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        nbytes = token_bytes[y.flatten()]
-        counted = nbytes > 0
-        sums[0] += (nats * counted).sum(dtype=torch.float64)
-        sums[1] += nbytes.sum(dtype=torch.float64)
-        sums[2] += (-unigram_logp[y.flatten()] * counted).sum(dtype=torch.float64)
-        sums[3] += y.numel()
-        seen += y.numel()
+        accumulate(sums, token_nats(logits, y), y, token_bytes, unigram_logp)
     if world > 1:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
+    return bpb_result(sums, split, data)
+
+
+# The pieces of evaluate_bpb, shared with the autoresearch evaluator (llmlabs/auto/evaluator.py),
+# which runs the model in a process of its own and does the accounting in the harness's process.
+
+def eval_batches(data, split, batch_size, seq_len, max_tokens, device="cpu", rank=0, world=1):
+    """(x, y) batches of the first max_tokens target tokens of `split` (this rank's share)."""
+    from llmlabs.data.loader import BestFitLoader
+
+    loader = BestFitLoader(data, split, batch_size, seq_len, seed=0, rank=rank, world_size=world,
+                           device=device, loop=False)
+    budget, seen = max(1, max_tokens // world), 0
+    for x, y in loader:
+        if seen >= budget:
+            return
+        seen += y.numel()
+        yield x, y
+
+
+def token_nats(logits, y):
+    """Per-token cross-entropy in nats, float32 [B, T], of logits [B, T, vocab] against targets y."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+
+
+def token_bytes_and_unigram(data, device):
+    return data.tokenizer.token_bytes().to(device), unigram_log_probs(data).to(device)
+
+
+def accumulate(sums, nats, y, token_bytes, unigram_logp):
+    """Add one batch to sums = [nats, bytes, unigram nats, tokens] (float64). Targets with 0 bytes
+    (special tokens) count in neither sum."""
+    y = y.flatten()
+    nbytes = token_bytes[y]
+    counted = nbytes > 0
+    sums[0] += (nats.flatten().double() * counted).sum()
+    sums[1] += nbytes.sum(dtype=torch.float64)
+    sums[2] += (-unigram_logp[y] * counted).sum(dtype=torch.float64)
+    sums[3] += y.numel()
+
+
+def bpb_result(sums, split, data) -> dict:
     nats, nbytes, uni_nats, ntok = sums.tolist()
     if nbytes == 0:
         raise LabError(f"the {split} split of {data.path} holds no scorable tokens: prepare more data "

@@ -46,6 +46,10 @@ MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
 UNTIMED_STEPS = 2        # compiled runs: steps not charged to --time-budget (torch.compile runs in them)
+# A process that launches this loop (the autoresearch runner) may pass the write end of a pipe in this
+# variable: the loop writes "timed" when the timed steps begin and "step N" after each step, and the
+# launcher timestamps them with its own clock. The launcher never trusts this process's clock.
+EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"
 MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
 SAMPLE_PROMPTS = ["def ", "import ", "class ", "    return "]
 
@@ -80,8 +84,9 @@ def add_args(p):
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-tokens", type=int, help="validation target tokens scored for val_bpb")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
-    g.add_argument("--eval-split", choices=["val", "test"], default="val",
-                   help="split of the final evaluation (test: held-out confirmation runs only)")
+    g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
+                   help="split of the final evaluation (test: held-out confirmation runs only; none: no final "
+                        "evaluation, the autoresearch runner evaluates the checkpoint in a process of its own)")
     g.add_argument("--run-dir", help="where config, metrics, checkpoints and the summary go (default: runs/<time>-d<depth>)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end and on Ctrl-C)")
     g.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard in RUN/tb")
@@ -228,8 +233,11 @@ def train(args):
     stop = {"sigint": False}
     prev_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
     last_status = 0.0
+    events = _event_pipe()
     try:
         # ---- the loop
+        if step >= untimed_steps:
+            events("timed")
         while progress() < 1.0:
             p = progress()
             _set_schedules(optimizer, p, cfg)
@@ -246,6 +254,9 @@ def train(args):
                 raise LabError(f"loss became {loss_val} at step {step + 1}: stopped; last good checkpoint "
                                f"{good or 'none (use --save-every)'}; lower the learning rates or check the last change")
             step += 1
+            events(f"step {step}")
+            if step == untimed_steps:
+                events("timed")
             tokens_done += cfg["total_batch_size"]
             if step > untimed_steps:
                 train_time += dt
@@ -283,11 +294,12 @@ def train(args):
 
     # ---- final evaluation, samples, summary
     save_state()
-    res = _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
+    events("saved")
+    res = None if cfg["eval_split"] == "none" else _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
     tok_per_sec = timed_tokens / train_time if train_time > 0 else 0.0
     summary = {
-        f"{cfg['eval_split']}_bpb": round(res["bpb"], 6),
-        "unigram_bpb": round(res["unigram_bpb"], 6),
+        **({f"{cfg['eval_split']}_bpb": round(res["bpb"], 6), "unigram_bpb": round(res["unigram_bpb"], 6)}
+           if res else {}),
         "training_seconds": round(train_time, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if use_cuda else 0.0,
@@ -297,7 +309,7 @@ def train(args):
         "num_params_M": round(counts["total"] / 1e6, 2),
         "depth": cfg["depth"],
         "tok_per_sec": round(tok_per_sec),
-        "eval_tokens": res["tokens"],
+        **({"eval_tokens": res["tokens"]} if res else {}),
         "attention": ",".join(f"{k}={v}" for k, v in attention.describe().items()),
         "device": torch.cuda.get_device_name(device) if use_cuda else device.type,
         "seed": cfg["seed"],
@@ -368,6 +380,15 @@ def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
     model.zero_grad(set_to_none=True)
     loader.prefetch()  # the next step's first batch, packed while the GPU runs the queued step
     return loss_sum / accum
+
+
+def _event_pipe():
+    """events(text): one line to the launcher's pipe (EVENTS_FD_VAR), or nothing without one."""
+    fd = os.environ.get(EVENTS_FD_VAR)
+    if not fd:
+        return lambda text: None
+    pipe = os.fdopen(int(fd), "w", buffering=1)
+    return lambda text: pipe.write(text + "\n")
 
 
 def _open_data(path):
