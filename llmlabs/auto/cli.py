@@ -50,9 +50,9 @@ def add_args(p):
     s.add_argument("--seeds", type=int, default=3, help="runs per commit")
     s.add_argument("--gpus", help="spread the runs over these GPUs")
 
-    s = cmd("report", "progress plot, kept changes, crashes and time; --json for agents")
+    s = cmd("report", "progress plot, kept changes, crashes and time, findings.md; --json for agents")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
-    s.add_argument("--out", help="directory for report.png and report.md (default: the session directory)")
+    s.add_argument("--out", help="directory for report.png, report.md and findings.md (default: the session directory)")
 
 
 def _workers(session, gpus, default_worker="main"):
@@ -110,6 +110,7 @@ def _run(args):
     elif args.cmd == "report":
         from llmlabs.auto.report import write_report
 
-        summary, png, md = write_report(session, args.out)
-        print(json.dumps(summary, indent=2) if args.json else md.read_text() + f"\nplot: {png}\ntable: {md}")
+        summary, png, md, findings = write_report(session, args.out)
+        print(json.dumps(summary, indent=2) if args.json
+              else md.read_text() + f"\nplot: {png}\ntable: {md}\nfindings: {findings}")
     return 0

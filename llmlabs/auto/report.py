@@ -3,7 +3,8 @@
 report.png: every run's val_bpb in ledger order (coloured by status, crashes marked at the top),
 the kept frontier as a step line, and the noise band (frontier +- one seed's sigma) that a change
 has to clear. report.md: the numbers, the kept changes with delta and sigma_d, crashes, time, and
-the test-split confirmation when `llmlabs auto confirm` has run. --json: the same for agents.
+the test-split confirmation when `llmlabs auto confirm` has run. findings.md (findings.py): one
+line per experiment and the kept chain. --json: the summary for agents.
 """
 import json
 import os
@@ -11,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from llmlabs.auto import gitops, runner
+from llmlabs.auto.findings import write_findings
 from llmlabs.auto.session import Session
 from llmlabs.common import atomic_write_bytes
 
@@ -135,11 +137,12 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(session: Session, out_dir=None) -> tuple[dict, Path, Path]:
+def write_report(session: Session, out_dir=None) -> tuple[dict, Path, Path, Path]:
+    """(summary, report.png, report.md, findings.md), written to out_dir (default: the session's)."""
     out = Path(out_dir or session.dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(session)
     png, md = out / "report.png", out / "report.md"
     plot(session, summary, png)
     atomic_write_bytes(md, markdown(summary).encode())
-    return summary, png, md
+    return summary, png, md, write_findings(session, out)
