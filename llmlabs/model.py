@@ -11,79 +11,28 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 - learnable per-layer residual and x0 (initial embedding) scalars (modded-nanogpt)
 - tanh logit softcap (Gemma 2, arXiv 2408.00118); grouped-query attention (arXiv 2305.13245)
 
-Speed (bench/NOTES.md), all only in a compiled forward: under autocast the residual stream is kept
-in the autocast dtype (bf16), not float32, which halves the bytes every norm and residual add moves;
-the training loss is one fused softcap + cross-entropy that reads the bf16 logits and never writes a
-float32 copy (on a GPU, one Triton kernel after lm_head writes the loss and its gradient together:
-triton_loss.py), and on a GPU the MLP's ReLU^2 runs inside its matmuls' epilogues (triton_mlp.py).
+What is trained is what is written: the MLP's ReLU^2, RoPE + QK-norm, and the soft-capped logits and
+loss are named ops (llmlabs/kernels/ops.py: relu2_mlp, rope_norm, softcap_logits,
+softcap_cross_entropy), each one plain-PyTorch definition that a compiled forward may run as a
+kernel held to it by tests (Triton on a GPU). To change that math, replace the call here with your
+own code: the kernel is then not used, and training, evaluation and sampling run the same model.
+
+Speed (bench/NOTES.md), only in a compiled forward: under autocast the residual stream is kept in
+the autocast dtype (bf16), not float32, which halves the bytes every norm and residual add moves;
+the rest is the named ops' kernels (kernels/ops.py says which).
 
 Built on the meta device, then materialised and initialised explicitly: `build_model`."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from llmlabs.kernels import triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.attention import attention
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
+from llmlabs.kernels.ops import norm, relu2_mlp, rope_norm, softcap_cross_entropy, softcap_logits
 from llmlabs.optim import MuonAdamW
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first 12 channels of x (nanochat)
 QK_GAIN = 1.2          # nanochat multiplies q and k by 1.2 after QK-norm: attention logits x 1.44
-
-
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def softcap(logits, cap: float):
-    return cap * torch.tanh(logits / cap)
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of soft-capped logits, -log softmax(cap * tanh(z / cap))[target],
-    with targets -1 scoring 0. Written as one autograd Function so that both passes are single fused
-    kernels under torch.compile: the forward reads the (bf16) logits z once for the log-sum-exp, the
-    backward reads them once more and writes dz in z's dtype. F.cross_entropy on float32 logits would
-    write and keep a float32 copy of the [N, vocab] scores (at d8, 4.3 GB per micro-batch).
-    dz = (softmax - onehot) * (1 - tanh^2), the tanh recomputed from z.
-
-    On a GPU triton_loss.py runs the same math in one hand-written kernel; this Function serves the
-    compiled CPU path and caps above 40. Inductor's kernels for it were bound by arithmetic at vocab
-    8192 (an H200 profile, bench/NOTES.md round 3), so: tanh(u) = 2 sigmoid(2u) - 1, where
-    inductor's libdevice tanh costs dozens of instructions; and the log-sum-exp shifts by the cap
-    instead of the row max, one pass instead of two. That is exact: capped scores lie in (-cap, cap),
-    so exp(s - cap) lies in (exp(-2 cap), 1], far from float32's underflow for cap <= 40; larger caps
-    take the max."""
-
-    @staticmethod
-    def _capped(z, cap):
-        return cap * (2 * torch.sigmoid(z * (2 / cap)) - 1)
-
-    @staticmethod
-    def forward(ctx, logits, targets, cap: float):
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # math in float32 (float64 stays)
-        s = SoftcapCrossEntropy._capped(logits.to(dtype), cap)
-        if cap <= 40:
-            lse = cap + torch.log(torch.exp(s - cap).sum(-1))
-        else:
-            lse = torch.logsumexp(s, dim=-1)
-        counted = targets >= 0
-        safe = torch.where(counted, targets, 0)
-        picked = SoftcapCrossEntropy._capped(logits.gather(1, safe[:, None]).squeeze(1).to(dtype), cap)
-        ctx.save_for_backward(logits, safe, counted, lse)
-        ctx.cap = cap
-        return torch.where(counted, lse - picked, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, safe, counted, lse = ctx.saved_tensors
-        s = SoftcapCrossEntropy._capped(logits.to(lse.dtype), ctx.cap)
-        th = s * (1 / ctx.cap)  # inductor divides exactly (div_rn, many instructions); this multiplies
-        probs = torch.exp(s - lse[:, None])
-        hit = torch.arange(logits.size(1), device=logits.device) == safe[:, None]
-        g = torch.where(counted, grad, 0.0)[:, None]
-        return ((probs - hit.to(lse.dtype)) * (1 - th * th) * g).to(logits.dtype), None, None
 
 
 def attended_pairs(T: int, window: int | None) -> int:
@@ -105,24 +54,6 @@ def rope_tables(seq_len: int, head_dim: int, base: float, device=None):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate channel pairs (j, j + D/2) of x [B, T, H, D] by each position's angle. Done in at
-    least float32 (bf16 rotations drift at long positions) and cast back; compile fuses it."""
-    d, dtype = x.size(-1) // 2, torch.promote_types(x.dtype, torch.float32)
-    x1, x2 = x[..., :d].to(dtype), x[..., d:].to(dtype)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-def rope_norm(x, cos, sin):
-    """QK-norm after RoPE, in x's dtype (rms_norm runs in float32 under autocast: cast back so the
-    attention kernel gets bf16 q/k). A compiled GPU forward uses triton_rope_norm.py's two kernels,
-    whose backward needs only the output and one rstd per row."""
-    if torch.compiler.is_compiling() and triton_rope_norm.usable(x):
-        return triton_rope_norm.rope_norm(x, cos, sin)
-    return norm(apply_rope(x, cos, sin)).to(x.dtype)
-
-
 class MLP(nn.Module):
     """The default occupant of a block's MLP slot: ReLU^2, 4x wide. Whatever fills the slot
     (`mlp_factory(config, layer_idx)`) provides the same three methods: forward(x) -> x-shaped,
@@ -136,9 +67,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        if torch.compiler.is_compiling() and triton_mlp.usable(x, self.c_fc.weight):
-            return triton_mlp.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)  # ReLU^2 in the matmuls
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
     @torch.no_grad()
     def init_weights(self):
@@ -268,24 +197,13 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         h = norm(x)
-        if targets is not None and loss_reduction not in ("mean", "none"):
+        if targets is None:
+            return softcap_logits(h, self.lm_head.weight, self.config.softcap)
+        if loss_reduction not in ("mean", "none"):
             raise LabError(f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'")
-        if targets is not None and torch.compiler.is_compiling():
-            targets, cap = targets.reshape(B * T), self.config.softcap
-            if triton_loss.usable(h, cap):  # lm_head, then loss and gradient in one Triton kernel (GPU)
-                h = h.to(x.dtype).view(B * T, -1)  # rms_norm computes in float32 under autocast
-                loss = triton_loss.lm_head_softcap_cross_entropy(h, self.lm_head.weight, targets, cap)
-            else:
-                loss = SoftcapCrossEntropy.apply(self.lm_head(h).view(B * T, -1), targets, cap)
-        else:  # eager runs each op of the Function as a kernel of its own: F.cross_entropy's are fused
-            logits = self.lm_head(h)
-            logits = softcap(logits.to(torch.promote_types(logits.dtype, torch.float32)), self.config.softcap)
-            if targets is None:
-                return logits
-            targets = targets.reshape(B * T)
-            loss = F.cross_entropy(logits.view(B * T, -1), targets, ignore_index=-1, reduction="none")
+        loss = softcap_cross_entropy(h, self.lm_head.weight, targets, self.config.softcap)  # [B, T]
         if loss_reduction == "none":
-            return loss.view(B, T)
+            return loss
         return loss.sum() / (targets >= 0).sum()
 
     def num_params(self) -> dict:

@@ -8,11 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import llmlabs.model as model_module
-from llmlabs.kernels import triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
 from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
-from llmlabs.model import GPT, MLP, apply_rope, build_model, rope_tables
+from llmlabs.kernels import ops, triton_loss, triton_mlp, triton_rope_norm
+from llmlabs.kernels.ops import apply_rope
+from llmlabs.model import GPT, MLP, build_model, rope_tables
 
 
 def tiny_config(**overrides):
@@ -116,7 +117,7 @@ def test_fused_softcap_cross_entropy_matches_float64_autograd(dtype, cap):
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::5] = -1
     upstream = torch.randn(N, generator=g, dtype=torch.float64)
-    loss = model_module.SoftcapCrossEntropy.apply(z, targets, cap)
+    loss = ops.SoftcapCrossEntropy.apply(z, targets, cap)
     (loss.double() * upstream).sum().backward()
     z64 = z.detach().double().requires_grad_(True)
     ref = F.cross_entropy(cap * torch.tanh(z64 / cap), targets, ignore_index=-1, reduction="none")
@@ -199,7 +200,7 @@ def test_triton_rope_norm_matches_float64_reference_on_cuda(dtype, shape):
     upstream = torch.randn(shape, generator=g, dtype=torch.float64).cuda()
     assert triton_rope_norm.usable(x)
     for run in (lambda x: triton_rope_norm.rope_norm(x, cos, sin),
-                torch.compile(lambda x: model_module.rope_norm(x, cos, sin), fullgraph=True)):
+                torch.compile(lambda x: ops.rope_norm(x, cos, sin), fullgraph=True)):
         x.grad = None
         y = run(x)
         (y.double() * upstream).sum().backward()
@@ -282,7 +283,7 @@ def test_fused_softcap_cross_entropy_passes_gradcheck():
     g = torch.Generator().manual_seed(22)
     z = (torch.randn(6, 11, generator=g, dtype=torch.float64) * 8).requires_grad_(True)
     targets = torch.tensor([3, -1, 0, 10, 7, 3])
-    assert torch.autograd.gradcheck(lambda x: model_module.SoftcapCrossEntropy.apply(x, targets, 5.0), (z,))
+    assert torch.autograd.gradcheck(lambda x: ops.SoftcapCrossEntropy.apply(x, targets, 5.0), (z,))
 
 
 def test_model_loss_gradients_equal_plain_cross_entropy():

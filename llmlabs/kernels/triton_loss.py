@@ -1,7 +1,7 @@
 """The training loss on a GPU: lm_head's matmul, then one Triton kernel that reads each row of
 logits once and writes both its loss and its gradient. Per token: the cross-entropy of soft-capped
-logits, -log softmax(cap * tanh(z / cap))[target], targets -1 scoring 0 (the math of model.py's
-SoftcapCrossEntropy, which compiled CPU runs and caps above 40 use).
+logits, -log softmax(cap * tanh(z / cap))[target], targets -1 scoring 0 (ops.softcap_cross_entropy
+in a compiled GPU forward; compiled CPU and caps above 40 take ops.SoftcapCrossEntropy).
 
 Why the gradient in the forward pass: the logits are the step's largest tensor ([N, vocab], 2.1 GB
 a micro-batch at d8) and a separate backward kernel would read them a second time and recompute

@@ -1,5 +1,5 @@
 """The ReLU^2 MLP, y = relu(x W1^T)^2 W2^T, with the activation done inside two matmuls' epilogues
-(the compiled GPU path of model.MLP; CPU and eager run the composite).
+(ops.relu2_mlp in a compiled GPU forward; CPU and eager run the reference composite).
 
 Forward: h = relu(x W1^T)^2 from one Triton matmul that squares its rectified float32 accumulator
 before the single store, so the pre-activation never reaches memory; then y = h W2^T on cuBLAS.

@@ -1,5 +1,5 @@
-"""RoPE then RMSNorm of q or k [B, T, H, D] as two Triton kernels (the compiled GPU path of
-model.rope_norm; CPU and eager run the composite).
+"""RoPE then RMSNorm of q or k [B, T, H, D] as two Triton kernels (ops.rope_norm in a compiled GPU
+forward; CPU and eager run the reference composite).
 
 Forward: one pass over x, writing y = rmsnorm(rope(x)) in x's dtype and one float32 rstd per row.
 A rotation keeps the norm, so the rstd comes from x directly. Backward: from the output y itself,
