@@ -36,13 +36,20 @@ def add_args(p):
     s.add_argument("-m", "--message", required=True, help="what this experiment tries (one line)")
     s.add_argument("--seed", type=int, help="first seed (default: one no run of the session has used)")
 
-    s = cmd("loop", "call an agent once per iteration and run its change, forever or --iterations times")
+    s = cmd("loop", "call an agent once per iteration and run its change, until --iterations, --hours, "
+                    "--plateau or Ctrl-C")
     s.add_argument("--agent", required=True, help='a command ("claude -p", prompt on stdin or {prompt_file}) '
                                                   "or openai:URL for an OpenAI-compatible chat endpoint")
     s.add_argument("--model", help="model name for --agent openai:URL")
     s.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
     s.add_argument("--agent-timeout", type=float, default=1800.0, help="seconds one agent turn may take")
-    s.add_argument("--iterations", type=int, default=0, help="experiments per worker (0: until Ctrl-C)")
+    s.add_argument("--iterations", type=int, default=0,
+                   help="iterations per worker, an agent's turn and its experiment each (0: no limit)")
+    s.add_argument("--hours", type=float,
+                   help="start no new iteration after this many hours of wall time (one under way finishes)")
+    s.add_argument("--plateau", type=int, metavar="N",
+                   help="stop after N experiments in a row, over all workers, without a keep (discard, crash "
+                        "and invalid count; an iteration where the agent changed nothing does not)")
     s.add_argument("--gpus", help="one worker per GPU, each in its own worktree, e.g. 0,1,2,3")
     s.add_argument("--baseline-repeats", type=int, default=3, help="seeds of the baseline, if none was run yet")
 
@@ -99,7 +106,8 @@ def _run(args):
         from llmlabs.auto.loop import loop
 
         agent = make_agent(args.agent, args.model, args.key_env, args.agent_timeout)
-        loop(session, _workers(session, args.gpus, worker), agent, args.iterations, args.baseline_repeats)
+        loop(session, _workers(session, args.gpus, worker), agent, args.iterations, args.baseline_repeats,
+             hours=args.hours, plateau=args.plateau)
     elif args.cmd == "confirm":
         res = runner.confirm(session, _workers(session, args.gpus, worker), args.seeds)
         for name in ("start", "best"):

@@ -6,7 +6,11 @@ a commit against itself); its result is the mean val_bpb of its runs, t = delta 
 kept chain" is the kept commits in order with the improvement from the start. Rows with status
 `test` are confirmation runs on the held-out split and `confirmed` / `failed` their verdicts; any
 status or column not named here is ignored, so ledgers with more columns read the same.
+
+`priors` gives an agent the findings of earlier sessions of the repository (sibling directories
+under .auto/), newest first, capped: their budget, hardware and flags may differ from this one's.
 """
+import json
 from pathlib import Path
 from statistics import fmean
 
@@ -16,6 +20,8 @@ from llmlabs.common import atomic_write_bytes
 
 EXPERIMENT_STATUSES = ("keep", "discard", "crash", "invalid")
 VERDICT_STATUSES = ("confirmed", "failed")
+PRIOR_SESSIONS = 3      # the newest earlier sessions shown to the agent
+PRIOR_CHARS = 4000      # all of them together
 
 
 def _f(x, digits=4, sign=False):
@@ -128,3 +134,70 @@ def write_findings(session: Session, out_dir=None) -> Path:
                   train_args=session.train_args, start=gitops.short(session.repo, session.base))
     atomic_write_bytes(path, text.encode())
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# memory across sessions
+
+def _sections(text) -> dict[str, list[str]]:
+    """{heading: lines} of a findings.md; "" holds the lines before the first `## `."""
+    out, key = {"": []}, ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            key = line[3:].strip()
+            out[key] = []
+        elif line.strip():
+            out[key].append(line)
+    return out
+
+
+def _created(sdir: Path) -> str:
+    try:
+        return json.loads((sdir / "session.json").read_text())["created"]
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def priors(session: Session, limit=PRIOR_CHARS, sessions=PRIOR_SESSIONS) -> str:
+    """The findings of the sessions created before this one (newest first, at most `sessions` of
+    them, `limit` characters in all: each gets an equal share of what is left, what a session does
+    not use passes to the next), or "" when there are none."""
+    mine = _created(session.dir)
+    found = sorted(((_created(d), d.name, d) for d in session.dir.parent.iterdir()
+                    if d != session.dir and (d / "findings.md").is_file()), reverse=True)
+    found = [f for f in found if f[0] <= mine]
+    if not found:
+        return ""
+    head = ("## Priors from earlier sessions of this repository (newest first)\n"
+            "What earlier sessions tried, from their findings.md. Their budget, hardware and train flags may "
+            "differ from this session's (each says its budget), so compare their deltas and t values, not their "
+            "val_bpb with this ledger's. Use them to pick ideas: what was kept, what came close, what failed.")
+    shown, dropped = found[:sessions], found[sessions:]
+    tail = f"({len(dropped)} older sessions not shown: {', '.join(f[1] for f in dropped)})" if dropped else ""
+    left = limit - len(head) - len(tail) - 2
+    blocks = []
+    for n, (created, tag, d) in enumerate(shown):
+        share = left // (len(shown) - n)
+        block = _prior_block(tag, created, (d / "findings.md").read_text(errors="replace"), share)
+        left -= len(block) + 1
+        blocks.append(block)
+    return "\n".join([head, *blocks] + ([tail] if tail else []))
+
+
+def _prior_block(tag, created, text, limit) -> str:
+    sec = _sections(text)
+    summary = [ln for ln in sec.get("", []) if not ln.startswith("# ")]
+    chain = [ln for ln in sec.get("The kept chain", []) if ln != "|---|---|---|---|---|"]
+    exps = [ln for ln in sec.get("Experiments", []) if ln != "|---|---|---|---|---|---|"]
+    lines = [f"### Session {tag} (created {created or 'unknown'})", *summary]
+    lines += (["Kept chain:", *chain] if chain else []) + (["Experiments (in the order run):", *exps] if exps else [])
+    out, size = [], 0
+    for i, line in enumerate(lines):
+        cut = len(lines) - i
+        note = f"({cut} more lines of session {tag} cut to fit the cap)"
+        if size + len(line) + 1 + (len(note) + 1 if cut > 1 else 0) > limit:
+            out.append(note)
+            break
+        out.append(line)
+        size += len(line) + 1
+    return "\n".join(out)

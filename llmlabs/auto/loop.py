@@ -7,13 +7,24 @@ Per worker (one per GPU, each in its own worktree), forever or --iterations time
 Workers share the ledger (file lock) and the frontier: a keep by one is where every other worker
 starts its next iteration. The state lives in git and the ledger only, so after a crash of the
 harness itself, running `loop` again simply continues.
+
+Each iteration leaves its agent's transcript as agent/<worker>-<NNNN>.* (the agent picks the
+suffixes), numbered per worker across every `loop` call of the session: a call goes on after the
+highest number there, so nothing is overwritten. findings.md is rewritten after every experiment.
+
+The loop stops starting iterations after --iterations per worker, after --hours of wall time, or
+after --plateau experiments in a row (over all workers) without a keep; an iteration under way, the
+agent's turn and its experiment, always finishes.
 """
 import itertools
+import threading
+import time
 from statistics import fmean
 from pathlib import Path
 
 from llmlabs.auto import gitops, runner
 from llmlabs.auto.agents import PROMPT_SPLIT
+from llmlabs.auto.findings import priors, write_findings
 from llmlabs.auto.session import Session, Worker
 from llmlabs.auto.surface import RESEARCH_SURFACE
 from llmlabs.common import LabError
@@ -22,6 +33,7 @@ PROGRAM = Path(__file__).with_name("program.md")
 LEDGER_ROWS = 60                # the newest rows shown to the agent
 LEDGER_COLUMNS = ("commit", "val_bpb", "status", "delta", "sigma", "description", "reason")
 MAX_AGENT_FAILURES = 3          # in a row: a broken agent command stops the loop instead of spinning
+clock = time.monotonic          # the wall clock of --hours (a test replaces it)
 
 
 def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: int) -> str:
@@ -40,6 +52,11 @@ def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: 
         f"Frontier: {best} val_bpb {fmean(score):.6f}" + (f" (start {fmean(start):.6f})" if start else "")
         + f"; noise sigma {sigma:.6f} bpb between seeds; a change is kept when val_bpb drops by more than "
         f"{session.k:g} x sigma_d (sigma_d = the sigma column).",
+    ]
+    prior = priors(session)
+    if prior:
+        parts.append(prior)
+    parts += [
         "## Ledger so far (newest last)",
         "\n".join(["\t".join(LEDGER_COLUMNS)] + ["\t".join(r[c] for c in LEDGER_COLUMNS)
                                                 for r in rows[-LEDGER_ROWS:]]),
@@ -55,7 +72,45 @@ def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: 
     return PROGRAM.read_text() + PROMPT_SPLIT + "\n\n".join(parts) + "\n"
 
 
-def loop(session: Session, workers: list[Worker], agent, iterations: int, baseline_repeats: int):
+class Stop:
+    """Whether to start another iteration, shared by the worker threads: --hours of wall time since
+    the loop began, --plateau experiments in a row without a keep (crash, invalid and discard alike,
+    in the order they finish on any worker)."""
+
+    def __init__(self, hours: float | None, plateau: int | None):
+        if (hours is not None and hours <= 0) or (plateau is not None and plateau < 1):
+            raise LabError(f"--hours {hours} / --plateau {plateau}: give a positive number of hours / experiments")
+        self.hours, self.plateau = hours, plateau
+        self.start, self.streak, self.reason = clock(), 0, None
+        self._lock = threading.Lock()
+
+    def reached(self) -> bool:
+        with self._lock:
+            hours = (clock() - self.start) / 3600
+            if self.reason is None and self.hours is not None and hours >= self.hours:
+                self.reason = f"--hours {self.hours:g}: {hours:.2f} h of wall time have passed"
+            return self.reason is not None
+
+    def record(self, status: str):
+        with self._lock:
+            self.streak = 0 if status == "keep" else self.streak + 1
+            if self.reason is None and self.plateau and self.streak >= self.plateau:
+                self.reason = f"--plateau {self.plateau}: {self.streak} experiments in a row without a keep"
+
+
+def next_number(agent_dir: Path, worker: str) -> int:
+    """1 + the highest transcript number of `worker` in agent_dir (agent/<worker>-<NNNN>.*)."""
+    numbers = [0]
+    for p in agent_dir.glob(f"{worker}-*"):
+        n = p.name.split(".")[0][len(worker) + 1:]
+        if n.isdigit():
+            numbers.append(int(n))
+    return max(numbers) + 1
+
+
+def loop(session: Session, workers: list[Worker], agent, iterations: int, baseline_repeats: int,
+         hours: float | None = None, plateau: int | None = None):
+    stop = Stop(hours, plateau)
     if runner.noise_sigma(session.ledger.read())[0] is None:
         print(f"no noise baseline yet: measuring the starting commit with {baseline_repeats} seeds first")
         runner.baseline(session, workers, baseline_repeats)
@@ -63,12 +118,17 @@ def loop(session: Session, workers: list[Worker], agent, iterations: int, baseli
     for w in workers:
         gitops.add_worktree(session.repo, w.path, w.branch, gitops.resolve(session.repo, best))
     (session.dir / "agent").mkdir(exist_ok=True)
-    runner.in_threads(lambda w: _work(session, w, agent, iterations), workers)
+    runner.in_threads(lambda w: _work(session, w, agent, iterations, stop), workers)
+    write_findings(session)
+    print(f"loop stopped: {stop.reason or f'--iterations {iterations} done on every worker'}", flush=True)
 
 
-def _work(session: Session, worker: Worker, agent, iterations: int):
+def _work(session: Session, worker: Worker, agent, iterations: int, stop: Stop):
     failures = 0
-    for i in itertools.count(1) if not iterations else range(1, iterations + 1):
+    for _ in itertools.count() if not iterations else range(iterations):
+        if stop.reached():
+            return
+        i = next_number(session.dir / "agent", worker.name)
         rows = session.ledger.read()
         best = runner.frontier(rows)
         gitops.reset_to(worker.path, gitops.resolve(worker.path, best))
@@ -93,3 +153,5 @@ def _work(session: Session, worker: Worker, agent, iterations: int):
         delta = "" if out["delta"] is None else f" delta {out['delta']:+.6f} (sigma_d {out['sigma']:.6f})"
         print(f"[{worker.name}] {out['status']:<8} {out['commit']} val_bpb {bpb}{delta}  {description}"
               + (f"  ({out['reason']})" if out["reason"] else ""), flush=True)
+        stop.record(out["status"])
+        write_findings(session)
