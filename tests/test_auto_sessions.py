@@ -36,8 +36,8 @@ CRASH = ("\n\ndef _broken_forward(self, *args, **kwargs):\n"
          "    raise RuntimeError('deliberate crash in forward')\n\n\nGPT.forward = _broken_forward\n")
 SLOW = ("\n\nimport time as _time\n_fast_forward = GPT.forward\n\n\n"
         "def _slow_forward(self, idx, targets=None, **kwargs):\n"
-        "    if targets is not None:  # training steps only: 12 s, past the 10 s budget in one step\n"
-        "        _time.sleep(12)\n"
+        "    if targets is not None:  # training steps only: 15 s, past the 10 s budget in one step\n"
+        "        _time.sleep(15)\n"
         "    return _fast_forward(self, idx, targets, **kwargs)\n\n\nGPT.forward = _slow_forward\n")
 CHEAT = ("\n\n_honest_bpb = evaluate_bpb\n\n\ndef evaluate_bpb(*args, **kwargs):\n"
          "    res = _honest_bpb(*args, **kwargs)\n    return {**res, 'bpb': res['bpb'] * 0.5}\n")
@@ -88,7 +88,7 @@ def auto(cwd, monkeypatch, *args):
 
 def init(lab, monkeypatch, data_dir, tag):
     assert auto(lab, monkeypatch, "init", "--tag", tag, "--data", str(data_dir), "--time-budget", BUDGET,
-                "--train-args", TINY, "--repeat-near", "0") == 0
+                "--train-args", TINY, "--repeat-near", "0", "--baselines", "3") == 0
     return lab / ".auto" / tag
 
 
@@ -115,9 +115,9 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     sdir = init(lab, monkeypatch, data_dir, "s")
     wt = sdir / "main"
     assert git(wt, "rev-parse", "--abbrev-ref", "HEAD") == "auto/s"
-    assert auto(lab, monkeypatch, "baseline", "--repeats", "2") == 0
+    assert auto(lab, monkeypatch, "baseline") == 0  # as many runs as the session needs: 3
     rows = ledger(sdir)
-    assert [r["status"] for r in rows] == ["baseline"] * 2 and rows[0]["seed"] != rows[1]["seed"]
+    assert [r["status"] for r in rows] == ["baseline"] * 3 and len({r["seed"] for r in rows}) == 3
     start = rows[0]["commit"]
     sigma = statistics.stdev(float(r["val_bpb"]) for r in rows)
     assert float(rows[-1]["sigma"]) == pytest.approx(sigma, abs=1e-6) and sigma > 0  # the ledger keeps 6 decimals
@@ -128,9 +128,11 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     assert auto(wt, monkeypatch, "run", "-m", "restore the tuned learning rates") == 0
     keep = ledger(sdir)[-1]
     assert keep["status"] == "keep" and keep["parent"] == start and keep["worker"] == "main"
-    assert float(keep["delta"]) < -2 * float(keep["sigma"]) < 0
-    assert float(keep["sigma"]) == pytest.approx(sigma * (1 + 1 / 2) ** 0.5, rel=1e-3)
-    assert '"causal": true' in (sdir / "logs" / f"{keep['run']}.log").read_text()
+    assert float(keep["delta"]) / float(keep["sigma"]) < -6.96  # t_{0.99, 2 dof}
+    assert float(keep["sigma"]) == pytest.approx(sigma * (1 + 1 / 3) ** 0.5, rel=1e-3)
+    result = json.loads((sdir / "runs" / keep["run"] / "result.json").read_text())
+    assert result["causal"]["causal"] and result["bpb"] == pytest.approx(float(keep["val_bpb"]), abs=1e-6)
+    assert result["phases"]["train_s"] > 0 and result["phases"]["eval_s"] > 0
     assert (sdir / "runs" / keep["run"] / "checkpoints" / "LATEST").exists()  # kept runs keep their weights
     assert_at(wt, keep["commit"], "auto/s")
     kept = keep["commit"]
@@ -140,7 +142,7 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     append(cfg, HARMFUL)
     assert auto(wt, monkeypatch, "run", "-m", "learning rates x 0.01") == 0
     r = ledger(sdir)[-1]
-    assert r["status"] == "discard" and r["parent"] == kept and float(r["delta"]) > -2 * float(r["sigma"])
+    assert r["status"] == "discard" and r["parent"] == kept and float(r["delta"]) > 0
     assert r["commit"] != kept and not (sdir / "runs" / r["run"] / "checkpoints").exists()
     assert_at(wt, kept, "auto/s")
     assert HARMFUL not in cfg.read_text()
@@ -157,7 +159,7 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     append(wt / "llmlabs/evaluate.py", CHEAT)
     assert auto(wt, monkeypatch, "run", "-m", "better evaluation") == 0
     r = ledger(sdir)[-1]
-    assert r["status"] == "invalid" and r["reason"] == "harness files changed: llmlabs/evaluate.py"
+    assert r["status"] == "invalid" and r["reason"].startswith("llmlabs/evaluate.py changed outside the research surface")
     assert r["run"] == "" and r["val_bpb"] == ""
     assert_at(wt, kept, "auto/s")
 
@@ -165,27 +167,28 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     append(wt / "llmlabs/model.py", SLOW)
     assert auto(wt, monkeypatch, "run", "-m", "slow forward") == 0
     r = ledger(sdir)[-1]
-    assert r["status"] == "invalid" and r["reason"].startswith("over budget: trained 12.")
-    assert float(r["wall_s"]) > 12
+    assert r["status"] == "invalid" and r["reason"].startswith("over budget: trained 15."), r["reason"]
+    assert float(r["wall_s"]) > 15
     assert_at(wt, kept, "auto/s")
 
     # nothing to run without a change; the user's branch and checkout were never touched
     assert auto(wt, monkeypatch, "run", "-m", "again") == 2
     assert "nothing to run" in capsys.readouterr().err
     assert git(lab, "rev-parse", "main") == user_head and git(lab, "status", "--porcelain") == ""
-    assert [r["status"] for r in ledger(sdir)] == ["baseline"] * 2 + ["keep", "discard", "crash", "invalid", "invalid"]
+    assert [r["status"] for r in ledger(sdir)] == ["baseline"] * 3 + ["keep", "discard", "crash", "invalid", "invalid"]
 
     # confirmation on the held-out test split, then the report
     capsys.readouterr()
     assert auto(lab, monkeypatch, "confirm", "--seeds", "2") == 0
     conf = json.loads((sdir / "confirm.json").read_text())
     assert conf["commits"]["best"]["commit"] == kept and conf["commits"]["start"]["commit"] == start
-    assert conf["diff"] < -3 * conf["se"] < 0  # the kept change generalises to unseen text
-    assert not list(sdir.glob("at-*"))  # temporary checkouts removed
+    assert conf["diff"] < -3 * conf["se"] < 0 and conf["verdict"] == "confirmed"  # it generalises to unseen text
+    assert [r["status"] for r in ledger(sdir)][-5:] == ["test"] * 4 + ["confirmed"]
     assert "difference -0." in capsys.readouterr().out
     assert auto(lab, monkeypatch, "report", "--json") == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["counts"] == {"baseline": 2, "keep": 1, "discard": 1, "crash": 1, "invalid": 2}
+    assert rep["counts"] == {"baseline": 3, "keep": 1, "discard": 1, "crash": 1, "invalid": 2, "test": 4,
+                             "confirmed": 1}
     assert [k["commit"] for k in rep["kept"]] == [kept] and rep["best"]["commit"] == kept
     assert rep["crashes"][0]["reason"].startswith("RuntimeError")
     assert "raise RuntimeError('deliberate crash in forward')" in rep["crashes"][0]["tail"]
@@ -231,11 +234,12 @@ def test_loop_with_an_openai_compatible_server(lab, data_dir, monkeypatch, capsy
     monkeypatch.setenv("LAB_KEY", KEY)
     try:
         assert auto(lab, monkeypatch, "loop", "--agent", f"openai:{server.url}", "--model", "m", "--key-env", "LAB_KEY",
-                    "--iterations", "3", "--baseline-repeats", "2") == 0
+                    "--iterations", "3") == 0
     finally:
         server.close()
     rows = ledger(sdir)
-    assert [r["status"] for r in rows] == ["baseline", "baseline", "keep", "crash", "discard"]
+    assert [r["status"] for r in rows] == ["baseline"] * 3 + ["keep", "crash", "discard"]
+    rows = rows[1:]  # the indices below count from the second baseline run
     assert [r["description"] for r in rows[2:]] == ["Restore the tuned learning rates", "A new forward",
                                                    "Learning rates x 0.01"]
     assert rows[3]["parent"] == rows[4]["parent"] == rows[2]["commit"]  # later iterations start from the keep
@@ -280,10 +284,10 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     agent = tmp_path / "agent.py"
     agent.write_text(AGENT.format(weak=WEAK, tiny=TINY_LR, crash=CRASH))
     assert auto(lab, monkeypatch, "loop", "--agent", f"{sys.executable} {agent}", "--gpus", "0,1",
-                "--iterations", "2", "--baseline-repeats", "2") == 0
+                "--iterations", "2", "--baseline-repeats", "4") == 0
     rows = ledger(sdir)
-    base, exp = rows[:2], rows[2:]
-    assert [r["status"] for r in base] == ["baseline"] * 2 and {r["worker"] for r in base} == {"gpu0", "gpu1"}
+    base, exp = rows[:4], rows[4:]
+    assert [r["status"] for r in base] == ["baseline"] * 4 and {r["worker"] for r in base} == {"gpu0", "gpu1"}
     by = {w: [r for r in exp if r["worker"] == w] for w in ("gpu0", "gpu1")}
     assert [r["status"] for r in by["gpu0"]] == ["keep", "discard"]
     assert [r["status"] for r in by["gpu1"]] == ["crash", "crash"]

@@ -4,8 +4,10 @@ import json
 import os
 
 from llmlabs.auto import runner
+from llmlabs.auto.surface import RESEARCH_SURFACE
 from llmlabs.auto.ledger import clean
 from llmlabs.auto.session import init_session, locate
+from llmlabs.auto.stats import DEFAULT_ALPHA, DEFAULT_BASELINES, MIN_BASELINES
 from llmlabs.common import LabError
 
 
@@ -24,12 +26,15 @@ def add_args(p):
     s.add_argument("--time-budget", type=float, default=300.0, help="seconds of training per experiment")
     s.add_argument("--timeout", type=float, help="hard wall-clock limit per run (default 1.5 x budget + 180 s)")
     s.add_argument("--train-args", default="", help='further fixed `llmlabs train` flags, e.g. "--depth 8 --device cuda"')
-    s.add_argument("--k", type=float, default=2.0, help="keep when val_bpb improves by more than k x sigma_d")
+    s.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help="false-keep rate of the keep rule: a no-op change is kept with this probability")
+    s.add_argument("--baselines", type=int, default=DEFAULT_BASELINES,
+                   help=f"baseline runs (unchanged code, new seeds) before the first decision; at least {MIN_BASELINES}")
     s.add_argument("--repeat-near", type=int, default=1,
-                   help="extra seeds for a result within one sigma_d of the threshold")
+                   help="extra seeds for a marginal keep (within one sigma_d beyond the threshold)")
 
     s = cmd("baseline", "measure the noise: the unchanged frontier commit under several seeds")
-    s.add_argument("--repeats", type=int, default=3, help="runs, one seed each")
+    s.add_argument("--repeats", type=int, help="runs, one seed each (default: as many as the session still needs)")
     s.add_argument("--gpus", help="spread the runs over these GPUs, e.g. 0,1,2,3")
 
     s = cmd("run", "commit the working change, train it under the budget, keep or discard it")
@@ -51,7 +56,9 @@ def add_args(p):
                    help="stop after N experiments in a row, over all workers, without a keep (discard, crash "
                         "and invalid count; an iteration where the agent changed nothing does not)")
     s.add_argument("--gpus", help="one worker per GPU, each in its own worktree, e.g. 0,1,2,3")
-    s.add_argument("--baseline-repeats", type=int, default=3, help="seeds of the baseline, if none was run yet")
+    s.add_argument("--baseline-repeats", type=int,
+                   help="seeds of the baseline when the session has fewer baseline runs than it needs "
+                        "(default: as many as it still needs)")
 
     s = cmd("confirm", "re-run the best kept commit and the start on the held-out test split")
     s.add_argument("--seeds", type=int, default=3, help="runs per commit")
@@ -60,6 +67,15 @@ def add_args(p):
     s = cmd("report", "progress plot, kept changes, crashes and time, findings.md; --json for agents")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--out", help="directory for report.png, report.md and findings.md (default: the session directory)")
+
+
+def sandbox_line() -> str:
+    from llmlabs.auto import sandbox
+
+    if sandbox.available():
+        return "sandbox: bubblewrap (agent: its worktree only; training and evaluation: no network, no held-out data)"
+    return ("sandbox: none, bubblewrap is not usable here (" + sandbox.why_not() + "): agent unsandboxed; training "
+            "and evaluation are guarded by the harness's file guard only")
 
 
 def _workers(session, gpus, default_worker="main"):
@@ -85,17 +101,22 @@ def run(args):
 def _run(args):
     if args.cmd == "init":
         s = init_session(os.getcwd(), args.tag, data=args.data, time_budget=args.time_budget, timeout=args.timeout,
-                         train_args=args.train_args, k=args.k, repeat_near=args.repeat_near)
+                         train_args=args.train_args, alpha=args.alpha, repeat_near=args.repeat_near,
+                         baselines=args.baselines)
         print(f"session {s.tag}: {s.dir}\nbranch auto/{s.tag} from {s.base[:12]}, worktree {s.worker('main').path}\n"
               f"fingerprint {s.cfg['fingerprint'][:16]} ({len(s.cfg['expected']['harness'])} harness files, "
               f"data {s.data}, budget {s.time_budget:g} s, timeout {s.timeout:g} s)\n"
-              f"next: llmlabs auto baseline --repeats 3")
+              f"keep rule: one-sided t-test at alpha {s.alpha:g} after {s.baselines} baseline runs\n"
+              f"research surface (the only files an experiment may change): {', '.join(RESEARCH_SURFACE)}\n"
+              f"{sandbox_line()}\n"
+              f"next: llmlabs auto baseline")
         return 0
     session, worker = locate(os.getcwd(), args.tag)
     if args.cmd == "baseline":
         rows = runner.baseline(session, _workers(session, args.gpus, worker), args.repeats)
         vals = ", ".join(f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else r["status"] for r in rows)
-        print(f"baseline {rows[0]['commit']}: val_bpb {vals}; sigma {rows[0]['sigma']:.6f} (all baseline runs so far)")
+        print(f"baseline {rows[0]['commit']}: val_bpb {vals}; sigma {rows[0]['sigma']:.6f} (all baseline runs so far)"
+              if rows[0]["sigma"] is not None else f"baseline {rows[0]['commit']}: val_bpb {vals}")
     elif args.cmd == "run":
         out = runner.experiment(session, session.worker(worker), args.message, args.seed)
         print("---")
@@ -113,8 +134,8 @@ def _run(args):
         for name in ("start", "best"):
             c = res["commits"][name]
             print(f"{name:<6}{c['commit']}  test_bpb {c['mean']:.6f} +- {c['std']:.6f} over {len(c['test_bpb'])} seeds")
-        z = "" if res["z"] is None else f", z = {res['z']:.1f}"
-        print(f"difference {res['diff']:+.6f} +- {res['se']:.6f} (standard error){z}")
+        print(f"difference {res['diff']:+.6f} +- {res['se']:.6f} (standard error), Welch t = {res['t']:.2f}, "
+              f"one-sided p = {res['p']:.3g}: {res['verdict']} (alpha {res['alpha']:g})")
     elif args.cmd == "report":
         from llmlabs.auto.report import write_report
 

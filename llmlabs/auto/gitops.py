@@ -7,7 +7,9 @@ Layout under the repository's main checkout (`.auto/` is added to .git/info/excl
                           in two worktrees, hence a branch per worker)
 All worktrees share one object store, so any worker can reset to a commit another worker kept.
 """
+import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 from llmlabs.common import LabError
@@ -73,10 +75,19 @@ def reset_to(wt, commit):
     git(wt, "clean", "-fdq")
 
 
-def clean_ignored(wt, where="llmlabs"):
-    """Remove untracked and ignored files (stale __pycache__, stray modules) under `where`, so that
-    only the committed code can be imported by the run."""
-    git(wt, "clean", "-fdxq", "--", where)
+def export(repo, commit, dest, paths=("llmlabs",)):
+    """Exactly the files of `commit` under `paths`, written into a fresh `dest` (git archive): what a
+    run imports, with no untracked or ignored file of any worktree beside it."""
+    dest = Path(dest)
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    proc = subprocess.Popen(["git", "archive", "--format=tar", commit, "--", *paths], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    if proc.wait():
+        raise LabError(f"`git archive {commit}` failed in {repo}: {proc.stderr.read().decode().strip()}")
+    return dest
 
 
 def add_worktree(repo, path, branch, commit):

@@ -22,9 +22,10 @@ import time
 from statistics import fmean
 from pathlib import Path
 
-from llmlabs.auto import gitops, runner
+from llmlabs.auto import gitops, runner, stats
 from llmlabs.auto.agents import PROMPT_SPLIT
 from llmlabs.auto.findings import priors, write_findings
+from llmlabs.auto.runs import tail
 from llmlabs.auto.session import Session, Worker
 from llmlabs.auto.surface import RESEARCH_SURFACE
 from llmlabs.common import LabError
@@ -39,7 +40,7 @@ clock = time.monotonic          # the wall clock of --hours (a test replaces it)
 def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: int) -> str:
     wt = worker.path
     best = runner.frontier(rows)
-    sigma, _ = runner.noise_sigma(rows)
+    sigma, dof = runner.noise(rows)
     score = runner.scores(rows, best)
     start = runner.scores(rows, gitops.short(session.repo, session.base))
     parts = [
@@ -50,8 +51,9 @@ def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: 
         "commit or edit anything outside the research surface: the harness commits your change, trains it for "
         f"{session.time_budget:g} s, keeps or discards it, and resets the worktree.",
         f"Frontier: {best} val_bpb {fmean(score):.6f}" + (f" (start {fmean(start):.6f})" if start else "")
-        + f"; noise sigma {sigma:.6f} bpb between seeds; a change is kept when val_bpb drops by more than "
-        f"{session.k:g} x sigma_d (sigma_d = the sigma column).",
+        + f"; noise sigma {sigma:.6f} bpb between seeds ({dof} degrees of freedom); a change is kept when "
+        f"t = delta / sigma_d < -{stats.threshold(dof, session.alpha):.2f} (a one-sided t-test at false-keep rate "
+        f"{session.alpha:g}; sigma_d = the sigma column, delta / sigma the t of each row).",
     ]
     prior = priors(session)
     if prior:
@@ -64,7 +66,7 @@ def build_prompt(session: Session, worker: Worker, rows: list[dict], iteration: 
     mine = [r for r in rows if r["worker"] == worker.name]
     if mine and mine[-1]["status"] == "crash" and mine[-1]["run"]:
         parts += [f"## Your last run crashed ({mine[-1]['reason']}); its log ends with",
-                  "```\n" + runner.tail(session.dir / "logs" / f"{mine[-1]['run']}.log") + "\n```"]
+                  "```\n" + tail(session.dir / "logs" / f"{mine[-1]['run']}.log") + "\n```"]
     parts.append("## Research files")
     for rel in RESEARCH_SURFACE:
         if (wt / rel).exists():
@@ -111,9 +113,12 @@ def next_number(agent_dir: Path, worker: str) -> int:
 def loop(session: Session, workers: list[Worker], agent, iterations: int, baseline_repeats: int,
          hours: float | None = None, plateau: int | None = None):
     stop = Stop(hours, plateau)
-    if runner.noise_sigma(session.ledger.read())[0] is None:
-        print(f"no noise baseline yet: measuring the starting commit with {baseline_repeats} seeds first")
-        runner.baseline(session, workers, baseline_repeats)
+    missing = session.baselines - runner.baseline_count(session.ledger.read())
+    if missing > 0:
+        repeats = max(missing, baseline_repeats or 0, 2)
+        print(f"the session needs {session.baselines} baseline runs before its first decision: measuring the "
+              f"starting commit with {repeats} seeds first")
+        runner.baseline(session, workers, repeats)
     best = runner.frontier(session.ledger.read())
     for w in workers:
         gitops.add_worktree(session.repo, w.path, w.branch, gitops.resolve(session.repo, best))

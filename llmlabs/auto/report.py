@@ -11,8 +11,9 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from llmlabs.auto import gitops, runner
+from llmlabs.auto import gitops, runner, sandbox, stats
 from llmlabs.auto.findings import write_findings
+from llmlabs.auto.runs import tail
 from llmlabs.auto.session import Session
 from llmlabs.common import atomic_write_bytes
 
@@ -25,7 +26,7 @@ def _mean(xs):
 
 def summarize(session: Session) -> dict:
     rows = session.ledger.read()
-    sigma, dof = runner.noise_sigma(rows)
+    sigma, dof = runner.noise(rows)
     start = gitops.short(session.repo, session.base)
     best = runner.frontier(rows)
     kept, seen = [], set()
@@ -34,21 +35,23 @@ def summarize(session: Session) -> dict:
             seen.add(r["commit"])
             delta, sd = float(r["delta"]), float(r["sigma"])
             kept.append({"commit": r["commit"], "val_bpb": _mean(runner.scores(rows, r["commit"])), "delta": delta,
-                         "sigma": sd, "z": delta / sd if sd else None, "description": r["description"]})
+                         "sigma": sd, "t": delta / sd if sd else None, "description": r["description"]})
     crashes = [{"commit": r["commit"], "run": r["run"], "reason": r["reason"], "description": r["description"],
-                "tail": runner.tail(session.dir / "logs" / f"{r['run']}.log", 15) if r["run"] else ""}
+                "tail": tail(session.dir / "logs" / f"{r['run']}.log", 15) if r["run"] else ""}
                for r in rows if r["status"] == "crash"]
     walls = [float(r["wall_s"]) for r in rows if r["wall_s"]]
-    ends = [float(r["started"]) + float(r["wall_s"] or 0) for r in rows]
+    ends = [float(r["started"]) + float(r["wall_s"] or 0) for r in rows if r["started"]]
     confirm = session.dir / "confirm.json"
     return {
-        "tag": session.tag, "branch": f"auto/{session.tag}", "time_budget_s": session.time_budget, "k": session.k,
+        "tag": session.tag, "branch": f"auto/{session.tag}", "time_budget_s": session.time_budget,
+        "alpha": session.alpha, "t_crit": stats.threshold(dof, session.alpha) if dof else None,
+        "sandbox": sandbox.available(),
         "sigma": sigma, "sigma_dof": dof, "runs": len(rows), "counts": dict(Counter(r["status"] for r in rows)),
         "start": {"commit": start, "val_bpb": _mean(runner.scores(rows, start))},
         "best": {"commit": best, "val_bpb": _mean(runner.scores(rows, best)) if best else None},
         "kept": kept, "crashes": crashes,
         "run_hours": sum(walls) / 3600,
-        "span_hours": (max(ends) - min(float(r["started"]) for r in rows)) / 3600 if rows else 0.0,
+        "span_hours": (max(ends) - min(float(r["started"]) for r in rows if r["started"])) / 3600 if ends else 0.0,
         "confirm": json.loads(confirm.read_text()) if confirm.exists() else None,
     }
 
@@ -114,14 +117,18 @@ def markdown(summary: dict) -> str:
     f = _fmt
     st, b = summary["start"], summary["best"]
     lines = [f"# autoresearch report: auto/{summary['tag']}", "",
-             f"- budget per run: {summary['time_budget_s']:g} s; keep rule: improvement > {summary['k']:g} x sigma_d",
+             f"- budget per run: {summary['time_budget_s']:g} s; keep rule: one-sided t-test, false-keep rate "
+             f"alpha = {summary['alpha']:g}" + (f" (keep when t < -{summary['t_crit']:.2f})" if summary["t_crit"] else ""),
+             "- sandbox: " + ("bubblewrap (agent: its worktree only; training and evaluation: no network, no held-out "
+                              "data mounted)" if summary["sandbox"] else
+                              "none: agent unsandboxed; training and evaluation guarded by the harness's file guard only"),
              f"- noise: sigma = {f(summary['sigma'], 5)} bpb between seeds ({summary['sigma_dof']} degrees of freedom)",
              f"- start {st['commit']}: val_bpb {f(st['val_bpb'])}; best {b['commit']}: val_bpb {f(b['val_bpb'])}",
              f"- runs: {summary['runs']} (" + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items()))
              + f"); training wall time {summary['run_hours']:.2f} h over {summary['span_hours']:.2f} h",
-             "", "## Kept changes", "", "| commit | val_bpb | delta | sigma_d | z | description |",
+             "", "## Kept changes", "", "| commit | val_bpb | delta | sigma_d | t | description |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {k['commit']} | {f(k['val_bpb'])} | {f(k['delta'])} | {f(k['sigma'])} | {f(k['z'], 1)} | "
+    lines += [f"| {k['commit']} | {f(k['val_bpb'])} | {f(k['delta'])} | {f(k['sigma'])} | {f(k['t'], 1)} | "
               f"{_cell(k['description'])} |" for k in summary["kept"]] or ["| - | | | | | nothing kept yet |"]
     if summary["crashes"]:
         lines += ["", f"## Crashes ({len(summary['crashes'])})", "", "| commit | reason | description |", "|---|---|---|"]
@@ -133,7 +140,8 @@ def markdown(summary: dict) -> str:
                   "| commit | test_bpb mean | std |", "|---|---|---|",
                   f"| start {a['commit']} | {f(a['mean'])} | {f(a['std'], 5)} |",
                   f"| best {bb['commit']} | {f(bb['mean'])} | {f(bb['std'], 5)} |", "",
-                  f"difference {f(c['diff'])} +- {f(c['se'])} (standard error; z = {f(c['z'], 1)})"]
+                  f"difference {f(c['diff'])} +- {f(c['se'])} (standard error; Welch t = {f(c['t'], 2)}, "
+                  f"one-sided p = {c['p']:.3g}: {c['verdict']} at alpha {c['alpha']:g})"]
     return "\n".join(lines) + "\n"
 
 

@@ -82,6 +82,11 @@ def _probe() -> tuple[str | None, str]:
     return bwrap, ""
 
 
+def why_not() -> str:
+    """Why no sandbox can be made here ("" when one can)."""
+    return _probe()[1]
+
+
 def available() -> bool:
     """Whether wrap's sandbox can be made on this machine (checked once per process)."""
     return _probe()[0] is not None

@@ -1,19 +1,31 @@
-"""A session: `llmlabs auto init --tag T` state in .auto/T/ (session.json, results.tsv, runs/, logs/,
-agent/, the worktrees) and how a command finds it again from wherever it is run."""
+"""A session: `llmlabs auto init --tag T` state in .auto/T/ and how a command finds it again from
+wherever it is run.
+
+    .auto/T/session.json   settings and the fingerprint taken at init
+    .auto/T/results.tsv    the ledger (HMAC chain, ledger.py); secret/ledger.key its key (harness only)
+    .auto/T/data-train/    the training split only (hard links): the data directory training runs get
+    .auto/T/code/          the exported code each worker's runs import (gitops.export)
+    .auto/T/cache/         the torch.compile / Triton caches the session's runs share
+    .auto/T/runs/ logs/ agent/ and the worktrees main/, gpu<N>/
+"""
 import json
+import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmlabs.auto import gitops, surface
-from llmlabs.auto.ledger import Ledger
+from llmlabs.auto.ledger import Ledger, load_or_create_key
+from llmlabs.auto.stats import DEFAULT_ALPHA, DEFAULT_BASELINES, MIN_BASELINES
 from llmlabs.common import LabError, atomic_write_json, llmlabs_home
 
 SESSIONS = ".auto"
 # flags the runner sets itself for every run; a session may not fix them. (A token or FLOP cap may
 # be fixed on top of the time budget: on a shared or CPU machine it makes runs reproducible.)
-RUNNER_FLAGS = ("--data", "--time-budget", "--seed", "--run-dir", "--eval-split", "--resume")
+# --eval-every would need the validation split, which training runs are never given.
+RUNNER_FLAGS = ("--data", "--time-budget", "--seed", "--run-dir", "--eval-split", "--resume", "--eval-every")
 
 
 @dataclass
@@ -31,8 +43,30 @@ class Session:
         self.cfg = cfg
         self.tag, self.repo, self.base = cfg["tag"], Path(cfg["repo"]), cfg["base"]
         self.data, self.time_budget, self.timeout = cfg["data"], cfg["time_budget"], cfg["timeout"]
-        self.train_args, self.k, self.repeat_near = cfg["train_args"], cfg["k"], cfg["repeat_near"]
-        self.ledger = Ledger(self.dir / "results.tsv")
+        self.train_args, self.alpha, self.repeat_near = cfg["train_args"], cfg["alpha"], cfg["repeat_near"]
+        self.baselines, self.eval = cfg["baselines"], cfg["eval"]
+        self.train_data, self.code_dir, self.cache = self.dir / "data-train", self.dir / "code", self.dir / "cache"
+        self.ledger = Ledger(self.dir / "results.tsv", load_or_create_key(self.dir / "secret" / "ledger.key"),
+                             result_root=self.dir / "runs")
+        self._data = None
+
+    def data_dir(self):
+        """The full data directory (all splits), opened and verified once per process: the harness's
+        evaluation reads the held-out splits from it; no training run ever sees its path mounted."""
+        if self._data is None:
+            from llmlabs.data.shards import DataDir
+
+            self._data = DataDir.open(self.data)
+        return self._data
+
+    def claim_seeds(self, n: int) -> list[int]:
+        """n seeds no run of the session has used, taken under the ledger lock, so parallel workers
+        never pick the same one (seeds.json counts on)."""
+        path = self.dir / "seeds.json"
+        with self.ledger.exclusive():
+            first = json.loads(path.read_text())["next"] if path.exists() else 0
+            atomic_write_json(path, {"next": first + n})
+        return list(range(first, first + n))
 
     def worker(self, name: str) -> Worker:
         if name == "main":
@@ -45,17 +79,22 @@ class Session:
         return {"data": self.data, "time_budget": self.time_budget, "timeout": self.timeout,
                 "train_args": self.train_args}
 
-    def check_fingerprint(self, wt, commit) -> str | None:
-        """None when `commit`'s harness, the data and the train flags match init; else the reason."""
-        harness = surface.harness_hashes(wt, commit)
-        data_sha = surface.data_hash(self.data)
-        if surface.fingerprint(harness, data_sha, self.train_settings()) == self.cfg["fingerprint"]:
+    def check_commit(self, commit) -> str | None:
+        """None when `commit` may be measured: it changes only research files against the session's
+        start, and its harness, the data, the train flags and the Python environment match init.
+        Else the reason, one line."""
+        reason = surface.outside_surface(self.repo, self.base, commit)
+        if reason:
+            return reason
+        harness = surface.harness_hashes(self.repo, commit)
+        data_sha, env = surface.data_hash(self.data), surface.environment()
+        if surface.fingerprint(harness, data_sha, self.train_settings(), env) == self.cfg["fingerprint"]:
             return None
-        return surface.explain_mismatch(self.cfg["expected"], harness, data_sha, self.train_settings())
+        return surface.explain_mismatch(self.cfg["expected"], harness, data_sha, self.train_settings(), env)
 
 
-def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_args="", k=2.0,
-                 repeat_near=1) -> Session:
+def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_args="", alpha=DEFAULT_ALPHA,
+                 repeat_near=1, baselines=DEFAULT_BASELINES) -> Session:
     """Branch auto/<tag> from the current commit (in a new worktree), fingerprint the harness, check
     the data. The user's branch and working tree are left exactly as they were."""
     top, repo = gitops.repo_roots(cwd)
@@ -71,7 +110,12 @@ def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_
     data_sha = surface.data_hash(data)  # raises with the prepare hint when data is missing
     from llmlabs.data.shards import DataDir
 
-    DataDir.open(data)  # the full check: manifest, shards, tokenizer
+    full = DataDir.open(data)  # the full check: manifest, shards, tokenizer
+    if baselines < MIN_BASELINES:
+        raise LabError(f"--baselines {baselines}: at least {MIN_BASELINES} baseline runs are needed before the first "
+                       "decision (fewer leave sigma so uncertain that the keep rule cannot keep anything)")
+    if not 0 < alpha < 0.5:
+        raise LabError(f"--alpha {alpha}: the false-keep rate must be between 0 and 0.5, e.g. 0.01")
     if time_budget <= 0 or (timeout is not None and timeout <= time_budget):
         raise LabError(f"--time-budget {time_budget} / --timeout {timeout}: the budget must be positive and the "
                        "timeout longer than the budget")
@@ -86,16 +130,60 @@ def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_
     settings = {"data": str(data.resolve()), "time_budget": float(time_budget),
                 # default: compile/warm-up (~1 min on a GPU), evaluation and start-up on top of the budget
                 "timeout": float(timeout or time_budget * 1.5 + 180), "train_args": args}
-    harness = surface.harness_hashes(top, base)
+    harness, env = surface.harness_hashes(top, base), surface.environment()
     cfg = {"tag": tag, "repo": str(repo), "base": base, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "k": float(k), "repeat_near": int(repeat_near), **settings,
-           "fingerprint": surface.fingerprint(harness, data_sha, settings),
-           "expected": {"harness": harness, "data": data_sha, "train": settings}}
+           "alpha": float(alpha), "repeat_near": int(repeat_near), "baselines": int(baselines), **settings,
+           "eval": eval_settings(args, str(data.resolve())),
+           "fingerprint": surface.fingerprint(harness, data_sha, settings, env),
+           "expected": {"harness": harness, "data": data_sha, "train": settings, "env": env}}
     gitops.exclude(repo, f"/{SESSIONS}/")
     sdir.mkdir(parents=True, exist_ok=True)  # session.json, written last, marks a complete session
+    load_or_create_key(sdir / "secret" / "ledger.key")
+    train_only(full, sdir / "data-train")
     gitops.add_worktree(repo, sdir / "main", f"auto/{tag}", base)
     atomic_write_json(sdir / "session.json", cfg)
     return Session(sdir)
+
+
+def eval_settings(train_args, data) -> dict:
+    """How the harness scores every run of the session, fixed at init from the session's train flags
+    (so a run cannot choose its own): rows per batch, context, target tokens, device."""
+    import argparse
+
+    from llmlabs import train
+    from llmlabs.common import autodetect_device
+
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    args = p.parse_args([*train_args, "--data", data])
+    import torch
+
+    device = torch.device(args.device or autodetect_device())
+    cfg = train.resolve_config(args, device)
+    rows = cfg["device_batch_size"]
+    if "total_batch_size" in cfg:  # as setup() clamps it: a forward never holds more rows than a step
+        rows = min(rows, max(1, cfg["total_batch_size"] // cfg["seq_len"]))
+    return {"rows": rows, "seq_len": cfg["seq_len"], "tokens": cfg["eval_tokens"], "device": device.type}
+
+
+def train_only(full, out: Path):
+    """A data directory holding the training split only (hard links to the shards where the file
+    system allows, copies elsewhere), with a manifest that lists no validation or test shard: the
+    data directory every training run of the session is given."""
+    from llmlabs.data.shards import MANIFEST, TOKENIZER_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    m = json.loads(json.dumps(full.manifest))
+    keep = {n for s in m["splits"]["train"]["shards"] for n in (s["tokens"], s["docs"])}
+    for split in ("val", "test"):
+        m["splits"][split] = {"documents": 0, "tokens": 0, "bytes": 0, "shards": []}
+    m["files"] = {n: v for n, v in m["files"].items() if n in keep}
+    for name in [*keep, TOKENIZER_FILE]:
+        try:
+            os.link(full.path / name, out / name)
+        except OSError:
+            shutil.copy2(full.path / name, out / name)
+    atomic_write_json(out / MANIFEST, m)
 
 
 def locate(cwd, tag=None) -> tuple[Session, str]:
