@@ -7,17 +7,25 @@ worktree, and answers one line describing its change.
 
 The endpoint's key is read from an environment variable (--key-env, default OPENAI_API_KEY), sent
 only in the Authorization header, and redacted from any error text; transcripts never contain it.
+
+A command agent runs in bubblewrap where it is usable (sandbox.py): it keeps its network (it talks to
+its model's API) and writes only its worktree (and the paths given with --agent-rw, e.g. the CLI's
+own state directory); the session's directory (ledger, key, runs, logs) and the prepared data are
+hidden from it, and the main checkout is read-only. Where bubblewrap is not usable it runs as the
+user, and `init` and `report` say "agent unsandboxed". The OpenAI agent's hands are the harness's own
+Tools below (read the worktree, write the research files), so it needs no sandbox.
 """
 import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from llmlabs.auto import runner
+from llmlabs.auto import runs, sandbox
 from llmlabs.auto.surface import RESEARCH_SURFACE, is_research_file
 from llmlabs.common import LabError, atomic_write_json
 
@@ -31,14 +39,19 @@ def describe(text: str) -> str:
 
 
 class CommandAgent:
-    def __init__(self, cmd: str, timeout: float):
-        self.cmd, self.timeout = cmd, timeout
+    def __init__(self, cmd: str, timeout: float, hide=(), rw=()):
+        """hide: directories the agent must not see (the session's, the data); rw: writable besides
+        its worktree."""
+        self.cmd, self.timeout, self.hide, self.rw = cmd, timeout, list(hide), list(rw)
 
     def step(self, prompt: str, wt, transcript: Path, env: dict) -> str:
         prompt_file, transcript = transcript.with_suffix(".prompt.md"), transcript.with_suffix(".log")
         prompt_file.write_text(prompt)
         file_mode = "{prompt_file}" in self.cmd
         argv = shlex.split(self.cmd.replace("{prompt_file}", shlex.quote(str(prompt_file))))
+        if sandbox.available():
+            ro = [prompt_file, *{Path(p) for p in (sys.prefix, sys.base_prefix) if Path(p).exists()}]
+            argv = sandbox.wrap(argv, rw=[wt, *self.rw], ro=ro, hide=self.hide, net=True, chdir=wt)
         try:
             proc = subprocess.Popen(argv, cwd=wt, env={**os.environ, **env}, text=True, start_new_session=True,
                                     stdin=subprocess.DEVNULL if file_mode else subprocess.PIPE,
@@ -52,9 +65,9 @@ class CommandAgent:
                 break
             except subprocess.TimeoutExpired:
                 pending = None
-                if runner.STOP.is_set() or time.time() - start > self.timeout:
-                    runner.kill_group(proc)
-                    if runner.STOP.is_set():
+                if runs.STOP.is_set() or time.time() - start > self.timeout:
+                    runs.kill_group(proc)
+                    if runs.STOP.is_set():
                         raise KeyboardInterrupt from None
                     raise LabError(f"agent {self.cmd!r} ran past --agent-timeout {self.timeout:g} s") from None
         transcript.write_text(f"$ {self.cmd}\n# exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}")
@@ -158,7 +171,7 @@ class OpenAIAgent:
             except (urllib.error.URLError, OSError) as e:
                 if attempt == 3:
                     raise LabError(f"cannot reach {self.endpoint}: {self._redact(str(e))}") from None
-            if runner.STOP.is_set():
+            if runs.STOP.is_set():
                 raise KeyboardInterrupt
             time.sleep(2 ** attempt)
 
@@ -169,7 +182,7 @@ class OpenAIAgent:
         deadline = time.time() + self.timeout
         try:
             for _ in range(self.max_turns):
-                if runner.STOP.is_set():
+                if runs.STOP.is_set():
                     raise KeyboardInterrupt
                 if time.time() > deadline:
                     raise LabError(f"agent {self.endpoint} ran past --agent-timeout {self.timeout:g} s")
@@ -196,9 +209,13 @@ class OpenAIAgent:
 PROMPT_SPLIT = "\n\n<!-- iteration -->\n\n"
 
 
-def make_agent(spec: str, model: str | None, key_env: str, timeout: float):
+def make_agent(spec: str, model: str | None, key_env: str, timeout: float, hide=(), rw=()):
     if spec.startswith("openai:"):
         return OpenAIAgent(spec[len("openai:"):], model, key_env, timeout)
     if not spec.strip():
         raise LabError("--agent is empty: give a command (e.g. \"claude -p\") or openai:URL")
-    return CommandAgent(spec, timeout)
+    missing = [p for p in rw if not Path(p).exists()]
+    if missing:
+        raise LabError(f"--agent-rw {missing[0]}: no such file or directory (give the agent CLI's existing state "
+                       "directory, e.g. ~/.claude)")
+    return CommandAgent(spec, timeout, hide, rw)

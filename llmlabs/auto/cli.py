@@ -48,6 +48,9 @@ def add_args(p):
     s.add_argument("--model", help="model name for --agent openai:URL")
     s.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
     s.add_argument("--agent-timeout", type=float, default=1800.0, help="seconds one agent turn may take")
+    s.add_argument("--agent-rw", action="append", default=[], metavar="PATH",
+                   help="a path the sandboxed command agent may write besides its worktree, e.g. ~/.claude "
+                        "(its own state); repeatable")
     s.add_argument("--iterations", type=int, default=0,
                    help="iterations per worker, an agent's turn and its experiment each (0: no limit)")
     s.add_argument("--hours", type=float,
@@ -126,7 +129,8 @@ def _run(args):
         from llmlabs.auto.agents import make_agent
         from llmlabs.auto.loop import loop
 
-        agent = make_agent(args.agent, args.model, args.key_env, args.agent_timeout)
+        agent = make_agent(args.agent, args.model, args.key_env, args.agent_timeout,
+                           hide=[session.dir, session.data], rw=[os.path.expanduser(p) for p in args.agent_rw])
         loop(session, _workers(session, args.gpus, worker), agent, args.iterations, args.baseline_repeats,
              hours=args.hours, plateau=args.plateau)
     elif args.cmd == "confirm":

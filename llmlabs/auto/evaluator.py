@@ -250,6 +250,7 @@ def child_main(argv):
             if reason := changed(snap):
                 finish(reason)
             send_(to_parent, b"N", token_nats(logits, y).cpu().numpy())
+            del y, logits  # nothing of this batch stays in reach of the next forward
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         verdict = check_causal(model, model.config.vocab_size, first.size(1), device, probes=4, dtype=dtype,
                                tokens=first[0])
