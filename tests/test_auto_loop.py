@@ -159,7 +159,7 @@ def test_hours_stops_starting_iterations(repo, experiment, monkeypatch, capsys):
 def test_cli_loop_flags_and_report(repo, experiment, monkeypatch, capsys):
     s = make_session(repo, "c")
     experiment.statuses = ["discard"]
-    monkeypatch.setattr("llmlabs.auto.agents.make_agent", lambda *a: FakeAgent())
+    monkeypatch.setattr("llmlabs.auto.agents.make_agent", lambda *a, **k: FakeAgent())
     monkeypatch.chdir(repo)
     assert cli.main(["auto", "loop", "--agent", "fake", "--plateau", "2", "--iterations", "5"]) == 0
     assert experiment.calls == 2

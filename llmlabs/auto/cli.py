@@ -30,6 +30,9 @@ def add_args(p):
                    help="false-keep rate of the keep rule: a no-op change is kept with this probability")
     s.add_argument("--baselines", type=int, default=DEFAULT_BASELINES,
                    help=f"baseline runs (unchanged code, new seeds) before the first decision; at least {MIN_BASELINES}")
+    s.add_argument("--no-compile-cache", action="store_true",
+                   help="give every run an empty torch.compile cache of its own instead of the session's shared one "
+                        "(slower: each run compiles from scratch; for measuring what the cache saves)")
     s.add_argument("--repeat-near", type=int, default=1,
                    help="extra seeds for a marginal keep (within one sigma_d beyond the threshold)")
 
@@ -105,7 +108,7 @@ def _run(args):
     if args.cmd == "init":
         s = init_session(os.getcwd(), args.tag, data=args.data, time_budget=args.time_budget, timeout=args.timeout,
                          train_args=args.train_args, alpha=args.alpha, repeat_near=args.repeat_near,
-                         baselines=args.baselines)
+                         baselines=args.baselines, compile_cache=not args.no_compile_cache)
         print(f"session {s.tag}: {s.dir}\nbranch auto/{s.tag} from {s.base[:12]}, worktree {s.worker('main').path}\n"
               f"fingerprint {s.cfg['fingerprint'][:16]} ({len(s.cfg['expected']['harness'])} harness files, "
               f"data {s.data}, budget {s.time_budget:g} s, timeout {s.timeout:g} s)\n"

@@ -21,6 +21,7 @@ session's baseline runs + 10 s, so work cannot hide in the untimed parts either.
 import fcntl
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -108,15 +109,17 @@ def device_lock(worker):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def child_env(session, code, worker, compile_cache=True) -> dict:
+def child_env(session, code, worker, cache=None) -> dict:
+    """The environment of a run's processes: no secrets, the exported code for torch.compile's
+    worker processes, and `cache` (a directory) for the compile caches, or none (the evaluator)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().endswith(SECRET_SUFFIXES)}
     # the run's own interpreter ignores PYTHONPATH (-I); torch.compile's worker processes read it
     env["PYTHONPATH"] = str(code)
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         env.pop(var, None)
-    if compile_cache:  # shared by the session's training runs: a graph compiled once is reused
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(session.cache / "inductor")
-        env["TRITON_CACHE_DIR"] = str(session.cache / "triton")
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache) / "inductor")
+        env["TRITON_CACHE_DIR"] = str(Path(cache) / "triton")
     if worker.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(worker.gpu)
     return env
@@ -137,16 +140,19 @@ def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
     failure, run.status / run.reason, then writes run_dir/result.json. `allow`: the baselines'
     allowances for the untimed phases (None for the baseline runs themselves)."""
     code = gitops.export(session.repo, commit, session.code_dir / worker.name)
+    # the session's compile cache, shared by its runs (a graph or kernel compiled once is reused:
+    # bench/results/auto_session-*), or with --no-compile-cache one of the run's own, started empty
+    cache = session.cache if session.compile_cache else run.run_dir / "compile-cache"
     for d in ("inductor", "triton"):
-        (session.cache / d).mkdir(parents=True, exist_ok=True)
-    env = child_env(session, code, worker)
+        (cache / d).mkdir(parents=True, exist_ok=True)
+    env = child_env(session, code, worker, cache)
     r, w = os.pipe()
     forbidden, allowed = [session.data, str(session.dir)], [str(code), str(session.train_data), str(run.run_dir),
-                                                            str(session.cache)]
+                                                            str(cache)]
     cmd = [sys.executable, "-I", "-B", "-u", "-c", TRAIN_BOOT, str(code), json.dumps(forbidden), json.dumps(allowed), str(w),
            "train", "--data", str(session.train_data), "--time-budget", str(session.time_budget),
            "--seed", str(run.seed), "--run-dir", str(run.run_dir), "--eval-split", "none", *session.train_args]
-    argv = _sandboxed(session, cmd, rw=[run.run_dir, session.cache], ro=[code, session.train_data])
+    argv = _sandboxed(session, cmd, rw=[run.run_dir, cache], ro=[code, session.train_data])
     env[EVENTS_FD_VAR] = str(w)
     events = []
     run.started, run.worker = time.time(), worker.name
@@ -162,6 +168,8 @@ def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
     timed_out = _wait(proc, start, session.timeout, f"[{worker.name}] {run.name}", session.time_budget)
     end = time.monotonic()
     reader.join(5)
+    if not session.compile_cache:
+        shutil.rmtree(cache, ignore_errors=True)
     run.wall_s = time.time() - run.started
     run.phases = _phases(events, start, end)
     text = run.log.read_text(errors="replace")
@@ -189,7 +197,7 @@ def evaluate(session, worker, commit, run: Run, split, allow):
     cmd = [sys.executable, "-I", "-B", "-u", "-c", EVAL_BOOT, str(code), str(run.run_dir), e["device"],
            json.dumps([session.data, str(session.dir)]), json.dumps([str(code)])]
     argv = _sandboxed(session, cmd, rw=[], ro=[code, run.run_dir])
-    res = evaluator.evaluate_run(argv, child_env(session, code, worker, compile_cache=False), data=session.data_dir(), split=split,
+    res = evaluator.evaluate_run(argv, child_env(session, code, worker), data=session.data_dir(), split=split,
                                  rows=e["rows"], seq_len=e["seq_len"], max_tokens=e["tokens"],
                                  timeout=session.timeout, log_path=run.log)
     run.phases["eval_s"] = round(res.pop("eval_s"), 2)

@@ -44,7 +44,7 @@ class Session:
         self.tag, self.repo, self.base = cfg["tag"], Path(cfg["repo"]), cfg["base"]
         self.data, self.time_budget, self.timeout = cfg["data"], cfg["time_budget"], cfg["timeout"]
         self.train_args, self.alpha, self.repeat_near = cfg["train_args"], cfg["alpha"], cfg["repeat_near"]
-        self.baselines, self.eval = cfg["baselines"], cfg["eval"]
+        self.baselines, self.eval, self.compile_cache = cfg["baselines"], cfg["eval"], cfg.get("compile_cache", True)
         self.train_data, self.code_dir, self.cache = self.dir / "data-train", self.dir / "code", self.dir / "cache"
         self.ledger = Ledger(self.dir / "results.tsv", load_or_create_key(self.dir / "secret" / "ledger.key"),
                              result_root=self.dir / "runs")
@@ -94,7 +94,7 @@ class Session:
 
 
 def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_args="", alpha=DEFAULT_ALPHA,
-                 repeat_near=1, baselines=DEFAULT_BASELINES) -> Session:
+                 repeat_near=1, baselines=DEFAULT_BASELINES, compile_cache=True) -> Session:
     """Branch auto/<tag> from the current commit (in a new worktree), fingerprint the harness, check
     the data. The user's branch and working tree are left exactly as they were."""
     top, repo = gitops.repo_roots(cwd)
@@ -132,7 +132,8 @@ def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_
                 "timeout": float(timeout or time_budget * 1.5 + 180), "train_args": args}
     harness, env = surface.harness_hashes(top, base), surface.environment()
     cfg = {"tag": tag, "repo": str(repo), "base": base, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "alpha": float(alpha), "repeat_near": int(repeat_near), "baselines": int(baselines), **settings,
+           "alpha": float(alpha), "repeat_near": int(repeat_near), "baselines": int(baselines),
+           "compile_cache": bool(compile_cache), **settings,
            "eval": eval_settings(args, str(data.resolve())),
            "fingerprint": surface.fingerprint(harness, data_sha, settings, env),
            "expected": {"harness": harness, "data": data_sha, "train": settings, "env": env}}
