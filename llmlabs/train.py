@@ -86,7 +86,8 @@ def add_args(p):
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
     g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
                    help="split of the final evaluation (test: held-out confirmation runs only; none: no final "
-                        "evaluation, the autoresearch runner evaluates the checkpoint in a process of its own)")
+                        "evaluation, samples or plot: the autoresearch runner scores the checkpoint in a process of "
+                        "its own)")
     g.add_argument("--run-dir", help="where config, metrics, checkpoints and the summary go (default: runs/<time>-d<depth>)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end and on Ctrl-C)")
     g.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard in RUN/tb")
@@ -314,9 +315,10 @@ def train(args):
         "device": torch.cuda.get_device_name(device) if use_cuda else device.type,
         "seed": cfg["seed"],
     }
-    if rank == 0:
+    if rank == 0 and res:  # --eval-split none: the launcher scores the run; no time spent on extras
         _write_samples(model, data.tokenizer, run_dir / "samples.txt")
         _plot_loss(metrics_path, run_dir / "loss.png")
+    if rank == 0:
         atomic_write_json(run_dir / "summary.json", summary)
         if tb:
             tb.close()

@@ -63,6 +63,25 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["num_steps"] == 16
 
 
+def test_eval_split_none_and_the_launchers_event_pipe(data_dir, tmp_path, monkeypatch, capsys):
+    """What the autoresearch runner uses: no final evaluation, samples or plot, and one line per
+    step on the pipe named by LLMLABS_EVENTS_FD ("timed" when the timed steps begin)."""
+    import os
+
+    r, w = os.pipe()
+    monkeypatch.setenv(train.EVENTS_FD_VAR, str(w))
+    assert run_train(data_dir, tmp_path / "run", "--tokens", "2048", "--eval-split", "none") == 0
+    with os.fdopen(r) as f:
+        events = f.read().split()
+    # CPU runs time every step: "timed" first; then steps 1..4, then the saved checkpoint
+    assert " ".join(events) == "timed step 1 step 2 step 3 step 4 saved"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "val_bpb" not in summary and summary["num_steps"] == 4
+    assert not (tmp_path / "run" / "samples.txt").exists() and not (tmp_path / "run" / "loss.png").exists()
+    assert (tmp_path / "run" / "checkpoints" / "LATEST").exists()
+    assert "val_bpb" not in capsys.readouterr().out
+
+
 def test_loss_goes_down(data_dir, tmp_path):
     run_train(data_dir, tmp_path / "run", "--tokens", "40960", "--matrix-lr", "0.02")
     rows = metrics(tmp_path / "run")

@@ -187,6 +187,7 @@ def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
     run.summary = json.loads(summary.read_text()) if run.status is None and summary.exists() else {}
     if run.status is None:
         evaluate(session, worker, commit, run, split, allow)
+    run.wall_s = time.time() - run.started  # training and evaluation
     write_result(run, commit, split)
     return run
 

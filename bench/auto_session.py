@@ -1,0 +1,155 @@
+"""A whole `llmlabs auto` session with a scripted agent, and what it costs per experiment.
+
+    PYTHONPATH=. python3 bench/auto_session.py --out bench/results                 # GPU: d4, 10 s budget
+    PYTHONPATH=. python3 bench/auto_session.py --no-compile-cache --experiments 2  # the 'before' of the cache
+    PYTHONPATH=. python3 bench/auto_session.py --train-args "--depth 2 --device cpu ..." --budget 3  # CPU dry run
+
+In a throwaway git repo made from this checkout's files (the checkout is never touched): `prepare
+pystdlib` (unless --data), `auto init`, `auto baseline`, `auto loop` with a command agent that makes
+one real edit of the research surface per iteration (EDITS, in order; an edit whose text a keep has
+changed is skipped for the next), `auto report`. Then per run, from the harness's result files: wall
+time, training seconds, and the overhead (warm-up, tail, evaluation), whose mean per experiment is
+what the shared compile cache cuts. Writes NAME.{log,md,tsv,png} and NAME-findings.md into --out.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# (file, old, new, description): real one-line edits of the research surface
+EDITS = [
+    ("llmlabs/config.py", '"matrix_lr": 0.02 * lr_scale', '"matrix_lr": 0.03 * lr_scale', "Muon matrix LR 0.02 -> 0.03"),
+    ("llmlabs/model.py", "QK_GAIN = 1.2 ", "QK_GAIN = 1.0 ", "QK gain 1.2 -> 1.0 (plain 1/sqrt(d) attention scale)"),
+    ("llmlabs/config.py", '"embedding_lr": 0.3 * lr_scale', '"embedding_lr": 0.45 * lr_scale', "embedding LR 0.3 -> 0.45"),
+    ("llmlabs/config.py", "softcap: float = 15.0", "softcap: float = 20.0", "logit softcap 15 -> 20"),
+    ("llmlabs/config.py", '"unembedding_lr": 0.008 * lr_scale', '"unembedding_lr": 0.012 * lr_scale',
+     "unembedding LR 0.008 -> 0.012"),
+    ("llmlabs/model.py", "self.resid_lambdas.copy_(1.15 - 0.10 * depth)", "self.resid_lambdas.copy_(1.0 + 0.0 * depth)",
+     "residual scalars start at 1 in every layer"),
+    ("llmlabs/config.py", '"weight_decay": 0.28 * lr_scale', '"weight_decay": 0.14 * lr_scale', "Muon weight decay halved"),
+    ("llmlabs/config.py", "rope_base: float = 100_000.0", "rope_base: float = 10_000.0", "RoPE base 100k -> 10k"),
+    ("llmlabs/config.py", '"scalar_lr": 0.5 * lr_scale', '"scalar_lr": 0.25 * lr_scale', "scalar LR 0.5 -> 0.25"),
+    ("llmlabs/model.py", "VE_GATE_CHANNELS = 12 ", "VE_GATE_CHANNELS = 32 ", "value-embedding gate reads 32 channels"),
+    ("llmlabs/model.py", "nn.init.normal_(self.lm_head.weight, std=0.001)", "nn.init.normal_(self.lm_head.weight, std=0.003)",
+     "lm_head init std 0.001 -> 0.003"),
+    ("llmlabs/config.py", '"matrix_lr": 0.02 * lr_scale', '"matrix_lr": 0.015 * lr_scale', "Muon matrix LR 0.02 -> 0.015"),
+]
+AGENT = '''import json, os, pathlib, sys
+edits = json.loads(pathlib.Path(sys.argv[1]).read_text())
+i = int(os.environ["LLMLABS_AUTO_ITERATION"]) - 1
+for path, old, new, what in edits[i:] + edits[:i]:
+    f = pathlib.Path(path)
+    if f.read_text().count(old) == 1:
+        f.write_text(f.read_text().replace(old, new))
+        print(what)
+        break
+else:
+    print("no edit left")
+'''
+
+
+def sh(cmd, log, cwd, env):
+    print(f"\n$ {' '.join(cmd)}", file=log, flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"auto_session: `{' '.join(cmd)}` failed (exit {r.returncode}); see the log")
+    return time.time() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument("--work", default="/tmp/llmlabs-auto-session")
+    p.add_argument("--data", help="a prepared data directory (default: prepare pystdlib at vocab 8192)")
+    p.add_argument("--budget", type=float, default=10.0, help="training seconds per run")
+    p.add_argument("--train-args", default="--depth 4 --device cuda")
+    p.add_argument("--baselines", type=int, default=5)
+    p.add_argument("--experiments", type=int, default=10, help="loop iterations (one experiment each)")
+    p.add_argument("--no-compile-cache", action="store_true", help="each run compiles from scratch (the 'before')")
+    a = p.parse_args()
+    py, work, out = sys.executable, Path(a.work), Path(a.out)
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "lab").mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LLMLABS_HOME": str(work / "home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)  # the lab's code comes from the throwaway repo's own exports
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("LLMLABS_COMMIT", "unknown")
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    name = (f"auto_session-{device.replace(' ', '-')}-{commit}-"
+            f"{'nocache' if a.no_compile_cache else 'cache'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    log = open(out / f"{name}.log", "w")
+    lab = work / "lab"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True).stdout.split()
+    for rel in files or ["pyproject.toml", *[str(f.relative_to(REPO)) for f in (REPO / "llmlabs").rglob("*")]]:
+        src = REPO / rel
+        if src.is_file() and "__pycache__" not in rel:
+            (lab / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, lab / rel)
+    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"],
+                ["-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "start"]):
+        subprocess.run(["git", *cmd], cwd=lab, check=True, env={**env, "PYTHONPATH": ""})
+    env["PYTHONPATH"] = str(lab)  # the harness itself (the runs import exports of the session's commits)
+    t0 = time.time()
+    data = a.data
+    if not data:
+        data = str(work / "data" / "pystdlib-v8192")
+        sh([py, "-m", "llmlabs", "prepare", "pystdlib", "--out", data], log, lab, env)
+    init = [py, "-m", "llmlabs", "auto", "init", "--tag", "bench", "--data", data, "--time-budget", str(a.budget),
+            "--train-args", a.train_args, "--baselines", str(a.baselines)]
+    sh(init + (["--no-compile-cache"] if a.no_compile_cache else []), log, lab, env)
+    sh([py, "-m", "llmlabs", "auto", "baseline"], log, lab, env)
+    agent_dir = work / "agent"
+    agent_dir.mkdir()
+    (agent_dir / "agent.py").write_text(AGENT)
+    (agent_dir / "edits.json").write_text(json.dumps(EDITS))
+    loop_s = sh([py, "-m", "llmlabs", "auto", "loop", "--agent", f"{py} {agent_dir / 'agent.py'} {agent_dir / 'edits.json'}",
+                 "--agent-rw", str(agent_dir), "--iterations", str(a.experiments)], log, lab, env)
+    sh([py, "-m", "llmlabs", "auto", "report"], log, lab, env)
+    sdir = lab / ".auto" / "bench"
+    table = summarize(sdir, loop_s, a)
+    header = (f"<!-- {time.strftime('%Y-%m-%d')} | {device} | commit {commit} | total {time.time() - t0:.0f} s |\n"
+              f"     PYTHONPATH=. python3 bench/auto_session.py --budget {a.budget:g} --train-args '{a.train_args}' "
+              f"--baselines {a.baselines} --experiments {a.experiments}"
+              f"{' --no-compile-cache' if a.no_compile_cache else ''} -->\n")
+    (out / f"{name}.md").write_text(header + table + "\n" + (sdir / "report.md").read_text())
+    shutil.copy(sdir / "findings.md", out / f"{name}-findings.md")
+    shutil.copy(sdir / "results.tsv", out / f"{name}.tsv")
+    shutil.copy(sdir / "report.png", out / f"{name}.png")
+    print(table)
+
+
+def summarize(sdir, loop_s, a) -> str:
+    rows = [r.split("\t") for r in (sdir / "results.tsv").read_text().splitlines()]
+    cols, rows = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+    lines = ["| run | status | val_bpb | wall s | warm-up s | training s | tail s | eval s |", "|---|---|---|---|---|---|---|---|"]
+    over = {"baseline": [], "experiment": []}
+    for r in rows:
+        if not r["run"]:
+            lines.append(f"| (none) | {r['status']} | | | | | | | ")
+            continue
+        ph = json.loads((sdir / "runs" / r["run"] / "result.json").read_text())["phases"]
+        lines.append(f"| {r['run']} | {r['status']} | {r['val_bpb']} | {r['wall_s']} | {ph.get('warm_s', '')} | "
+                     f"{ph.get('train_s', '')} | {ph.get('tail_s', '')} | {ph.get('eval_s', '')} |")
+        if ph.get("eval_s"):
+            over["baseline" if r["status"] == "baseline" else "experiment"].append(float(r["wall_s"]) - ph["train_s"])
+    exps = sum(1 for r in rows if r["status"] != "baseline")
+    lines += ["", f"overhead per run (wall - training seconds, by the harness's clock): "
+              + "; ".join(f"{k} mean {statistics.fmean(v):.1f} s over {len(v)}" for k, v in over.items() if v),
+              f"loop: {a.experiments} iterations, {exps} experiments in {loop_s:.0f} s "
+              f"({loop_s / max(exps, 1):.1f} s per experiment with a {a.budget:g} s budget, agent turns included)"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
