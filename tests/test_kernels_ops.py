@@ -192,12 +192,12 @@ def test_compiled_training_loss_is_the_cross_entropy_of_the_evaluated_logits_on_
         model = randomized(build_model(config, "cuda"), seed=39)
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
         with torch.autocast("cuda", torch.bfloat16):
-            compiled(idx, targets)  # compiles
+            compiled(idx, targets, loss_reduction="none")  # compiles, outside the profile
             with torch.profiler.profile() as prof:
                 train, evaluated = train_and_eval_losses(model, idx, targets, train_forward=compiled)
         ops_run = {e.name for e in prof.events() if e.name.startswith("llmlabs::")}
         assert ("llmlabs::relu2_mlp" in ops_run) == (name == "relu2"), ops_run
         assert {"llmlabs::rope_norm", "llmlabs::softcap_ce_with_grad"} <= ops_run, ops_run
-        assert (train - evaluated).abs().mean() < 0.04, name
+        assert (train - evaluated).abs().mean() < 0.05, name
         losses[name] = evaluated
     assert (losses["relu2"] - losses["gelu"]).abs().mean() > 0.2
