@@ -1,137 +1,138 @@
-"""Autoresearch parts that need no training: the ledger under concurrent writers, the keep rule's
-statistics, summary parsing, the causality check, the fingerprint, and both agents (the OpenAI one
-against a real HTTP server on 127.0.0.1)."""
+"""Autoresearch parts, each on real inputs without a real training run: the ledger statistics
+(frontier, scores, noise), crash reasons, the budget and phase rules, the causality check, the
+research-surface allowlist and the environment fingerprint, both agents (the OpenAI one against a
+real HTTP server on 127.0.0.1), `llmlabs auto init`, the device lock, seed claims, and the keep /
+repeat / reset logic of runner.experiment on a real session with a stand-in trainer. Real training
+runs end to end live in test_auto_sessions.py; the statistics in test_auto_stats.py."""
 import json
 import math
-import multiprocessing as mp
 import random
+import shlex
+import shutil
+import stat
 import statistics
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 import torch
 
-from llmlabs.auto import runner, surface
+from llmlabs.auto import gitops, runner, runs, stats, surface
 from llmlabs.auto.agents import CommandAgent, OpenAIAgent, Tools
 from llmlabs.auto.causal import check_causal
-from llmlabs.auto.ledger import COLUMNS, Ledger
+from llmlabs.auto.session import Worker, init_session
 from llmlabs.common import LabError
 
-
-def _rand_row(rng, writer, i):
-    # long, unicode, with tabs/newlines that the ledger must flatten
-    desc = f"w{writer}-{i} " + "".join(rng.choice("abcdef \t\nxyzé→") for _ in range(rng.randint(5, 400)))
-    return {"commit": f"{writer:04x}{i:08x}", "val_bpb": rng.random() * 3, "status": "discard", "description": desc,
-            "seed": i, "worker": f"gpu{writer}", "started": 1.7e9 + rng.random()}
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _writer(path, writer, n, seed):
-    rng = random.Random(seed)
-    led = Ledger(path)
-    i = 0
-    while i < n:
-        batch = [_rand_row(rng, writer, i + j) for j in range(min(rng.randint(1, 3), n - i))]
-        led.append(batch)
-        i += len(batch)
-        led.read()  # readers interleave with writers
+def _git(cwd, *args):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_ledger_concurrent_writers_lose_and_interleave_nothing(tmp_path):
-    path = tmp_path / "results.tsv"
-    procs = [mp.get_context("fork").Process(target=_writer, args=(path, w, 60, w)) for w in range(6)]
-    threads = [threading.Thread(target=_writer, args=(path, 100 + w, 60, 100 + w)) for w in range(3)]
-    for p in procs + threads:
-        p.start()
-    for p in procs + threads:
-        p.join()
-    assert all(p.exitcode == 0 for p in procs)
-    rows = Ledger(path).read()
-    assert path.read_text().count("commit\tval_bpb") == 1  # one header, from whoever wrote first
-    expected = {}
-    for w in list(range(6)) + [100 + w for w in range(3)]:
-        rng = random.Random(w)
-        i = 0
-        while i < 60:
-            k = min(rng.randint(1, 3), 60 - i)
-            for j in range(k):
-                r = _rand_row(rng, w, i + j)
-                expected[r["commit"]] = r
-            i += k
-    assert len(rows) == len(expected) == 9 * 60
-    for r in rows:
-        e = expected[r["commit"]]
-        assert r["description"] == " ".join(e["description"].split())[:300]
-        assert float(r["val_bpb"]) == pytest.approx(e["val_bpb"], abs=1e-6)
-        assert r["worker"] == e["worker"] and int(r["seed"]) == e["seed"]
-    # each writer's rows appear in its own order
-    for w in range(6):
-        seeds = [int(r["seed"]) for r in rows if r["worker"] == f"gpu{w}"]
-        assert seeds == list(range(60))
+def _commit_all(cwd, msg="c"):
+    _git(cwd, "add", "-A")
+    _git(cwd, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", msg)
+    return _git(cwd, "rev-parse", "HEAD")
 
 
-def test_ledger_refuses_a_torn_row_and_a_foreign_header(tmp_path):
-    led = Ledger(tmp_path / "results.tsv")
-    led.append([{"commit": "abc", "status": "keep", "description": "x"}])
-    with open(led.path, "a") as f:
-        f.write("def\t1.2\t")  # a writer killed mid-row
-    with pytest.raises(LabError, match="cut short"):
-        led.read()
-    (tmp_path / "other.tsv").write_text("commit\tval_bpb\tstatus\n")
-    with pytest.raises(LabError, match="header"):
-        Ledger(tmp_path / "other.tsv").read()
-    with pytest.raises(ValueError, match="unknown ledger columns"):
-        led.append([{"bogus": 1, "status": "keep"}])
-    with pytest.raises(ValueError, match="a status not in"):
-        led.append([{"commit": "abc", "status": "kept"}])
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A real prepared data directory: 20 stdlib modules, vocab 300 (~0.2 s)."""
+    from llmlabs.data.prepare import prepare
 
+    src = tmp_path_factory.mktemp("src")
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
+        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    return prepare(str(src), out=tmp_path_factory.mktemp("data") / "d", vocab_size=300, val_frac=0.2, test_frac=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics over ledger rows, crash reasons
 
 def _rows(status_commit_bpb):
-    return [{**{c: "" for c in COLUMNS}, "status": s, "commit": c, "val_bpb": str(v)} for s, c, v in status_commit_bpb]
+    return [{"status": s, "commit": c, "val_bpb": str(v), "run": ""} for s, c, v in status_commit_bpb]
 
 
-def test_noise_sigma_is_pooled_within_commit_std():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(1.5, 0.02, 5), rng.normal(1.3, 0.05, 3)
-    rows = _rows([("baseline", "a", x) for x in a] + [("discard", "z", 9.0)] + [("baseline", "b", x) for x in b])
-    sigma, dof = runner.noise_sigma(rows)
-    ref = math.sqrt((((a - a.mean()) ** 2).sum() + ((b - b.mean()) ** 2).sum()) / (len(a) + len(b) - 2))
-    assert dof == 6 and sigma == pytest.approx(ref, rel=1e-9)
-    single = _rows([("baseline", "a", x) for x in a])
-    assert runner.noise_sigma(single)[0] == pytest.approx(statistics.stdev(a), rel=1e-9)
-    assert runner.noise_sigma(_rows([("baseline", "a", 1.0)])) == (None, 0)
-
-
-def test_keep_rule_and_frontier():
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        new, ref = list(rng.normal(1.0, 0.1, rng.integers(1, 4))), list(rng.normal(1.0, 0.1, rng.integers(1, 5)))
-        sigma, k = float(rng.uniform(0.01, 0.1)), float(rng.uniform(1, 3))
-        verdict, delta, sd, near = runner.decide(new, ref, sigma, k)
-        assert delta == pytest.approx(np.mean(new) - np.mean(ref))
-        assert sd == pytest.approx(sigma * math.sqrt(1 / len(new) + 1 / len(ref)))
-        assert verdict == ("keep" if np.mean(new) - np.mean(ref) < -k * sd else "discard")
-        assert near == (abs(delta + k * sd) < sd)
+def test_frontier_scores_and_noise_from_rows():
     rows = _rows([("baseline", "a", 1.5), ("baseline", "a", 1.6), ("keep", "b", 1.2), ("discard", "c", 1.1),
-                  ("keep", "d", 1.0), ("keep", "d", 1.1), ("crash", "e", "")])
-    assert runner.frontier(rows) == "d" and runner.scores(rows, "d") == [1.0, 1.1]
-    assert runner.frontier(rows[:2]) == "a" and runner.frontier([]) is None
-    assert runner.next_seed(_rows([]) + [{"seed": "4"}, {"seed": "2"}, {"seed": ""}]) == 5
+                  ("keep", "d", 1.0), ("keep", "d", 1.1), ("crash", "e", ""), ("invalid", "f", ""),
+                  ("baseline", "d", 1.05), ("baseline", "d", 1.07), ("test", "d", 0.5), ("confirmed", "d", 0.5)])
+    assert runner.frontier(rows) == "d"  # the last keep, not the lowest val_bpb (c was discarded)
+    assert runner.scores(rows, "d") == [1.0, 1.1, 1.05, 1.07]  # keeps and baselines, never test rows
+    assert runner.scores(rows, "c") == [] and runner.baseline_count(rows) == 4
+    sigma, dof = runner.noise(rows)  # pooled within commit: a (ss 0.005) and d (ss 0.0002), 2 dof
+    assert dof == 2 and sigma == pytest.approx(math.sqrt((0.005 + 0.0002) / 2), rel=1e-9)
+    assert runner.frontier(rows[:2]) == "a" and runner.frontier(rows[:4]) == "b" and runner.frontier([]) is None
+    assert runner.frontier(_rows([("baseline", "x", 1), ("baseline", "y", 1)])) == "x"  # the commit measured first
+    assert runner.noise(rows[:3]) == (pytest.approx(statistics.stdev([1.5, 1.6])), 1)
+    assert runner.noise(rows[2:8]) == (None, 0)
 
 
-def test_parse_summary_and_crash_reason():
-    text = "step 1 | loss 3\n---\nnot the end\n---\nval_bpb:          1.234567\ndevice:           cpu\nnum_steps:  12\n"
-    assert runner.parse_summary(text) == {"val_bpb": 1.234567, "device": "cpu", "num_steps": 12.0}
-    assert runner.parse_summary("no block") == {}
-    tb = "Traceback (most recent call last):\n  File x\nRuntimeError: deliberate crash\n"
-    assert runner.crash_reason(tb, 1) == "RuntimeError: deliberate crash"
-    assert runner.crash_reason("error: loss became nan at step 3: stopped\n", 2).startswith("error: loss became nan")
-    assert runner.crash_reason("", -9) == "exit code -9 without a summary block"
+def test_crash_reason_and_tail(tmp_path):
+    tb = "step 3 | loss 2\nTraceback (most recent call last):\n  File x\nRuntimeError: deliberate crash\n\n"
+    assert runs.crash_reason(tb, 1) == "RuntimeError: deliberate crash"
+    nan = "error: loss became nan at step 3: stopped\nTraceback (most recent call last):\nSystemExit: 2\n"
+    assert runs.crash_reason(nan, 2) == "error: loss became nan at step 3: stopped"  # the harness's line wins
+    assert runs.crash_reason("", -9) == "exit code -9"
+    assert runs.crash_reason("step 1 | loss 3\nKilled\n", 137) == "exit code 137"
+    log = tmp_path / "run.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert runs.tail(log, 3) == "line 97\nline 98\nline 99" and len(runs.tail(log).splitlines()) == runs.TAIL_LINES
+    assert runs.tail(tmp_path / "missing.log") == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the budget rule: phases timed by the harness's clock, then checked
+
+def test_phases_from_timestamped_events():
+    # warm-up steps 1-2 before "timed", then steps 3-6 (gaps from "timed": 1, 1, 1, 2 s); start 100, exit 112.5
+    ev = [(101.0, "step 1"), (102.0, "step 2"), (103.0, "timed"), (104.0, "step 3"), (105.0, "step 4"),
+          (106.0, "step 5"), (108.0, "step 6")]
+    def ph(*values):
+        return dict(zip(("warm_s", "train_s", "tail_s", "steps", "step_s"), values))
+
+    assert runs._phases(ev, 100.0, 112.5) == ph(3.0, 5.0, 4.5, 6, 1.0)
+    # without "timed" everything is warm-up, however many steps were reported
+    assert runs._phases(ev[:2] + ev[3:], 100.0, 110.0) == ph(10.0, 0.0, 0.0, 6, 0.0)
+    # "timed" but no step after it: no training time, the rest is tail
+    assert runs._phases(ev[:3], 100.0, 104.0) == ph(3.0, 0.0, 1.0, 2, 0.0)
+
+def _ph(train_s, step_s, steps=20, warm_s=5.0, tail_s=1.0):
+    return {"warm_s": warm_s, "train_s": train_s, "tail_s": tail_s, "steps": steps, "step_s": step_s}
+
+
+def test_check_budget_and_allowances():
+    # budget 10 s: 10 x 1.05 + 0.5 + one median step (at most 1 s = 10% of the budget)
+    assert runs.check_budget(_ph(10.4, 0.2), 10, None) == ""
+    assert runs.check_budget(_ph(11.1, 0.2), 10, None) == ""  # the step that crossed the budget: allowed
+    reason = runs.check_budget(_ph(11.3, 0.2), 10, None)
+    assert reason == ("over budget: trained 11.3 s by the harness's clock (budget 10 s, allowed 11.2 s with one "
+                      "step's slack)")
+    # one huge step: the slack is capped at 10% of the budget, so a 8 s step cannot buy 8 s more
+    assert runs.check_budget(_ph(11.9, 8.0, steps=2), 10, None) == ""
+    assert runs.check_budget(_ph(12.1, 8.0, steps=2), 10, None).startswith("over budget: trained 12.1 s")
+    assert runs.check_budget(_ph(0.0, 0.0, steps=0), 10, None).startswith("the training process reported no step")
+    # the untimed phases against the baselines' allowances (none before the baselines exist)
+    base = [{"phases": {"warm_s": 4.0, "train_s": 10.0, "tail_s": 1.0, "eval_s": 2.0}},
+            {"phases": {"warm_s": 6.0, "train_s": 10.1, "tail_s": 0.4, "eval_s": 3.0}},
+            {"phases": {"warm_s": 90.0, "train_s": 0.0, "tail_s": 0.0}},  # crashed: never evaluated, ignored
+            {"status": "crash"}]
+    allow = runs.allowances(base)
+    assert allow == {"warm_s": 19.0, "tail_s": 11.5, "eval_s": 14.5}  # longest x 1.5 + 10 s
+    assert runs.allowances([]) is None and runs.allowances(base[2:]) is None
+    assert runs.check_budget(_ph(10.0, 0.5, warm_s=19.0, tail_s=11.5), 10, allow) == ""
+    assert runs.check_budget(_ph(10.0, 0.5, warm_s=25.0), 10, allow) == (
+        "warm-up (start-up, compilation, untimed steps) took 25.0 s, more than the 19.0 s the baselines allow: "
+        "training work outside the timed steps would escape the budget")
+    assert runs.check_budget(_ph(10.0, 0.5, tail_s=12.0), 10, allow).startswith(
+        "time after the last step took 12.0 s, more than the 11.5 s")
+    assert runs.check_budget(_ph(10.0, 0.5, warm_s=25.0, tail_s=99.0), 10, None) == ""
 
 
 def test_causality_check_passes_the_model_and_catches_lookahead(monkeypatch):
@@ -158,36 +159,95 @@ def test_causality_check_passes_the_model_and_catches_lookahead(monkeypatch):
     assert res["position"] == res["changed"] - 1  # the logits just before the changed token moved
 
 
-def _git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+# ---------------------------------------------------------------------------------------------
+# the research surface (an allowlist) and the fingerprint of harness, data, flags and environment
+
+def _repo(path, files):
+    """A fresh git repo on branch main holding `files` (each a comment line), committed; its commit."""
+    for rel in files:
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(f"# {rel}\n")
+    _git(path, "init", "-q", "-b", "main")
+    return _commit_all(path, "start")
 
 
-def test_fingerprint_covers_the_harness_not_the_research_surface(tmp_path):
-    for rel in ("llmlabs/model.py", "llmlabs/config.py", "llmlabs/evaluate.py", "llmlabs/data/loader.py",
-                "pyproject.toml", "README.md"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(f"# {rel}\n")
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
-    h0 = surface.harness_hashes(tmp_path)
+def test_outside_surface_names_every_change_off_the_allowlist(tmp_path):
+    repo = tmp_path / "r"
+    base = _repo(repo, ("llmlabs/__init__.py", "llmlabs/config.py", "llmlabs/model.py", "llmlabs/train.py",
+                        "README.md"))
+
+    def commit(change):  # a commit of base + change(), then back to base
+        change()
+        c = _commit_all(repo)
+        _git(repo, "reset", "-q", "--hard", base)
+        _git(repo, "clean", "-fdq")
+        return c
+
+    def write(*rels):
+        return lambda: [(repo / r).parent.mkdir(parents=True, exist_ok=True) or (repo / r).write_text("x\n")
+                        for r in rels]
+
+    assert surface.outside_surface(repo, base, commit(write("llmlabs/model.py", "llmlabs/config.py"))) is None
+    assert surface.outside_surface(repo, base, base) is None
+    for rel, what in (("llmlabs/train.py", "changed"), ("sitecustomize.py", "added"), ("x.pth", "added"),
+                      ("conftest.py", "added"), ("llmlabs/evil/__init__.py", "added"), ("README.md", "changed")):
+        reason = surface.outside_surface(repo, base, commit(write(rel)))
+        assert reason.startswith(f"{rel} {what} outside the research surface"), reason
+    both = commit(write("llmlabs/model.py", "llmlabs/train.py"))  # a research change carries no harness change
+    assert surface.outside_surface(repo, base, both).startswith("llmlabs/train.py changed")
+    gone = commit(lambda: (repo / "llmlabs/config.py").unlink())
+    assert surface.outside_surface(repo, base, gone).startswith("llmlabs/config.py deleted")
+    link = commit(lambda: ((repo / "llmlabs/model.py").unlink(), (repo / "llmlabs/model.py").symlink_to("train.py")))
+    reason = surface.outside_surface(repo, base, link)
+    assert reason.startswith("llmlabs/model.py is not a regular file") and "120000" in reason
+    executable = commit(lambda: (repo / "llmlabs/model.py").chmod(0o755))
+    assert "100755" in surface.outside_surface(repo, base, executable)
+    with pytest.raises(LabError, match="cannot compare"):
+        surface.outside_surface(repo, base, "f" * 40)
+
+
+def test_fingerprint_covers_harness_data_flags_and_startup_files(tmp_path, monkeypatch):
+    repo = tmp_path / "r"
+    a = _repo(repo, ("llmlabs/model.py", "llmlabs/config.py", "llmlabs/evaluate.py", "llmlabs/data/loader.py",
+                     "pyproject.toml", "README.md"))
+    h0 = surface.harness_hashes(repo, a)
     assert set(h0) == {"llmlabs/evaluate.py", "llmlabs/data/loader.py", "pyproject.toml"}
-    blob = _git(tmp_path, "hash-object", "llmlabs/evaluate.py")
-    assert h0["llmlabs/evaluate.py"] == blob
-    (tmp_path / "llmlabs/model.py").write_text("changed\n")
-    (tmp_path / "README.md").write_text("changed\n")
-    (tmp_path / "llmlabs/evaluate.py").write_text("cheat\n")
-    (tmp_path / "llmlabs/helper.py").write_text("new harness module\n")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "b")
-    h1 = surface.harness_hashes(tmp_path)
-    exp = {"harness": h0, "data": "d", "train": {"a": 1}}
-    msg = surface.explain_mismatch(exp, h1, "d", {"a": 1})
-    assert msg == "harness files changed: llmlabs/evaluate.py, llmlabs/helper.py"
-    assert surface.fingerprint(h0, "d", {"a": 1}) != surface.fingerprint(h1, "d", {"a": 1})
-    assert surface.fingerprint(h0, "d", {"a": 1}) != surface.fingerprint(h0, "e", {"a": 1})
-    assert "data" in surface.explain_mismatch(exp, h0, "e", {"a": 1})
-    assert "train flags" in surface.explain_mismatch(exp, h0, "d", {"a": 2})
+    assert h0["llmlabs/evaluate.py"] == _git(repo, "hash-object", "llmlabs/evaluate.py")
+    for rel in ("llmlabs/model.py", "llmlabs/evaluate.py", "llmlabs/helper.py"):  # research, harness, new harness
+        (repo / rel).write_text("changed\n")
+    h1 = surface.harness_hashes(repo, _commit_all(repo, "b"))
+    assert surface.harness_hashes(repo, a) == h0  # by commit, whatever HEAD is
+
+    site_dir = tmp_path / "site-packages"
+    site_dir.mkdir()
+    (site_dir / "x.pth").write_text("import os\n")
+    (site_dir / "notes.txt").write_text("not run at start-up\n")
+    monkeypatch.setattr(surface.site, "getsitepackages", lambda: [str(site_dir)])
+    monkeypatch.setattr(surface.site, "getusersitepackages", lambda: str(tmp_path / "no-user-site"))
+    env0 = surface.environment()
+    assert env0["startup_files"] == {str(site_dir / "x.pth"): surface.hashlib.sha256(b"import os\n").hexdigest()}
+    assert env0["python"] == sys.executable and env0["torch"] == torch.__version__
+    for name in ("x.pth", "sitecustomize.py"):
+        (site_dir / name).write_text("import evil\n")
+    env1 = surface.environment()
+    assert set(env1["startup_files"]) == {str(site_dir / "x.pth"), str(site_dir / "sitecustomize.py")}
+    train = {"a": 1}
+    fp = surface.fingerprint(h0, "d", train, env0)
+    assert fp == surface.fingerprint(dict(h0), "d", {"a": 1}, json.loads(json.dumps(env0)))
+    for other in ((h1, "d", train, env0), (h0, "e", train, env0), (h0, "d", {"a": 2}, env0), (h0, "d", train, env1)):
+        assert surface.fingerprint(*other) != fp
+    exp = {"harness": h0, "data": "d", "train": train, "env": env0}
+    assert surface.explain_mismatch(exp, h1, "d", train, env0) == \
+        "harness files changed: llmlabs/evaluate.py, llmlabs/helper.py"
+    assert surface.explain_mismatch(exp, h0, "e", train, env0) == "the data directory's manifest changed"
+    assert surface.explain_mismatch(exp, h0, "d", {"a": 2}, env0) == "the session's train flags changed"
+    assert surface.explain_mismatch(exp, h0, "d", train, env1) == \
+        f"the Python environment changed (start-up file {site_dir / 'sitecustomize.py'})"
+    (site_dir / "sitecustomize.py").unlink()  # only the .pth's content differs now
+    assert surface.explain_mismatch(exp, h0, "d", train, surface.environment()).endswith(
+        f"(start-up file {site_dir / 'x.pth'})")
+    assert surface.explain_mismatch(exp, h0, "d", train, {**env0, "torch": "0.0"}) == \
+        "the Python environment changed (interpreter or torch version)"
     with pytest.raises(LabError, match="llmlabs prepare"):
         surface.data_hash(tmp_path)
 
@@ -331,26 +391,20 @@ def test_command_agent_gets_the_prompt_and_reports_failures(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# sessions
+# init, locate, the device lock
 
-def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkeypatch, capsys):
+TINY = ("--depth 2 --aspect-ratio 32 --head-dim 16 --seq-len 64 --window-pattern SL --device-batch-size 4 "
+        "--total-batch-size 128 --eval-tokens 2048 --device cpu --tokens 1280")
+
+
+def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkeypatch, capsys, data_dir):
     from llmlabs import cli
-    from llmlabs.data.prepare import prepare
+    from llmlabs.auto.cli import sandbox_line
+    from llmlabs.auto.session import locate
+    from llmlabs.data.shards import DataDir
 
-    rng = random.Random(0)
-    src = tmp_path / "src"
-    src.mkdir()
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "import", "class", "(", ")", ":", "\n"]
-    for i in range(60):
-        (src / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)))
-    data = prepare(str(src), out=tmp_path / "data", vocab_size=300, val_frac=0.2, test_frac=0.2)
     repo = tmp_path / "repo"
-    (repo / "llmlabs").mkdir(parents=True)
-    (repo / "llmlabs/model.py").write_text("# research\n")
-    (repo / "llmlabs/train.py").write_text("# harness\n")
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    _repo(repo, ("llmlabs/model.py", "llmlabs/train.py"))
     (repo / "llmlabs/model.py").write_text("# uncommitted\n")
     monkeypatch.chdir(repo)
     monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
@@ -359,36 +413,56 @@ def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkey
         code = cli.main(["auto", *args])
         return code, capsys.readouterr()
 
-    code, out = auto("init", "--tag", "bad tag", "--data", str(data))
-    assert code == 2 and "cannot name a git branch" in out.err
-    code, out = auto("init", "--tag", "t", "--data", str(tmp_path / "nowhere"))
-    assert code == 2 and "llmlabs prepare" in out.err and "\n" not in out.err.strip()
-    code, out = auto("init", "--tag", "t", "--data", str(data), "--train-args", "--depth 2 --seed 3")
-    assert code == 2 and "may not set --seed" in out.err
-    code, out = auto("init", "--tag", "t", "--data", str(data), "--time-budget", "10", "--timeout", "5")
-    assert code == 2 and "timeout longer" in out.err
+    d = ("--data", str(data_dir))
+    for flags, message in (
+            ("--tag 'bad tag'", "cannot name a git branch"),
+            (f"--tag t --data {tmp_path / 'nowhere'}", "llmlabs prepare"),
+            ("--tag t --train-args '--depth 2 --seed 3'", "may not set --seed"),
+            ("--tag t --train-args '--eval-every 5'", "may not set --eval-every"),
+            ("--tag t --train-args '--eval-every=5 --eval-split=val'", "may not set --eval-every=5, --eval-split=val"),
+            ("--tag t --time-budget 10 --timeout 5", "timeout longer"),
+            ("--tag t --alpha 0.5", "--alpha 0.5: the false-keep rate must be between 0 and 0.5"),
+            ("--tag t --alpha 0", "--alpha 0.0"),
+            (f"--tag t --baselines {stats.MIN_BASELINES - 1}", f"at least {stats.MIN_BASELINES} baseline runs")):
+        code, out = auto("init", *d, *shlex.split(flags))
+        assert code == 2 and message in out.err and "\n" not in out.err.strip(), (flags, out.err)
+    assert not (repo / ".auto").exists()  # a refused init leaves nothing behind
     code, out = auto("run", "-m", "x")
     assert code == 2 and "no autoresearch session" in out.err
-    code, out = auto("init", "--tag", "t", "--data", str(data), "--time-budget", "7", "--train-args", "--depth 2")
+    code, out = auto("init", "--tag", "t", *d, "--time-budget", "7", "--train-args", TINY, "--alpha", "0.05",
+                     "--baselines", "4")
     assert code == 0 and "uncommitted changes" in out.out
+    assert "research surface (the only files an experiment may change): " + ", ".join(surface.RESEARCH_SURFACE) \
+        in out.out
+    assert sandbox_line() in out.out and "keep rule: one-sided t-test at alpha 0.05 after 4 baseline runs" in out.out
     assert _git(repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"  # the user's checkout stays as it was
     assert (repo / "llmlabs/model.py").read_text() == "# uncommitted\n"
-    wt = repo / ".auto/t/main"
-    assert (wt / "llmlabs/model.py").read_text() == "# research\n"
+    sdir, wt = repo / ".auto/t", repo / ".auto/t/main"
+    assert (wt / "llmlabs/model.py").read_text() == "# llmlabs/model.py\n"
     assert _git(wt, "rev-parse", "--abbrev-ref", "HEAD") == "auto/t"
-    # .auto/ is excluded locally (.git/info/exclude), no tracked file changes
-    assert _git(repo, "status", "--porcelain") == "M llmlabs/model.py"
-    cfg = json.loads((repo / ".auto/t/session.json").read_text())
-    assert cfg["train_args"] == ["--depth", "2"] and cfg["timeout"] == 7 * 1.5 + 180
-    assert set(cfg["expected"]["harness"]) == {"llmlabs/train.py"}
-    code, out = auto("init", "--tag", "t", "--data", str(data))
-    assert code == 2 and "exists already" in out.err
-    code, out = auto("run", "-m", "x")  # found from the main checkout; the baseline is missing
-    assert code == 2 and "auto baseline" in out.err
-    from llmlabs.auto.session import locate
+    assert _git(repo, "status", "--porcelain") == "M llmlabs/model.py"  # .auto/ excluded locally
+    cfg = json.loads((sdir / "session.json").read_text())
+    assert cfg["train_args"] == TINY.split() and cfg["timeout"] == 7 * 1.5 + 180
+    assert (cfg["alpha"], cfg["baselines"], cfg["repeat_near"]) == (0.05, 4, 1)
+    # the harness scores every run with settings fixed here: rows = min(4, 128 // 64)
+    assert cfg["eval"] == {"rows": 2, "seq_len": 64, "tokens": 2048, "device": "cpu"}
+    assert set(cfg["expected"]["harness"]) == {"llmlabs/train.py"} and "startup_files" in cfg["expected"]["env"]
+    key = sdir / "secret/ledger.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    # training runs get a data directory holding the train split only
+    full, train = DataDir.open(data_dir), DataDir.open(sdir / "data-train")
+    shards = {n for s in full.manifest["splits"]["train"]["shards"] for n in (s["tokens"], s["docs"])}
+    assert {p.name for p in (sdir / "data-train").iterdir()} == shards | {"manifest.json", "tokenizer.json"}
+    assert train.manifest["splits"]["train"] == full.manifest["splits"]["train"]
+    assert all(train.manifest["splits"][s]["shards"] == [] for s in ("val", "test"))
+    assert set(train.manifest["files"]) == shards and train.tokenizer.hash == full.tokenizer.hash
 
+    code, out = auto("init", "--tag", "t", *d)
+    assert code == 2 and "exists already" in out.err
+    code, out = auto("run", "-m", "x")  # found from the main checkout; the baselines are missing
+    assert code == 2 and "0 of the 4 baseline runs" in out.err and "auto baseline" in out.err
     assert locate(wt / "llmlabs")[1] == "main" and locate(wt)[0].tag == "t"
-    auto("init", "--tag", "u", "--data", str(data))
+    assert auto("init", "--tag", "u", *d)[0] == 0
     code, out = auto("report")
     assert code == 2 and "several sessions (t, u): pass --tag" in out.err
     assert locate(repo, "u")[0].tag == "u" and locate(wt)[0].tag == "t"  # inside a worktree: its session
@@ -396,92 +470,14 @@ def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkey
         locate(wt, "u")
 
 
-# ---------------------------------------------------------------------------------------------
-# the runner's judgement of a run, with stand-in trainers (a fake `llmlabs` package on the run's path)
-
-FAKE_TRAIN = """
-import os, subprocess, sys, time
-args = sys.argv[sys.argv.index("train") + 1:]
-mode = open(os.path.join(os.path.dirname(__file__), "MODE")).read().strip()
-print("secret seen:", os.environ.get("LAB_API_KEY"), flush=True)
-if mode == "hang":  # a child that would outlive a careless kill
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    open(os.path.join(os.path.dirname(__file__), "CHILD"), "w").write(str(child.pid))
-    time.sleep(120)
-if mode == "nan":
-    print("error: loss became nan at step 7: stopped; lower the learning rates", file=sys.stderr)
-    sys.exit(2)
-bpb = {"nanbpb": "nan"}.get(mode, 1.25)
-if mode.startswith("{"):  # val_bpb per seed, as JSON
-    bpb = __import__("json").loads(mode)[args[args.index("--seed") + 1]]
-print("step 1 | loss 3.0\\n---")
-print(f"val_bpb:          {bpb}")
-print(f"training_seconds: {12.5 if mode == 'slow' else 10.4}")
-print("peak_vram_mb:     2048.0\\ntotal_tokens_M:   3.5\\nmfu_percent:      41.5")
-print("seed:", args[args.index("--seed") + 1])
-"""
-
-
-@pytest.fixture
-def fake_lab(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    wt = tmp_path / "wt"
-    (wt / "llmlabs").mkdir(parents=True)
-    (wt / "llmlabs/__init__.py").write_text("")
-    (wt / "llmlabs/__main__.py").write_text(FAKE_TRAIN)
-    session = SimpleNamespace(dir=tmp_path / "s", data="/data", time_budget=10.0, timeout=3.0, train_args=["--depth", "2"])
-    monkeypatch.setenv("LAB_API_KEY", KEY)
-    monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
-
-    def run(mode, seed=5):
-        (wt / "llmlabs/MODE").write_text(mode)
-        worker = runner.Worker("gpu3", wt, "b", 3)
-        return runner.train(session, worker, wt, runner.new_run(session, "abcdef1234567", seed))
-
-    return run
-
-
-def _alive(pid):
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def test_runner_judges_runs_by_output_wall_clock_and_budget(fake_lab):
-    r = fake_lab("ok")
-    assert r.status is None and r.bpb() == 1.25 and r.summary["seed"] == 5 and r.name == "abcdef12-s5"
-    log = r.log.read_text()
-    assert "--time-budget 10.0 --seed 5" in log and "--depth 2" in log and "--eval-split val" in log
-    assert "secret seen: None" in log and KEY not in log  # no credentials reach a run
-    out = runner.row("abcdef1234567", r, "keep", "d", None, "0123456789abcdef", -0.1, 0.02)
-    assert (out["commit"], out["memory_gb"], out["tokens_M"], out["mfu"], out["worker"], out["parent"]) == \
-        ("abcdef123456", 2.0, 3.5, 41.5, "gpu3", "0123456789ab")
-    assert fake_lab("ok").name == "abcdef12-s5-2"  # the same commit and seed again: a new run directory
-    r = fake_lab("slow")  # 12.5 s of training for a 10 s budget (allowed: 10 x 1.05 + 1)
-    assert r.status == "invalid" and r.reason == "over budget: trained 12.5 s, budget 10 s"
-    r = fake_lab("nan")
-    assert r.status == "crash" and r.reason.startswith("error: loss became nan at step 7")
-    r = fake_lab("nanbpb")
-    assert r.status == "crash" and r.reason == "val_bpb is nan"
-    r = fake_lab("hang")
-    assert r.status == "crash" and r.reason.startswith("timeout: killed after 3 s") and 3 <= r.wall_s < 8
-    child = int((r.log.parents[2] / "wt/llmlabs/CHILD").read_text())
-    deadline = time.time() + 5
-    while _alive(child) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child)  # the whole process group went, the trainer's own children too
-
-
 def test_device_lock_serialises_experiments_on_one_gpu(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMLABS_HOME", str(tmp_path))
     events = []
-    a, b = runner.Worker("gpu0", tmp_path, "x", 0), runner.Worker("main", tmp_path, "y", None)
+    a, b = Worker("gpu0", tmp_path, "x", 0), Worker("main", tmp_path, "y", None)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # `main` runs on the first visible GPU: the same one
 
     def hold(worker, tag):
-        with runner.device_lock(worker):
+        with runs.device_lock(worker):
             events.append(f"{tag} in")
             threading.Event().wait(0.3)
             events.append(f"{tag} out")
@@ -494,58 +490,167 @@ def test_device_lock_serialises_experiments_on_one_gpu(tmp_path, monkeypatch, ca
     t.join()
     assert events == ["a in", "a out", "b in", "b out"]
     assert "waiting for GPU 0" in capsys.readouterr().out
-    with runner.device_lock(runner.Worker("gpu1", tmp_path, "z", 1)), runner.device_lock(a):
+    with runs.device_lock(Worker("gpu1", tmp_path, "z", 1)), runs.device_lock(a):
         pass  # two GPUs: no waiting
 
 
-FAKE_CAUSAL = """
-import json, os, sys
-verdict = open(os.path.join(os.path.dirname(__file__), "..", "CAUSAL")).read().strip() == "yes"
-print(json.dumps({"causal": verdict, "max_leak": 0.0 if verdict else 0.7, "position": 11, "changed": 12,
-                  "tolerance": 1e-4, "probes": [12]}))
-"""
+# ---------------------------------------------------------------------------------------------
+# a real session: seed claims, and runner.experiment (keep, repeat, discard, crash, invalid) with a
+# stand-in trainer
 
-
-def test_near_threshold_repeats_and_causality_gate_the_keep(tmp_path, monkeypatch):
-    """Through runner.experiment with stand-in trainer and checker: a result near the threshold is
-    measured again and decided on the mean; a clear improvement is kept only if causal."""
-    from types import SimpleNamespace
-
-    wt = tmp_path / "wt"
-    (wt / "llmlabs/auto").mkdir(parents=True)
-    for rel, text in (("__init__.py", ""), ("__main__.py", FAKE_TRAIN), ("auto/__init__.py", ""),
-                      ("auto/causal.py", FAKE_CAUSAL), ("MODE", "ok"), ("CAUSAL", "yes")):
-        (wt / "llmlabs" / rel).write_text(text)
-    _git(wt, "init", "-q", "-b", "auto/t")
-    _git(wt, "add", "-A")
-    _git(wt, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
-    start = _git(wt, "rev-parse", "--short=12", "HEAD")
-    led = Ledger(tmp_path / "s/results.tsv")
-    led.append([{"commit": start, "status": "baseline", "val_bpb": v, "seed": i} for i, v in enumerate((1.0, 1.02))])
-    session = SimpleNamespace(dir=tmp_path / "s", data="/d", time_budget=10.0, timeout=20.0, train_args=[], k=2.0,
-                              repeat_near=2, ledger=led, check_fingerprint=lambda wt, commit: None)
+@pytest.fixture
+def session(tmp_path, monkeypatch, data_dir):
+    """A real session (init_session) in a small copy of this repository: two research files and a few
+    harness files, committed as a fresh repo. LLMLABS_HOME (device locks) points into tmp."""
+    repo = tmp_path / "lab"
+    for rel in ("llmlabs/__init__.py", "llmlabs/config.py", "llmlabs/model.py", "llmlabs/train.py",
+                "llmlabs/evaluate.py", "pyproject.toml"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
+    _git(repo, "init", "-q", "-b", "main")
+    _commit_all(repo, "lab")
     monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
-    worker = runner.Worker("main", wt, "auto/t", None)
-    sigma = statistics.stdev([1.0, 1.02])
+    return init_session(repo, "t", data=data_dir, time_budget=10, train_args=TINY, baselines=3, repeat_near=1)
 
-    # seed 2 lands near the threshold (delta -0.025, threshold -2 x 0.0173): seed 3 decides on the mean
-    (wt / "llmlabs/MODE").write_text('{"2": 0.985, "3": 1.01, "4": 0.9, "5": 0.9}')
-    out = runner.experiment(session, worker, "near miss")
-    rows = led.read()[2:]
-    assert [(r["seed"], r["status"]) for r in rows] == [("2", "discard"), ("3", "discard")]
-    assert float(out["delta"]) == pytest.approx((0.985 + 1.01) / 2 - 1.01, abs=1e-6)
-    assert out["sigma"] == pytest.approx(sigma * math.sqrt(1 / 2 + 1 / 2), rel=1e-6)
-    assert _git(wt, "rev-parse", "--short=12", "HEAD") == start and _git(wt, "status", "--porcelain") == ""
 
-    # a clear improvement from a model that looks ahead: invalid, never kept
-    (wt / "llmlabs/MODE").write_text('{"4": 0.9}')
-    (wt / "llmlabs/CAUSAL").write_text("no")
-    out = runner.experiment(session, worker, "peeks")
-    assert out["status"] == "invalid" and out["seed"] == 4
-    assert out["reason"] == "non-causal: changing token 12 moved the logits at position 11 by 0.7 (tolerance 0.0001)"
-    assert _git(wt, "rev-parse", "--short=12", "HEAD") == start
+class StandIn:
+    """runner.train replaced: each call takes the next scripted outcome (a val_bpb, or (status, reason))
+    and leaves what a real run leaves: a result.json by runs.write_result (the ledger verifies its
+    sha256) and, for a scored run, a checkpoint (only a keep may keep it)."""
 
-    (wt / "llmlabs/MODE").write_text('{"5": 0.9}')
-    out = runner.experiment(session, worker, "honest")
-    assert out["status"] == "keep" and _git(wt, "rev-parse", "--short=12", "HEAD") == out["commit"] != start
-    assert runner.frontier(led.read()) == out["commit"]
+    def __init__(self, monkeypatch):
+        self.script, self.calls = [], []
+        monkeypatch.setattr(runner, "train", self)
+
+    def __call__(self, session, worker, commit, run, split="val", allow=None):
+        self.calls.append({"commit": commit, "seed": run.seed, "split": split, "allow": allow})
+        out = self.script.pop(0)
+        run.started, run.worker, run.wall_s = time.time(), worker.name, 12.0
+        run.phases = {"warm_s": 4.0 + 0.5 * len(self.calls), "train_s": 10.0, "tail_s": 1.0, "steps": 20, "step_s": 0.5}
+        if isinstance(out, tuple):
+            run.status, run.reason = out
+        else:
+            run.phases["eval_s"] = 3.0
+            run.result = {"ok": True, "bpb": out}
+            (run.run_dir / "checkpoints").mkdir()
+            (run.run_dir / "checkpoints/LATEST").write_text("step 20\n")
+        runs.write_result(run, commit, split)
+        return run
+
+
+def test_claim_seeds_from_two_threads_never_repeat(session):
+    got = {0: [], 1: []}
+    threads = [threading.Thread(target=lambda i=i: [got[i].extend(session.claim_seeds(1 + n % 3)) for n in range(40)])
+               for i in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seeds = got[0] + got[1]
+    assert len(seeds) == 2 * sum(1 + n % 3 for n in range(40)) and sorted(seeds) == list(range(len(seeds)))
+    assert session.claim_seeds(2) == [len(seeds), len(seeds) + 1]
+
+
+BASE = [1.00, 1.02, 0.99, 1.01]
+
+
+def edit(wt, text):
+    with open(wt / "llmlabs/config.py", "a") as f:
+        f.write(f"\n# {text}\n")
+
+
+def test_experiment_waits_for_the_session_baselines(session, monkeypatch):
+    stand_in, worker = StandIn(monkeypatch), session.worker("main")
+    start = gitops.short(session.repo, session.base)
+    edit(worker.path, "an idea")
+    with pytest.raises(LabError, match="0 of the 3 baseline runs"):
+        runner.experiment(session, worker, "too early")
+    stand_in.script = BASE[:2]
+    first = runner.baseline(session, [worker], repeats=2)
+    assert [(r["commit"], r["status"], r["seed"]) for r in first] == [(start, "baseline", 0), (start, "baseline", 1)]
+    with pytest.raises(LabError, match="2 of the 3 baseline runs"):
+        runner.experiment(session, worker, "still too early")
+    assert gitops.is_dirty(worker.path) and gitops.short(worker.path, "HEAD") == start  # the edit left as it was
+    with pytest.raises(LabError, match="--repeats 1"):
+        runner.baseline(session, [worker], repeats=1)
+    stand_in.script = BASE[2:]
+    runner.baseline(session, [worker])  # what the session still needs: 1, but a spread takes 2 runs
+    rows = session.ledger.read()
+    assert [float(r["val_bpb"]) for r in rows] == BASE and [r["seed"] for r in rows] == ["0", "1", "2", "3"]
+    assert float(rows[1]["sigma"]) == pytest.approx(statistics.stdev(BASE[:2]), abs=1e-6)  # sigma so far
+    assert float(rows[3]["sigma"]) == pytest.approx(statistics.stdev(BASE), abs=1e-6)
+    assert runner.noise(rows) == (pytest.approx(statistics.stdev(BASE)), 3)
+    assert all(c["allow"] is None and c["split"] == "val" for c in stand_in.calls)  # baselines set the allowances
+    assert not any((session.dir / "runs" / r["run"] / "checkpoints").exists() for r in rows)
+
+
+def test_experiment_keeps_repeats_discards_and_resets(session, monkeypatch):
+    stand_in, worker = StandIn(monkeypatch), session.worker("main")
+    wt, led = worker.path, session.ledger
+    stand_in.script = list(BASE)
+    runner.baseline(session, [worker], repeats=4)
+    mean, sigma, t_crit = statistics.fmean(BASE), statistics.stdev(BASE), stats.threshold(3, session.alpha)
+    sd1, sd2 = sigma * math.sqrt(1 + 1 / 4), sigma * math.sqrt(1 / 2 + 1 / 4)  # 1 or 2 runs against 4
+    start = gitops.short(wt, "HEAD")
+    allow = runs.allowances([json.loads((session.dir / "runs" / r["run"] / "result.json").read_text())
+                             for r in led.read()])
+    assert allow == {"warm_s": 19.0, "tail_s": 11.5, "eval_s": 14.5}  # warm-ups of 4.5 to 6 s
+
+    def run(message, *outcomes):
+        stand_in.script, before, n = list(outcomes), len(stand_in.calls), len(led.read())
+        parent, text = gitops.short(wt, "HEAD"), (wt / "llmlabs/config.py").read_text()
+        edit(wt, message)
+        out = runner.experiment(session, worker, message)
+        assert stand_in.script == [] and all(c["allow"] == allow for c in stand_in.calls[before:])
+        new = led.read()[n:]
+        assert new[-1]["commit"] == out["commit"] and new[-1]["status"] == out["status"]
+        if out["status"] != "keep":  # back at the frontier, the edit gone
+            assert gitops.short(wt, "HEAD") == parent and not gitops.is_dirty(wt)
+            assert (wt / "llmlabs/config.py").read_text() == text
+        return new
+
+    # a marginal keep (t just past -t_crit) is measured again and decided on both runs: here a discard
+    marginal = mean - (t_crit + 0.5) * sd1
+    rows = run("marginal", marginal, mean)
+    assert [r["status"] for r in rows] == ["discard", "discard"] and rows[0]["commit"] == rows[1]["commit"] != start
+    assert [float(r["val_bpb"]) for r in rows] == pytest.approx([marginal, mean], abs=1e-6)
+    for r in rows:  # the decision on both runs, on both rows
+        assert float(r["delta"]) == pytest.approx((marginal + mean) / 2 - mean, abs=1e-6)
+        assert float(r["sigma"]) == pytest.approx(sd2, abs=1e-6) and r["parent"] == start
+        assert not (session.dir / "runs" / r["run"] / "checkpoints").exists()
+    assert len({r["seed"] for r in led.read()}) == 6  # every run its own seed
+
+    rows = run("worse", mean + 0.02)  # a discard is not measured again
+    assert [(r["status"], float(r["delta"]), float(r["sigma"])) for r in rows] == \
+        [("discard", pytest.approx(0.02, abs=1e-6), pytest.approx(sd1, abs=1e-6))]
+    rows = run("broken forward", ("crash", "RuntimeError: deliberate crash"))
+    assert [(r["status"], r["reason"], r["val_bpb"], r["delta"]) for r in rows] == \
+        [("crash", "RuntimeError: deliberate crash", "", "")]
+    assert rows[0]["run"] and rows[0]["result_sha"]  # its result file is on record too
+    over = "over budget: trained 13.0 s by the harness's clock (budget 10 s, allowed 11.0 s with one step's slack)"
+    assert [(r["status"], r["reason"]) for r in run("slow", ("invalid", over))] == [("invalid", over)]
+
+    # a change outside the research surface: invalid before any training, the file named
+    calls = len(stand_in.calls)
+    with open(wt / "llmlabs/evaluate.py", "a") as f:
+        f.write("\n# cheat\n")
+    rows = run("better evaluation")
+    assert len(stand_in.calls) == calls and len(rows) == 1
+    assert rows[0]["status"] == "invalid" and rows[0]["reason"].startswith("llmlabs/evaluate.py changed outside")
+    assert rows[0]["run"] == rows[0]["val_bpb"] == rows[0]["seed"] == "" and rows[0]["parent"] == start
+
+    # a clear keep (t = -8, beyond the marginal band): kept after one run, the worktree stays on it
+    good = mean - 8 * sd1
+    rows = run("better", good)
+    assert [r["status"] for r in rows] == ["keep"]
+    assert float(rows[0]["delta"]) / float(rows[0]["sigma"]) == pytest.approx(-8, abs=1e-3)
+    kept = rows[0]["commit"]
+    assert gitops.short(wt, "HEAD") == kept != start and not gitops.is_dirty(wt)
+    assert (session.dir / "runs" / rows[0]["run"] / "checkpoints/LATEST").exists()
+    rows = led.read()
+    assert runner.frontier(rows) == kept and runner.scores(rows, kept) == pytest.approx([good], abs=1e-6)
+    assert [r["status"] for r in rows] == ["baseline"] * 4 + ["discard"] * 3 + ["crash", "invalid", "invalid", "keep"]
+    # the next experiment is compared with the keep (m = 1 now): equal to it is no gain
+    rows = run("same again", good)
+    assert rows[0]["status"] == "discard" and rows[0]["parent"] == kept and gitops.short(wt, "HEAD") == kept
+    assert float(rows[0]["sigma"]) == pytest.approx(sigma * math.sqrt(2), abs=1e-6)
