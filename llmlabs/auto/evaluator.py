@@ -26,6 +26,7 @@ import json
 import os
 import struct
 import sys
+import tempfile
 import threading
 import time
 
@@ -115,13 +116,11 @@ def evaluate_run(cmd, env, *, data, split, rows, seq_len, max_tokens, timeout, l
                 verdict = v.verdict
             except BrokenPipeError:  # the evaluator stopped reading: it may have said why first
                 try:
-                    recv(from_child, b"R")
-                except Verdict as v:
-                    verdict = v.verdict
+                    verdict = json.loads(recv(from_child, b"R"))
                 except (EOFError, ValueError):
                     pass
-    except (EOFError, ValueError, OSError):  # the evaluator died: its log and exit code say why
-        verdict = None
+    except (EOFError, ValueError, OSError):  # the evaluator died: its log and exit code say why (below)
+        pass
     if verdict is not None and verdict.get("reason"):
         out.update(reason=verdict["reason"], causal=verdict.get("causal"))
     elif verdict is not None:
@@ -142,7 +141,7 @@ def evaluate_run(cmd, env, *, data, split, rows, seq_len, max_tokens, timeout, l
         out["crashed"] = code != VIOLATION_EXIT
         out["reason"] = ("evaluator ran past the timeout" if code in (-9, -15) and time.monotonic() - start >= timeout
                          else _last_error(log_path) if code == VIOLATION_EXIT
-                         else f"evaluator failed: {_last_line(log_path)} (exit code {code})")
+                         else f"evaluator failed: {_last_line(log_path, code)}")
     timer.cancel()
     if proc.poll() is None:
         try:
@@ -169,10 +168,10 @@ def _kill(proc):
         pass
 
 
-def _last_line(log_path) -> str:
+def _last_line(log_path, code) -> str:
     from llmlabs.auto.runs import crash_reason
 
-    return crash_reason(open(log_path, errors="replace").read(), None)
+    return crash_reason(open(log_path, errors="replace").read(), code)
 
 
 def _last_error(log_path) -> str:
@@ -184,12 +183,13 @@ def _last_error(log_path) -> str:
 # the evaluator's side (runs the experiment's model code)
 
 def child_main(argv):
-    """argv: RUN_DIR DEVICE FORBIDDEN_JSON ALLOWED_JSON IN_FD OUT_FD (see runner.evaluator_cmd)."""
+    """argv: RUN_DIR DEVICE FORBIDDEN_JSON ALLOWED_JSON SPAWN IN_FD OUT_FD (runs.evaluate). SPAWN "1":
+    child processes may start (inside bubblewrap, which confines them as it confines this one)."""
     from llmlabs.auto import guard
 
     guard.die_with_parent()
-    run_dir, device_name, forbidden, allowed, in_fd, out_fd = argv[0], argv[1], *map(json.loads, argv[2:4]), \
-        int(argv[4]), int(argv[5])
+    run_dir, device_name, forbidden, allowed, spawn, in_fd, out_fd = argv[0], argv[1], *map(json.loads, argv[2:4]), \
+        argv[4] == "1", int(argv[5]), int(argv[6])
     import torch
     import torch._dynamo  # noqa: F401 - imported for its side effect: it re-wraps torch.manual_seed and
     # friends, which must happen before the snapshot (the model's kernels import it anyway)
@@ -200,10 +200,12 @@ def child_main(argv):
     import llmlabs.evaluate as evaluate
     from llmlabs.data import loader, shards, tokenizer
 
-    import tempfile
-
+    scratch = tempfile.gettempdir()
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        os.environ[var] = os.path.join(scratch, f"llmlabs-eval-{os.getpid()}", sub)  # a compiled kernel's caches
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # compile in this process: no worker pool to start
     guard.guard_files(forbidden, allowed=[*allowed, run_dir], read_only=True,  # says why on stderr (the log)
-                      scratch=tempfile.gettempdir())
+                      scratch=scratch, spawn=spawn)
     to_parent, from_parent = os.fdopen(out_fd, "wb"), os.fdopen(in_fd, "rb")
     snap = guard.snapshot([guard, causal, checkpoint, common, evaluate, loader, shards, tokenizer,
                            sys.modules[__name__]])

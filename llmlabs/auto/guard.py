@@ -4,8 +4,9 @@ before that code is imported: a file guard, death with the harness, and the inte
 The experiment's code is untrusted Python. It runs in the same interpreter as harness code, so
 anything the harness relies on there is checked:
 
-- `guard_files`: a PEP 578 audit hook (sys.addaudithook) sees every open(), listdir and scandir, and every write, delete, rename and process start where
-  `read_only` is set. A hook cannot be removed once added, so code imported later cannot switch it
+- `guard_files`: a PEP 578 audit hook (sys.addaudithook) sees every open(), listdir and scandir,
+  every write, delete and rename where `read_only` is set (the evaluator), and every process start
+  where `spawn` is off (the evaluator without bubblewrap). A hook cannot be removed once added, so code imported later cannot switch it
   off. A forbidden access ends the process at once (os._exit, so no `except` can swallow it) after
   writing one line naming the path to stderr and to the harness's event pipe. It is the harness's
   own check, with or without bubblewrap: with bubblewrap (sandbox.py) the held-out files are not
@@ -37,10 +38,11 @@ def die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
-def guard_files(forbidden, allowed=(), read_only=False, report_fd=None, scratch=None):
+def guard_files(forbidden, allowed=(), read_only=False, report_fd=None, scratch=None, spawn=True):
     """Forbid any access to paths under `forbidden` (except under `allowed`); with read_only, also
-    every file write, delete, rename and process start, except file writes under `scratch` (the
-    temporary directory: torch probes that it is writable)."""
+    every file write, delete and rename, except under `scratch` (the temporary directory: torch
+    probes that it is writable, compilers keep caches there); spawn=False forbids starting processes
+    (a child process would not carry this hook)."""
     def prefixes(paths):
         return tuple(os.path.join(os.path.realpath(p), "") for p in paths)
 
@@ -75,7 +77,7 @@ def guard_files(forbidden, allowed=(), read_only=False, report_fd=None, scratch=
             paths = [os.path.join(realpath(fs_encode(a)), "") for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
             if not (tmp and paths and all(p.startswith(tmp) for p in paths)):
                 stop(f"called {event}{tuple(a for a in args if isinstance(a, (str, bytes)))[:2]}")
-        elif read_only and event in _SPAWN_EVENTS:
+        elif not spawn and event in _SPAWN_EVENTS:
             stop(f"called {event}{tuple(a for a in args if isinstance(a, (str, bytes)))[:2]}")
 
     sys.addaudithook(hook)

@@ -11,7 +11,9 @@ ledger verified, so an edited, inserted or deleted row stops the session with th
 
 The ledger's sigma column holds sigma_d and delta / sigma is the t statistic.
 """
+import json
 import math
+import shutil
 import statistics
 import threading
 import time
@@ -61,8 +63,6 @@ def baseline_count(rows) -> int:
 
 def allowed_overheads(session, rows) -> dict | None:
     """runs.allowances from the result files of the baseline rows (their hashes are verified)."""
-    import json
-
     results = [json.loads((session.dir / "runs" / r["run"] / "result.json").read_text())
                for r in rows if r["status"] == "baseline" and r["run"]]
     return allowances(results)
@@ -87,8 +87,6 @@ def _gb(mb):
 def _drop_checkpoints(run: Run):
     """Checkpoints are large (weights + optimizer) and only kept commits need them (to sample from
     or evaluate later); result, summary, metrics, samples and log stay for every run."""
-    import shutil
-
     shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
 
 

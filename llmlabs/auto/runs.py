@@ -196,7 +196,7 @@ def evaluate(session, worker, commit, run: Run, split, allow):
     code = gitops.export(session.repo, commit, session.code_dir / f"{worker.name}-eval")  # untouched by training
     e = session.eval
     cmd = [sys.executable, "-I", "-B", "-u", "-c", EVAL_BOOT, str(code), str(run.run_dir), e["device"],
-           json.dumps([session.data, str(session.dir)]), json.dumps([str(code)])]
+           json.dumps([session.data, str(session.dir)]), json.dumps([str(code)]), "1" if sandbox.available() else "0"]
     argv = _sandboxed(session, cmd, rw=[], ro=[code, run.run_dir])
     res = evaluator.evaluate_run(argv, child_env(session, code, worker), data=session.data_dir(), split=split,
                                  rows=e["rows"], seq_len=e["seq_len"], max_tokens=e["tokens"],
