@@ -62,7 +62,10 @@ def session(tmp_path_factory):
     mp.setenv("OMP_NUM_THREADS", "1")
     mp.chdir(repo)
     assert cli.main(["auto", "init", "--tag", "rt", "--data", str(data), "--time-budget", BUDGET,
-                     "--train-args", TINY, "--repeat-near", "0", "--baselines", "3"]) == 0
+                     "--train-args", TINY, "--repeat-near", "0", "--baselines", "3",
+                     # time-budgeted CPU runs are noisy (the clock attacks need a time budget): a looser keep
+                     # rule than the default 0.01, so the honest change below is kept however loaded the machine
+                     "--alpha", "0.05"]) == 0
     assert cli.main(["auto", "baseline"]) == 0
     yield repo / ".auto" / "rt", data
     mp.undo()
