@@ -130,10 +130,11 @@ def main():
 
 
 def summarize(sdir, loop_s, a) -> str:
-    rows = [r.split("\t") for r in (sdir / "results.tsv").read_text().splitlines()]
-    cols, rows = rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
+    cells = [r.split("\t") for r in (sdir / "results.tsv").read_text().splitlines()]
+    rows = [dict(zip(cells[0], r)) for r in cells[1:]]
     lines = ["| run | status | val_bpb | wall s | warm-up s | training s | tail s | eval s |", "|---|---|---|---|---|---|---|---|"]
     over = {"baseline": [], "experiment": []}
+    order = []  # every scored run's overhead in ledger order: the first one compiled with an empty cache
     for r in rows:
         if not r["run"]:
             lines.append(f"| (none) | {r['status']} | | | | | | | ")
@@ -143,9 +144,12 @@ def summarize(sdir, loop_s, a) -> str:
                      f"{ph.get('train_s', '')} | {ph.get('tail_s', '')} | {ph.get('eval_s', '')} |")
         if ph.get("eval_s"):
             over["baseline" if r["status"] == "baseline" else "experiment"].append(float(r["wall_s"]) - ph["train_s"])
+            order.append(float(r["wall_s"]) - ph["train_s"])
     exps = sum(1 for r in rows if r["status"] != "baseline")
-    lines += ["", f"overhead per run (wall - training seconds, by the harness's clock): "
+    lines += ["", "overhead per run (wall - training seconds, by the harness's clock): "
               + "; ".join(f"{k} mean {statistics.fmean(v):.1f} s over {len(v)}" for k, v in over.items() if v),
+              f"first run (compile cache {'none' if a.no_compile_cache else 'empty'}): {order[0]:.1f} s; the runs after "
+              f"it: mean {statistics.fmean(order[1:]):.1f} s" if len(order) > 1 else "",
               f"loop: {a.experiments} iterations, {exps} experiments in {loop_s:.0f} s "
               f"({loop_s / max(exps, 1):.1f} s per experiment with a {a.budget:g} s budget, agent turns included)"]
     return "\n".join(lines) + "\n"

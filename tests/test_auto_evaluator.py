@@ -2,7 +2,6 @@
 processes: an early refusal keeps its reason whatever the batch size (an X frame larger than a pipe's
 buffer meets a closed pipe), a dying evaluator is a crash with its last line, a silent one times out,
 and an honest stand-in's nats give evaluate.py's bpb."""
-import json
 import math
 import sys
 import sysconfig

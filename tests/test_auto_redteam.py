@@ -8,7 +8,6 @@ The session (module-scoped, so its three baseline runs are paid once) starts fro
 pass. Tests run in file order and each leaves the worktree back at the frontier."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,17 +20,11 @@ import pytest
 from llmlabs import cli
 from llmlabs.auto import sandbox
 
-REPO = Path(__file__).resolve().parents[1]
+from test_auto_sessions import WEAK, copy_lab, git
+
 TINY = ("--depth 2 --aspect-ratio 32 --head-dim 16 --seq-len 128 --window-pattern SL --device-batch-size 4 "
         "--total-batch-size 512 --eval-tokens 2048 --device cpu")
 BUDGET = "3"
-WEAK = ("\n\n_tuned_hyperparams_for = hyperparams_for\n\n\n"
-        "def hyperparams_for(config):  # weak start: every learning rate x 0.1\n"
-        "    return {k: v * 0.1 if k.endswith('_lr') else v for k, v in _tuned_hyperparams_for(config).items()}\n")
-
-
-def git(cwd, *args):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +39,7 @@ def session(tmp_path_factory):
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]:
         (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
     data = prepare(str(src), out=tmp / "data", vocab_size=512, val_frac=0.1, test_frac=0.1)
-    repo = tmp / "lab"
-    for rel in git(REPO, "ls-files", "-co", "--exclude-standard").splitlines():
-        if (REPO / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, repo / rel)
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "add", "-A")
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lab")
-    with open(repo / "llmlabs/config.py", "a") as f:
-        f.write(WEAK)
-    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "weak start")
+    repo = copy_lab(tmp / "lab")
     mp = pytest.MonkeyPatch()
     mp.setenv("LLMLABS_HOME", str(tmp / "home"))
     mp.setenv("OMP_NUM_THREADS", "1")

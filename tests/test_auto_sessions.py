@@ -57,13 +57,9 @@ def data_dir(tmp_path_factory):
     return prepare(str(src), out=tmp_path_factory.mktemp("data") / "d", vocab_size=512, val_frac=0.1, test_frac=0.1)
 
 
-@pytest.fixture
-def lab(tmp_path, monkeypatch, data_dir):
-    """A copy of this repository (its current files) as a fresh git repo on branch main, with the
-    weak starting commit on top. LLMLABS_HOME (device locks) points into tmp."""
-    repo = tmp_path / "lab"
-    files = git(REPO, "ls-files", "-co", "--exclude-standard").splitlines()
-    for rel in files:
+def copy_lab(repo):
+    """This repository's current files as a fresh git repo on branch main, with the weak start on top."""
+    for rel in git(REPO, "ls-files", "-co", "--exclude-standard").splitlines():
         if (REPO / rel).is_file():
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, repo / rel)
@@ -73,6 +69,14 @@ def lab(tmp_path, monkeypatch, data_dir):
     with open(repo / "llmlabs/config.py", "a") as f:
         f.write(WEAK)
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "weak start")
+    return repo
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch, data_dir):
+    """A copy of this repository (its current files) as a fresh git repo on branch main, with the
+    weak starting commit on top. LLMLABS_HOME (device locks) points into tmp."""
+    repo = copy_lab(tmp_path / "lab")
     monkeypatch.setenv("LLMLABS_HOME", str(tmp_path / "home"))
     # one thread per training run: as fast for this model, and a loaded machine (other test suites,
     # two workers) slows it down gracefully instead of stalling OpenMP's spinning threads
