@@ -285,10 +285,11 @@ TINY_LR = ("\n\n_before_tiny = hyperparams_for\n\n\ndef hyperparams_for(config):
 
 def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     sdir = init(lab, monkeypatch, data_dir, "w")
-    agent = tmp_path / "agent.py"
+    agent = tmp_path / "agent" / "agent.py"  # in a folder the sandboxed agent may see (--agent-rw)
+    agent.parent.mkdir()
     agent.write_text(AGENT.format(weak=WEAK, tiny=TINY_LR, crash=CRASH))
     assert auto(lab, monkeypatch, "loop", "--agent", f"{sys.executable} {agent}", "--gpus", "0,1",
-                "--iterations", "2", "--baseline-repeats", "4") == 0
+                "--iterations", "2", "--baseline-repeats", "4", "--agent-rw", str(agent.parent)) == 0
     rows = ledger(sdir)
     base, exp = rows[:4], rows[4:]
     assert [r["status"] for r in base] == ["baseline"] * 4 and {r["worker"] for r in base} == {"gpu0", "gpu1"}
