@@ -302,7 +302,7 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     spans = {w: [(float(r["started"]), float(r["started"]) + float(r["wall_s"])) for r in rows if r["worker"] == w]
              for w in ("gpu0", "gpu1")}
     for s in spans.values():
-        assert all(a[1] <= b[0] for a, b in zip(sorted(s), sorted(s)[1:]))
+        assert all(a[1] <= b[0] + 0.2 for a, b in zip(sorted(s), sorted(s)[1:]))  # the ledger rounds to 0.1 s
     assert any(a[0] < b[1] and b[0] < a[1] for a in spans["gpu0"] for b in spans["gpu1"])
     # each worker in its own worktree on its own branch, both back at the frontier
     for w in ("gpu0", "gpu1"):
