@@ -151,7 +151,7 @@ def test_a_compiled_forward_reaches_each_kernel_only_through_its_named_op(monkey
 
 def train_and_eval_losses(model, idx, targets, train_forward=None):
     """Per token: (the loss training computes, the cross-entropy of the logits evaluation reads)."""
-    train = (train_forward or model)(idx, targets, loss_reduction="none")
+    train = (model if train_forward is None else train_forward)(idx, targets, loss_reduction="none")
     with torch.no_grad():
         logits = model(idx)
     evaluated = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
