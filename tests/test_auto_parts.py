@@ -462,7 +462,18 @@ def test_init_checks_its_inputs_and_commands_find_their_session(tmp_path, monkey
     code, out = auto("run", "-m", "x")  # found from the main checkout; the baselines are missing
     assert code == 2 and "0 of the 4 baseline runs" in out.err and "auto baseline" in out.err
     assert locate(wt / "llmlabs")[1] == "main" and locate(wt)[0].tag == "t"
-    assert auto("init", "--tag", "u", *d)[0] == 0
+    assert auto("init", "--tag", "u", *d, "--no-compile-cache")[0] == 0
+    # the session's shared compile cache, or with --no-compile-cache an empty one per run
+    from llmlabs.auto.runs import Run, child_env, compile_cache
+    from llmlabs.auto.session import Session
+
+    t, u = Session(sdir), Session(repo / ".auto/u")
+    run = Run("r", 0, tmp_path / "r", tmp_path / "r.log")
+    assert (t.compile_cache, u.compile_cache) == (True, False)
+    assert compile_cache(t, run) == t.cache and compile_cache(u, run) == run.run_dir / "compile-cache"
+    env = child_env(t, wt, t.worker("main"), compile_cache(t, run))
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(t.cache / "inductor") and env["PYTHONPATH"] == str(wt)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in child_env(t, wt, t.worker("main"))  # the evaluator's: none
     code, out = auto("report")
     assert code == 2 and "several sessions (t, u): pass --tag" in out.err
     assert locate(repo, "u")[0].tag == "u" and locate(wt)[0].tag == "t"  # inside a worktree: its session

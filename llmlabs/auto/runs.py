@@ -109,6 +109,12 @@ def device_lock(worker):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def compile_cache(session, run) -> Path:
+    """The session's compile cache, shared by its runs (a graph or kernel compiled once is reused),
+    or with --no-compile-cache one of the run's own, started empty and removed after the run."""
+    return session.cache if session.compile_cache else run.run_dir / "compile-cache"
+
+
 def child_env(session, code, worker, cache=None) -> dict:
     """The environment of a run's processes: no secrets, the exported code for torch.compile's
     worker processes, and `cache` (a directory) for the compile caches, or none (the evaluator)."""
@@ -140,9 +146,7 @@ def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
     failure, run.status / run.reason, then writes run_dir/result.json. `allow`: the baselines'
     allowances for the untimed phases (None for the baseline runs themselves)."""
     code = gitops.export(session.repo, commit, session.code_dir / worker.name)
-    # the session's compile cache, shared by its runs (a graph or kernel compiled once is reused:
-    # bench/results/auto_session-*), or with --no-compile-cache one of the run's own, started empty
-    cache = session.cache if session.compile_cache else run.run_dir / "compile-cache"
+    cache = compile_cache(session, run)
     for d in ("inductor", "triton"):
         (cache / d).mkdir(parents=True, exist_ok=True)
     env = child_env(session, code, worker, cache)
