@@ -260,7 +260,8 @@ KEY = "sk-test-" + "".join(random.Random(7).choice("abcdefghijk0123456789") for 
 
 class ChatServer:
     """A scripted OpenAI-compatible endpoint on 127.0.0.1: `script(request) -> message` decides each
-    reply; every request is recorded with whether its Authorization header was right."""
+    reply; every request (a GET too, as a 302/303 redirect turns the POST into one) is recorded with
+    its headers and whether its Authorization header was right."""
 
     def __init__(self, script, key=KEY):
         self.requests = []
@@ -270,11 +271,17 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 ok = self.headers.get("Authorization") == f"Bearer {key}"
-                outer.requests.append({"path": self.path, "auth_ok": ok, "body": body})
+                outer.requests.append({"path": self.path, "auth_ok": ok, "body": body,
+                                       "headers": dict(self.headers)})
                 if not ok:
                     return self._send(401, {"error": {"message": "bad key"}})
                 self._send(200, {"id": "x", "object": "chat.completion",
                                  "choices": [{"index": 0, "message": script(body), "finish_reason": "stop"}]})
+
+            def do_GET(self):
+                outer.requests.append({"path": self.path, "auth_ok": None, "body": None,
+                                       "headers": dict(self.headers)})
+                self._send(405, {"error": {"message": "POST only"}})
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -354,6 +361,39 @@ def test_openai_agent_bad_key_is_one_line_without_the_key(tmp_path, monkeypatch)
     assert "HTTP 401" in msg and "$OPENAI_API_KEY" in msg and KEY not in msg and "\n" not in msg
     with pytest.raises(LabError, match="--model"):
         OpenAIAgent(server.url, None, "OPENAI_API_KEY", timeout=1)
+
+
+@pytest.mark.parametrize("code", [307, 302])
+def test_openai_agent_refuses_redirects_and_never_sends_the_key_on(tmp_path, monkeypatch, code):
+    target = ChatServer(lambda body: {"role": "assistant", "content": "x"})
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(code)
+            self.send_header("Location", target.url + "/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    first = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=first.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{first.server_port}/v1"
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        agent = OpenAIAgent(url, "m", "OPENAI_API_KEY", timeout=30)
+        with pytest.raises(LabError) as e:
+            agent.step("s", tmp_path, tmp_path / "t", {})
+    finally:
+        first.shutdown()
+        first.server_close()
+        target.close()
+    msg = str(e.value)
+    assert msg == (f"{url}/chat/completions answered a redirect (HTTP {code} to {target.url}/chat/completions): "
+                   "refused, the key is never sent on; point --agent at the final URL")
+    assert KEY not in msg and "Traceback" not in msg and "\n" not in msg
+    assert target.requests == []  # no request, so no Authorization header, ever reached the other host
 
 
 def test_tools_refuse_paths_outside_the_worktree(tmp_path):

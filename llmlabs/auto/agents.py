@@ -6,7 +6,8 @@ worktree, and answers one line describing its change.
     --agent openai:http://127.0.0.1:8000/v1   POST /chat/completions with tools (stdlib urllib)
 
 The endpoint's key is read from an environment variable (--key-env, default OPENAI_API_KEY), sent
-only in the Authorization header, and redacted from any error text; transcripts never contain it.
+only in the Authorization header (never on to a redirect: none is followed), and redacted from any
+error text; transcripts never contain it.
 
 A command agent runs in bubblewrap where it is usable (sandbox.py): it keeps its network (it talks to
 its model's API) and writes only its worktree (and the paths given with --agent-rw, e.g. the CLI's
@@ -142,6 +143,16 @@ class Tools:
             return f"error: {e}"
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    # urllib re-sends the Authorization header to whatever host a redirect names; a chat completions
+    # POST has no legitimate redirect, so none is followed and the 3xx surfaces as an HTTPError
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 class OpenAIAgent:
     def __init__(self, url: str, model: str, key_env: str, timeout: float, max_turns: int = 40):
         if not model:
@@ -161,9 +172,13 @@ class OpenAIAgent:
         req = urllib.request.Request(self.endpoint, data=json.dumps(payload).encode(), headers=headers)
         for attempt in range(4):  # rate limits and restarts of a local server are transient
             try:
-                with urllib.request.urlopen(req, timeout=timeout) as r:
+                with _NO_REDIRECTS.open(req, timeout=timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    where = self._redact(e.headers.get("Location") or "no Location")[:200]
+                    raise LabError(f"{self.endpoint} answered a redirect (HTTP {e.code} to {where}): refused, "
+                                   "the key is never sent on; point --agent at the final URL") from None
                 body = e.read().decode(errors="replace")[:300]
                 if e.code not in (429, 500, 502, 503, 504) or attempt == 3:
                     hint = f" (is ${self.key_env} set?)" if e.code in (401, 403) else ""
