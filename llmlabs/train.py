@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,7 +89,9 @@ def add_args(p):
                         "evaluation, samples or plot: the autoresearch runner scores the checkpoint in a process of "
                         "its own)")
     g.add_argument("--run-dir", help="where config, metrics, checkpoints and the summary go (default: runs/<time>-d<depth>)")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    g.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N steps (0: only at the end and on Ctrl-C); the newest "
+                        f"{checkpoint.KEEP} are kept, so --resume can fall back if the newest is damaged")
     g.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard in RUN/tb")
     g = p.add_argument_group("system")
     g.add_argument("--device", help="cpu | cuda | mps (default: best available)")
@@ -156,6 +158,11 @@ def _gpu_memory(device) -> int:
 
 
 def train(args):
+    with ExitStack() as held:  # the run directory's lock, taken in _train, lasts until the run returns
+        return _train(args, held)
+
+
+def _train(args, held):
     t_start = time.time()
     from llmlabs import attention
 
@@ -168,6 +175,9 @@ def train(args):
         cfg = json.loads(cfg_path.read_text())
     else:
         cfg = resolve_config(args, device)
+        run_dir = Path(cfg.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-d{cfg['depth']}")
+    if rank == 0:  # two runs writing one directory would interleave their checkpoints and metrics
+        held.enter_context(checkpoint.lock_run(run_dir))
     if cfg.get("attention"):
         attention.set_backend(cfg["attention"])
 
@@ -181,16 +191,14 @@ def train(args):
 
     # ---- run directory and resume
     if not args.resume:
-        run_dir = Path(cfg.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-d{cfg['depth']}")
-        if checkpoint.latest(run_dir) is not None:
+        if checkpoint.candidates(run_dir):
             raise LabError(f"{run_dir} already holds a run: pass --resume {run_dir} to continue it, or another --run-dir")
     cfg["run_dir"] = str(run_dir)
     step, tokens_done, timed_tokens, train_time = 0, 0, 0, 0.0
     if args.resume:
-        ck_path = checkpoint.latest(run_dir)
-        if ck_path is None:
-            raise LabError(f"--resume {run_dir}: no checkpoint in it (checkpoints/LATEST missing); start a new run instead")
-        ck = checkpoint.load(ck_path, device)
+        ck = checkpoint.load_newest(run_dir, device)
+        if ck is None:
+            raise LabError(f"--resume {run_dir}: no checkpoint in it (checkpoints/ empty or missing); start a new run instead")
         if ck["state"]["tokenizer_hash"] != data.tokenizer.hash:
             raise LabError(f"--resume {run_dir}: its tokenizer differs from the one of {data.path}: resume with the "
                            "run's own data directory")
@@ -206,7 +214,8 @@ def train(args):
         atomic_write_json(run_dir / "config.json", cfg)
         data.tokenizer.save(run_dir / "tokenizer.json")  # sample/eval work even if the data dir moves
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    if rank == 0:  # the other ranks never write it
+        _truncate_metrics(metrics_path, step)
     tb = _tensorboard(run_dir) if cfg.get("tensorboard") and rank == 0 else None
 
     use_cuda = device.type == "cuda"
@@ -294,9 +303,14 @@ def train(args):
     print0()
 
     # ---- final evaluation, samples, summary
-    save_state()
+    path = save_state()
     events("saved")
-    res = None if cfg["eval_split"] == "none" else _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
+    try:
+        res = None if cfg["eval_split"] == "none" else _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
+    except KeyboardInterrupt:  # the SIGINT handler is gone by now, but the training is already saved
+        print0(f"\ninterrupted in the final evaluation: training is done and saved in {path}; "
+               f"`llmlabs eval {run_dir}` gives its score")
+        return 130
     tok_per_sec = timed_tokens / train_time if train_time > 0 else 0.0
     summary = {
         **({f"{cfg['eval_split']}_bpb": round(res["bpb"], 6), "unigram_bpb": round(res["unigram_bpb"], 6)}
@@ -457,10 +471,25 @@ def _status(step, row):
 
 
 def _truncate_metrics(path, step):
-    """On resume, drop rows written after the checkpoint, so metrics.jsonl reads as one clean run."""
+    """On resume, drop rows written after the checkpoint, so metrics.jsonl reads as one clean run. A
+    last line cut off by a kill mid-write is dropped too; a broken line before it is an error."""
     if not path.exists():
         return
-    rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+    lines = path.read_text().rstrip("\n").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise LabError(f"{path} line {i + 1} is not JSON ({line[:60]!r}): delete that line, then resume "
+                               "again") from None
+            print0(f"{path}: dropped its torn last line ({line[:60]!r}), written when the run was killed")
+            break
+        if row["step"] <= step:
+            rows.append(line)
     path.write_text("".join(r + "\n" for r in rows))
 
 

@@ -436,3 +436,67 @@ def test_torchrun_two_ranks_on_cpu(data_dir, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_steps"] == 10 and 0 < summary["val_bpb"] < 20
     assert "x 2 ranks x 1 accum" in out.stdout
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused(data_dir, tmp_path):
+    """Two processes on one run directory would interleave checkpoints and metrics: the second one
+    (new run or --resume) is refused, naming the holder; once the holder dies the lock is free."""
+    run_train(data_dir, tmp_path / "run", "--tokens", "2048", "--eval-split", "none")
+    hold = ("import sys; from llmlabs import checkpoint; held = checkpoint.lock_run(sys.argv[1]); print('locked', flush=True); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        for extra in (["--tokens", "2048"], ["--resume", str(tmp_path / "run")]):
+            with pytest.raises(LabError, match=rf"locked by process {proc.pid}"):
+                run_train(data_dir, tmp_path / "run", *extra)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert train.main(["--resume", str(tmp_path / "run")]) == 0
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_train(data_dir, run, "--tokens", "4096", "--save-every", "4", "--eval-split", "none")
+    newest = checkpoint.latest(run)
+    assert newest.name == "step_000008" and (run / "checkpoints" / "step_000004").exists()
+    blob = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(blob[: len(blob) // 2])  # a write cut short
+    capsys.readouterr()
+    assert checkpoint.load_run(run, "cpu")[1]["step"] == 4  # eval and sample fall back too
+    assert "skipped checkpoint" in capsys.readouterr().out
+    assert train.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped checkpoint" in out and "step_000008" in out and f"resumed {run} at step 4" in out
+    assert [r["step"] for r in metrics(run)] == list(range(1, 9))
+    assert checkpoint.load(checkpoint.latest(run))["step"] == 8
+    for name in ("step_000004", "step_000008"):
+        (run / "checkpoints" / name / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(LabError, match=r"no checkpoint of .* loads.*step_000008.*step_000004") as e:
+        checkpoint.load_run(run, "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("\n".join(rows) + '\n{"step": 4, "lo')  # killed mid-write
+    train._truncate_metrics(path, 2)
+    assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
+    assert "torn" in capsys.readouterr().out
+    path.write_text(rows[0] + "\n\n{\"step\": 2, \"lo\n" + rows[2] + "\n")
+    with pytest.raises(LabError, match=r"line 3 is not JSON"):
+        train._truncate_metrics(path, 3)
+
+
+def test_ctrl_c_in_the_final_evaluation_keeps_the_run(data_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_evaluate", interrupted)
+    assert run_train(data_dir, tmp_path / "run", "--tokens", "2048") == 130
+    out = capsys.readouterr().out
+    assert "saved" in out and f"llmlabs eval {tmp_path / 'run'}" in out
+    assert checkpoint.load(checkpoint.latest(tmp_path / "run"))["step"] == 4
