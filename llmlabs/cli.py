@@ -18,9 +18,17 @@ COMMANDS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"llmlabs {version('llmlabs')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("llmlabs (not installed: run from source)")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: llmlabs <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: llmlabs <command> [options]   (llmlabs --version)\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"error: unknown command {argv[0]!r}: pick one of {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
@@ -29,8 +37,8 @@ def main(argv=None):
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"llmlabs {name}", description=COMMANDS[name][1])
     module.add_args(parser)
-    args = parser.parse_args(argv[1:])
-    try:
+    try:  # a flag's own check (e.g. --depth foo) raises LabError while parsing: one line, not a traceback
+        args = parser.parse_args(argv[1:])
         return module.run(args) or 0
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)

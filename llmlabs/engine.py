@@ -2,7 +2,8 @@
 
 With the cache, the prompt is run once (prefill) and each new token costs one position of compute;
 without it, the whole sequence is re-run for every token. Both draw the same random numbers in the
-same order, so for a seed they give the same tokens (tests/test_engine.py checks this).
+same order, so for a seed they give the same tokens (tests/test_engine.py checks this, with greedy
+against a full forward, top-k and the context bound).
 """
 import torch
 

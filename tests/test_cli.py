@@ -1,0 +1,26 @@
+"""The `llmlabs` dispatcher: --version, and a bad flag value is one `error:` line with exit code 2,
+never a traceback (a flag's own check raises while argparse parses)."""
+import subprocess
+import sys
+
+from llmlabs import cli
+
+
+def llmlabs(*args):
+    return subprocess.run([sys.executable, "-m", "llmlabs", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("llmlabs ")
+
+
+def test_a_bad_depth_is_one_line():
+    r = llmlabs("train", "--depth", "foo")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: --depth 'foo' is not a depth: use a number or a preset name like d8"
+
+
+def test_an_unknown_command_is_one_line(capsys):
+    assert cli.main(["trian"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown command 'trian'")
