@@ -1,5 +1,7 @@
 """Shared fixtures: a seeded multilingual text corpus and one data directory prepared from it."""
 import random
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,15 @@ def data_dir(corpus, tmp_path_factory):
     root, _ = corpus
     return prepare(str(root), out=tmp_path_factory.mktemp("data") / "corpus", vocab_size=600,
                    val_frac=0.15, test_frac=0.1, workers=2)
+
+
+def prepared_stdlib(tmp_root: Path, files: int, vocab_size: int, val_frac: float, test_frac: float) -> Path:
+    """A data directory prepared from the first `files` .py files of this Python's standard library
+    (real source, no download): the autoresearch tests' corpus."""
+    from llmlabs.data.prepare import prepare
+
+    src = tmp_root / "src"
+    src.mkdir(parents=True)
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:files]:
+        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    return prepare(str(src), out=tmp_root / "data", vocab_size=vocab_size, val_frac=val_frac, test_frac=test_frac)

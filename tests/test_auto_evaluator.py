@@ -4,10 +4,9 @@ buffer meets a closed pipe), a dying evaluator is a crash with its last line, a 
 and an honest stand-in's nats give evaluate.py's bpb."""
 import math
 import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
+from conftest import prepared_stdlib
 
 from llmlabs.auto import evaluator
 
@@ -36,14 +35,9 @@ send(fout, b"R", payload=json.dumps({"reason": None, "causal": {"causal": True}}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from llmlabs.data.prepare import prepare
     from llmlabs.data.shards import DataDir
 
-    src = tmp_path_factory.mktemp("src")
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
-        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    return DataDir.open(prepare(str(src), out=tmp_path_factory.mktemp("d") / "d", vocab_size=300, val_frac=0.2,
-                                test_frac=0.2))
+    return DataDir.open(prepared_stdlib(tmp_path_factory.mktemp("d"), 20, 300, 0.2, 0.2))
 
 
 def run(code, data, tmp_path, rows=2, seq=64, timeout=30):

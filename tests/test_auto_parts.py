@@ -13,13 +13,13 @@ import stat
 import statistics
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import prepared_stdlib
 import torch
 
 from llmlabs.auto import gitops, runner, runs, stats, surface
@@ -44,12 +44,7 @@ def _commit_all(cwd, msg="c"):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A real prepared data directory: 20 stdlib modules, vocab 300 (~0.2 s)."""
-    from llmlabs.data.prepare import prepare
-
-    src = tmp_path_factory.mktemp("src")
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]:
-        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    return prepare(str(src), out=tmp_path_factory.mktemp("data") / "d", vocab_size=300, val_frac=0.2, test_frac=0.2)
+    return prepared_stdlib(tmp_path_factory.mktemp("stdlib"), 20, 300, 0.2, 0.2)
 
 
 # ---------------------------------------------------------------------------------------------

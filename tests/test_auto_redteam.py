@@ -11,11 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import pytest
+from conftest import prepared_stdlib
 
 from llmlabs import cli
 from llmlabs.auto import sandbox
@@ -31,14 +31,8 @@ BUDGET = "3"
 def session(tmp_path_factory):
     """(session dir, data dir): a copy of this repository with the weak start, a tiny data
     directory, `auto init` and the baseline runs."""
-    from llmlabs.data.prepare import prepare
-
     tmp = tmp_path_factory.mktemp("redteam")
-    src = tmp / "src"
-    src.mkdir()
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]:
-        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    data = prepare(str(src), out=tmp / "data", vocab_size=512, val_frac=0.1, test_frac=0.1)
+    data = prepared_stdlib(tmp, 60, 512, 0.1, 0.1)
     repo = copy_lab(tmp / "lab")
     mp = pytest.MonkeyPatch()
     mp.setenv("LLMLABS_HOME", str(tmp / "home"))

@@ -12,10 +12,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import prepared_stdlib
 
 from llmlabs import cli
 
@@ -49,12 +49,7 @@ def git(cwd, *args):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from llmlabs.data.prepare import prepare
-
-    src = tmp_path_factory.mktemp("src")
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:80]:
-        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
-    return prepare(str(src), out=tmp_path_factory.mktemp("data") / "d", vocab_size=512, val_frac=0.1, test_frac=0.1)
+    return prepared_stdlib(tmp_path_factory.mktemp("stdlib"), 80, 512, 0.1, 0.1)
 
 
 def copy_lab(repo):

@@ -8,7 +8,7 @@ from llmlabs.common import LabError
 from llmlabs.engine import generate
 from llmlabs.model import build_model
 
-from test_kernels_ops import randomized, tiny_config
+from test_model import randomized, tiny_config
 
 
 @pytest.fixture(scope="module")

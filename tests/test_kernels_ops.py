@@ -8,25 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import llmlabs.model as model_module
-from llmlabs.config import GPTConfig
 from llmlabs.kernels import ops, triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.model import build_model, rope_tables
 
-
-def tiny_config(**overrides):
-    kw = dict(sequence_len=32, vocab_size=61, n_layer=4, n_embd=48, n_head=4, n_kv_head=2, head_dim=12,
-              window_pattern="SSL", short_window=5)
-    kw.update(overrides)
-    return GPTConfig(**kw)
-
-
-def randomized(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            std = p.shape[-1] ** -0.5 if p.ndim >= 2 else 0.5
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
-    return model
+from test_model import randomized, tiny_config
 
 
 def leaves(*tensors):
