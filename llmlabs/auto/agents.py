@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -50,7 +51,8 @@ class CommandAgent:
         file_mode = "{prompt_file}" in self.cmd
         argv = shlex.split(self.cmd.replace("{prompt_file}", shlex.quote(str(prompt_file))))
         if sandbox.available():
-            argv = sandbox.wrap(argv, rw=[wt, *self.rw], ro=[prompt_file], hide=self.hide, net=True, chdir=wt)
+            ro = [prompt_file, *{Path(p) for p in (sys.prefix, sys.base_prefix) if Path(p).exists()}]
+            argv = sandbox.wrap(argv, rw=[wt, *self.rw], ro=ro, hide=self.hide, net=True, chdir=wt)
         try:
             proc = subprocess.Popen(argv, cwd=wt, env={**os.environ, **env}, text=True, start_new_session=True,
                                     stdin=subprocess.DEVNULL if file_mode else subprocess.PIPE,

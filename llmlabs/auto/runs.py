@@ -136,6 +136,7 @@ def _sandboxed(session, argv, rw, ro):
     no network), else unchanged: the file guard still stands."""
     if not sandbox.available():
         return argv
+    ro = [*ro, *{Path(p) for p in (sys.prefix, sys.base_prefix) if Path(p).exists()}]
     return sandbox.wrap(argv, rw=rw, ro=ro, hide=[session.data, session.dir], net=False,
                         gpu=session.eval["device"] == "cuda")
 

@@ -49,7 +49,6 @@ import functools
 import glob
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from llmlabs.common import LabError
@@ -104,12 +103,10 @@ def wrap(argv: list[str], *, rw=(), ro=(), hide=(), net: bool = False, gpu: bool
     """The argv that runs `argv` in the sandbox the module docstring describes: everything read-only
     but the `rw` paths, the `hide` directories empty, `ro` paths read-only even inside those, no
     network unless `net`, the GPUs only with `gpu`, starting in `chdir` (default: the caller's cwd when
-    it is visible inside, else $HOME). The running interpreter's prefixes (its venv and base install)
-    are always read-only inside, so a child Python works even where they lie under the hidden /tmp."""
+    it is visible inside, else $HOME)."""
     bwrap, why = _probe()
     if bwrap is None:
         raise LabError(f"sandbox unavailable: {why}")
-    ro = [*ro, *{Path(p) for p in (sys.prefix, sys.base_prefix) if Path(p).exists()}]
     mounts = [(kind, _real(p, name)) for kind, name, paths in
               ((0, "hide", hide), (1, "ro", ro), (2, "rw", rw)) for p in paths]
     cmd = _base(bwrap, net, gpu)
