@@ -187,6 +187,7 @@ def child_main(argv):
     child processes may start (inside bubblewrap, which confines them as it confines this one)."""
     from llmlabs.auto import guard
 
+    t0 = time.monotonic()
     guard.die_with_parent()
     run_dir, device_name, forbidden, allowed, spawn, in_fd, out_fd = argv[0], argv[1], *map(json.loads, argv[2:4]), \
         argv[4] == "1", int(argv[5]), int(argv[6])
@@ -214,7 +215,10 @@ def child_main(argv):
     changed, token_nats, check_causal, send_, recv_ = guard.changed, evaluate.token_nats, causal.check_causal, send, recv
     Tensor, no_grad, dumps = torch.Tensor, torch.no_grad, json.dumps
 
+    marks = {"imports": time.monotonic() - t0}  # where the evaluation's seconds go, for the run log
+
     def finish(reason=None, **extra):
+        print("evaluator timeline (s): " + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()), file=sys.stderr)
         send_(to_parent, b"R", payload=dumps({"reason": reason, **extra}).encode())
         to_parent.close()
         os._exit(0)
@@ -230,6 +234,7 @@ def child_main(argv):
     model.load_state_dict(ck["model"])
     model.eval().requires_grad_(False)
     weights = _digest(model)
+    marks["model"] = time.monotonic() - t0
     if reason := changed(snap):
         finish(reason)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -253,9 +258,12 @@ def child_main(argv):
                 finish(reason)
             send_(to_parent, b"N", token_nats(logits, y).cpu().numpy())
             del y, logits  # nothing of this batch stays in reach of the next forward
+            marks.setdefault("first_batch", time.monotonic() - t0)
+        marks["batches"] = time.monotonic() - t0
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         verdict = check_causal(model, model.config.vocab_size, first.size(1), device, probes=4, dtype=dtype,
                                tokens=first[0])
+        marks["causal"] = time.monotonic() - t0
     reason = changed(snap)
     if not reason and _digest(model) != weights:
         reason = "the model's weights changed during evaluation"
