@@ -80,8 +80,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "LLMLABS_HOME": str(work / "home"), "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)  # the lab's code comes from the throwaway repo's own exports
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or os.environ.get("LLMLABS_COMMIT", "unknown")
+    # LLMLABS_COMMIT first: a copy of the tree whose .git is stale (a device machine's) names the wrong one
+    commit = os.environ.get("LLMLABS_COMMIT") or subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip() \
+        or "unknown"
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
