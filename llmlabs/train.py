@@ -9,6 +9,7 @@ Budgets: training ends when the first of --time-budget / --tokens / --target-flo
 weight-decay decay) is a function of `progress`, the fraction of that budget used, so the same
 schedule shape holds for a 30-second test and a 5-minute GPU run.
 """
+import argparse
 import json
 import math
 import os
@@ -101,6 +102,19 @@ def add_args(p):
     g.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
 
 
+def _check_resume_flags(args):
+    """--resume continues a run exactly as its config.json says: a flag that would change it is an error
+    naming it (only --device, to move the run, goes with it)."""
+    p = argparse.ArgumentParser()
+    add_args(p)
+    defaults = vars(p.parse_args([]))
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("resume", "device") and k in defaults and v != defaults[k]]
+    if given:
+        raise LabError(f"--resume {args.resume} continues the run as its config.json says, so {', '.join(given)} "
+                       "would be ignored: drop them, or start a new run with them")
+
+
 def _depth(s):
     try:
         return int(s[1:] if s.lower().startswith("d") else s)
@@ -144,6 +158,7 @@ def resolve_config(args, device):
             cfg["device_batch_size"] = max(1, 2 ** math.floor(math.log2(preset["device_batch_size"] * width / new_width)))
     for k, v in preset.items():
         cfg.setdefault(k, v)
+    cfg["device"] = device.type  # what --resume continues on
     if device.type == "cuda" and not rows_given:
         width = cfg["depth"] * cfg["aspect_ratio"]
         doubled = ACT_BYTES * cfg["depth"] * 2 * cfg["device_batch_size"] * width * cfg["seq_len"]
@@ -166,14 +181,19 @@ def _train(args, held):
     t_start = time.time()
     from llmlabs import attention
 
-    device, rank, _, world = compute_init(args.device)
     if args.resume:
         run_dir = Path(args.resume)
         cfg_path = run_dir / "config.json"
         if not cfg_path.exists():
             raise LabError(f"--resume {run_dir}: no config.json there; give a run directory of `llmlabs train`")
         cfg = json.loads(cfg_path.read_text())
+        _check_resume_flags(args)
+        device, rank, _, world = compute_init(args.device or cfg.get("device"))
+        if not args.device and cfg.get("device"):
+            print0(f"resuming on {device.type}, the run's own device (--device moves it)")
+        cfg["device"] = device.type
     else:
+        device, rank, _, world = compute_init(args.device)
         cfg = resolve_config(args, device)
         run_dir = Path(cfg.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-d{cfg['depth']}")
     if rank == 0:  # two runs writing one directory would interleave their checkpoints and metrics

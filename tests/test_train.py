@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlabs import checkpoint, cli, train
+from llmlabs import checkpoint, cli, common, train
 from llmlabs.common import LabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -457,7 +457,7 @@ def test_a_second_run_on_a_locked_run_dir_is_refused(data_dir, tmp_path):
     assert train.main(["--resume", str(tmp_path / "run")]) == 0
 
 
-def test_resume_falls_back_past_a_damaged_newest_checkpoint(data_dir, tmp_path, capsys):
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     run_train(data_dir, run, "--tokens", "4096", "--save-every", "4", "--eval-split", "none")
     newest = checkpoint.latest(run)
@@ -467,9 +467,14 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(data_dir, tmp_path, 
     capsys.readouterr()
     assert checkpoint.load_run(run, "cpu")[1]["step"] == 4  # eval and sample fall back too
     assert "skipped checkpoint" in capsys.readouterr().out
+    with pytest.raises(LabError, match=r"continues the run as its config.json says, so --depth, --tokens would be ign"):
+        train.main(["--resume", str(run), "--depth", "4", "--tokens", "1e6"])
+    # a GPU machine's default device: the run goes on where it started, and says so
+    monkeypatch.setattr(common, "autodetect_device", lambda: "cuda")
     assert train.main(["--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert "skipped checkpoint" in out and "step_000008" in out and f"resumed {run} at step 4" in out
+    assert "resuming on cpu, the run's own device" in out
     assert [r["step"] for r in metrics(run)] == list(range(1, 9))
     assert checkpoint.load(checkpoint.latest(run))["step"] == 8
     for name in ("step_000004", "step_000008"):
