@@ -292,7 +292,7 @@ def _train(args, held):
                 train_time += dt
                 timed_tokens += cfg["total_batch_size"]
             tok_s = cfg["total_batch_size"] / dt
-            mfu = 100 * flops_per_token * tok_s / (peak * world) if peak else 0.0
+            mfu = 100 * flops_per_token * tok_s / (peak * world) if peak else None  # no known peak: CPU
             row = {"step": step, "loss": loss_val, "lr_mult": optimizer.param_groups[0]["lr"] /
                    optimizer.param_groups[0]["initial_lr"], "tok_per_sec": tok_s, "mfu": mfu,
                    "progress": progress(), "train_time": train_time, "tokens": tokens_done}
@@ -301,7 +301,8 @@ def _train(args, held):
                     f.write(json.dumps(row) + "\n")
                 if tb:
                     for k in ("loss", "lr_mult", "tok_per_sec", "mfu"):
-                        tb.add_scalar(k, row[k], step)
+                        if row[k] is not None:  # mfu on a CPU
+                            tb.add_scalar(k, row[k], step)
             if time.time() - last_status > (0.5 if sys.stdout.isatty() else 10) or progress() >= 1:
                 last_status = time.time()
                 _status(step, row)
@@ -338,7 +339,7 @@ def _train(args, held):
         "training_seconds": round(train_time, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if use_cuda else 0.0,
-        "mfu_percent": round(100 * flops_per_token * tok_per_sec / (peak * world), 2) if peak else 0.0,
+        "mfu_percent": round(100 * flops_per_token * tok_per_sec / (peak * world), 2) if peak else None,
         "total_tokens_M": round(tokens_done / 1e6, 2),
         "num_steps": step,
         "num_params_M": round(counts["total"] / 1e6, 2),
@@ -358,7 +359,7 @@ def _train(args, held):
             tb.close()
     print0("---")
     for k, v in summary.items():
-        print0(f"{k + ':':<18}{v}")
+        print0(f"{k + ':':<18}{'n/a' if v is None else v}")
     if world > 1:  # leave together: a rank exiting while rank 0 still writes samples aborts in gloo
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -486,7 +487,7 @@ def _status(step, row):
     p, spent = row["progress"], row["train_time"]
     eta = f"{spent * (1 - p) / p:5.0f}s" if spent > 0 and p > 0 else "    ?"
     line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
-            f"MFU {row['mfu']:5.1f}% | ETA {eta}")
+            f"MFU {'  n/a' if row['mfu'] is None else format(row['mfu'], '5.1f')}% | ETA {eta}")
     print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
 

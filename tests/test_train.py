@@ -52,6 +52,7 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
                 "num_steps", "num_params_M", "depth", "tok_per_sec", "attention"):
         assert key in summary, key
     assert int(summary["num_steps"]) == 16 and float(summary["total_tokens_M"]) == round(16 * 512 / 1e6, 2)
+    assert summary["mfu_percent"].strip() == "n/a"  # a CPU's peak is unknown: not 0.0
     # a real model after 16 steps beats nothing yet; the unigram comparison is the main job's (README)
     assert 0 < float(summary["val_bpb"]) < 20
     run = tmp_path / "run"
@@ -408,6 +409,8 @@ def test_status_line_eta_extrapolates_the_timed_steps_only(capsys):
     first, second = capsys.readouterr().out.splitlines()
     assert first.startswith("step     7 |  25.0% | loss 2.5000 |") and first.endswith("ETA    90s")
     assert second.endswith("ETA     ?")
+    train._status(8, {**row, "mfu": None})  # a CPU: no known peak, so no MFU
+    assert "| MFU   n/a% |" in capsys.readouterr().out
 
 
 def test_ranks_start_from_identical_weights_and_read_other_data(data_dir):
