@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from llmlabs.common import LabError
+from llmlabs.errors import LabError
 
 COMMANDS = {
     "prepare": ("llmlabs.data.prepare", "build a data directory: tokenizer + token shards (the only step that may use the network)"),

@@ -9,10 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class LabError(Exception):
-    """A user-facing problem. The CLI prints it as one line (`error: ...`) and exits non-zero.
-    The message names the file or value at fault and the fix."""
+from llmlabs.errors import LabError  # noqa: F401 - re-exported: the modules raise common.LabError
 
 
 def llmlabs_home() -> Path:

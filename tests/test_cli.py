@@ -1,5 +1,5 @@
-"""The `llmlabs` dispatcher: --version, and a bad flag value is one `error:` line with exit code 2,
-never a traceback (a flag's own check raises while argparse parses)."""
+"""The `llmlabs` dispatcher: --version, --help without torch (instant), and a bad flag value is one
+`error:` line with exit code 2, never a traceback (a flag's own check raises while argparse parses)."""
 import subprocess
 import sys
 
@@ -24,3 +24,9 @@ def test_a_bad_depth_is_one_line():
 def test_an_unknown_command_is_one_line(capsys):
     assert cli.main(["trian"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown command 'trian'")
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from llmlabs import cli; cli.main(['--help']); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False" and "train" in r.stdout, r.stderr
