@@ -86,6 +86,8 @@ def test_separated_reader_across_piece_boundaries(tmp_path):
     ("globmiss", {"glob": "*.rst"}, "matching --glob '\\*.rst'"),
     ("csv", {}, "unsupported type"),
     ("badjson", {}, "bad.jsonl:2: each line must be a JSON object with a string `text`"),
+    # line 2 starts at byte 15; its byte 13 is the Latin-1 e-acute
+    ("latin1", {}, "latin1.jsonl:2: not UTF-8 at byte 28 of the file .*re-encode it as UTF-8"),
     ("notext", {}, "no `text` column \\(columns: body\\)"),
     (None, {"shards": 2}, "--shards applies to hub corpora"),
 ])
@@ -104,6 +106,9 @@ def test_bad_sources(tmp_path, make, kwargs, match):
     elif make == "badjson":
         spec = str(tmp_path / "bad.jsonl")
         Path(spec).write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    elif make == "latin1":
+        spec = str(tmp_path / "latin1.jsonl")
+        Path(spec).write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
     elif make == "notext":
         spec = str(tmp_path / "t.parquet")
         pq.write_table(pa.table({"body": ["x"]}), spec)

@@ -135,8 +135,15 @@ def read_local(path: Path, stats: Counter) -> Iterator[str]:
         except OSError:
             stats["unreadable"] += 1
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise LabError(f"{path}:{lineno}: not UTF-8 at byte {offset + e.start} of the file ({e.reason}): "
+                                   "re-encode it as UTF-8 (e.g. iconv -t UTF-8) or remove that line") from None
+                offset += len(raw)
                 if not line.strip():
                     continue
                 try:
