@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint
+from llmlabs import checkpoint, flags
 from llmlabs.common import LabError, atomic_write_json, compute_init, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -60,37 +60,37 @@ def add_args(p):
     g.add_argument("--data", help="prepared data directory (default: the pystdlib corpus, prepared on first use)")
     g = p.add_argument_group("model (the one dial is --depth; unset values come from the CPU or GPU preset)")
     g.add_argument("--depth", type=_depth, help="d4..d26 or a number: width = depth x aspect ratio")
-    g.add_argument("--aspect-ratio", type=int, help="width per layer of depth")
-    g.add_argument("--head-dim", type=int, help="attention head size")
-    g.add_argument("--n-kv-head", type=int, help="key/value heads for grouped-query attention (default: = heads)")
-    g.add_argument("--seq-len", type=int, help="context length in tokens")
+    g.add_argument("--aspect-ratio", type=flags.positive_int, help="width per layer of depth")
+    g.add_argument("--head-dim", type=flags.positive_int, help="attention head size")
+    g.add_argument("--n-kv-head", type=flags.positive_int, help="key/value heads for grouped-query attention (default: = heads)")
+    g.add_argument("--seq-len", type=flags.positive_int, help="context length in tokens")
     g.add_argument("--window-pattern", help='sliding-window pattern over layers, e.g. "SSSL" or "L"')
-    g.add_argument("--short-window", type=int, help="keys back an S layer attends (GPU preset 1024; else a quarter of the context)")
+    g.add_argument("--short-window", type=flags.positive_int, help="keys back an S layer attends (GPU preset 1024; else a quarter of the context)")
     g = p.add_argument_group("budget (training stops at the first one used up)")
-    g.add_argument("--time-budget", type=float, help="seconds of training, compile and warm-up excluded")
-    g.add_argument("--tokens", type=float, help="training tokens, e.g. 2e8")
-    g.add_argument("--target-flops", type=float, help="training FLOPs (model FLOPs per token x tokens)")
-    g.add_argument("--param-data-ratio", type=float, help="training tokens per model parameter (Chinchilla: 20)")
+    g.add_argument("--time-budget", type=flags.positive_float, help="seconds of training, compile and warm-up excluded")
+    g.add_argument("--tokens", type=flags.positive_float, help="training tokens, e.g. 2e8")
+    g.add_argument("--target-flops", type=flags.positive_float, help="training FLOPs (model FLOPs per token x tokens)")
+    g.add_argument("--param-data-ratio", type=flags.positive_float, help="training tokens per model parameter (Chinchilla: 20)")
     g = p.add_argument_group("batch and optimizer (unset values follow the depth's scaling rules)")
-    g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, across accumulation and ranks")
-    g.add_argument("--device-batch-size", type=int, help="rows per forward pass; lower it on out-of-memory")
-    g.add_argument("--matrix-lr", type=float, help="Muon learning rate for the block matrices")
-    g.add_argument("--embedding-lr", type=float, help="AdamW learning rate for embeddings at width 768 (x (width/768)^-0.5)")
-    g.add_argument("--unembedding-lr", type=float, help="AdamW learning rate for the output head at width 768 (likewise)")
-    g.add_argument("--scalar-lr", type=float, help="AdamW learning rate for per-layer scalars")
-    g.add_argument("--weight-decay", type=float, help="cautious weight decay of the Muon matrices")
-    g.add_argument("--warmup-frac", type=float, default=0.0, help="fraction of the budget spent warming up the LR")
-    g.add_argument("--warmdown-frac", type=float, default=0.5, help="fraction of the budget at the end spent decaying the LR")
-    g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end, as a fraction of the peak")
+    g.add_argument("--total-batch-size", type=flags.positive_int, help="tokens per optimizer step, across accumulation and ranks")
+    g.add_argument("--device-batch-size", type=flags.positive_int, help="rows per forward pass; lower it on out-of-memory")
+    g.add_argument("--matrix-lr", type=flags.nonnegative, help="Muon learning rate for the block matrices")
+    g.add_argument("--embedding-lr", type=flags.nonnegative, help="AdamW learning rate for embeddings at width 768 (x (width/768)^-0.5)")
+    g.add_argument("--unembedding-lr", type=flags.nonnegative, help="AdamW learning rate for the output head at width 768 (likewise)")
+    g.add_argument("--scalar-lr", type=flags.nonnegative, help="AdamW learning rate for per-layer scalars")
+    g.add_argument("--weight-decay", type=flags.nonnegative, help="cautious weight decay of the Muon matrices")
+    g.add_argument("--warmup-frac", type=flags.fraction, default=0.0, help="fraction of the budget spent warming up the LR")
+    g.add_argument("--warmdown-frac", type=flags.fraction, default=0.5, help="fraction of the budget at the end spent decaying the LR")
+    g.add_argument("--final-lr-frac", type=flags.fraction, default=0.0, help="LR at the end, as a fraction of the peak")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-tokens", type=int, help="validation target tokens scored for val_bpb")
-    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-tokens", type=flags.positive_int, help="validation target tokens scored for val_bpb")
+    g.add_argument("--eval-every", type=flags.count, default=0, help="also evaluate every N steps (0: only at the end)")
     g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
                    help="split of the final evaluation (test: held-out confirmation runs only; none: no final "
                         "evaluation, samples or plot: the autoresearch runner scores the checkpoint in a process of "
                         "its own)")
     g.add_argument("--run-dir", help="where config, metrics, checkpoints and the summary go (default: runs/<time>-d<depth>)")
-    g.add_argument("--save-every", type=int, default=0,
+    g.add_argument("--save-every", type=flags.count, default=0,
                    help="also checkpoint every N steps (0: only at the end and on Ctrl-C); the newest "
                         f"{checkpoint.KEEP} are kept, so --resume can fall back if the newest is damaged")
     g.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard in RUN/tb")
@@ -117,9 +117,12 @@ def _check_resume_flags(args):
 
 def _depth(s):
     try:
-        return int(s[1:] if s.lower().startswith("d") else s)
+        depth = int(s[1:] if s.lower().startswith("d") else s)
     except ValueError:
-        raise LabError(f"--depth {s!r} is not a depth: use a number or a preset name like d8") from None
+        depth = 0
+    if depth < 1:
+        raise LabError(f"--depth {s!r} is not a depth: use a positive number or a preset name like d8")
+    return depth
 
 
 def run(args):
@@ -487,7 +490,7 @@ def _status(step, row):
     p, spent = row["progress"], row["train_time"]
     eta = f"{spent * (1 - p) / p:5.0f}s" if spent > 0 and p > 0 else "    ?"
     line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
-            f"MFU {'  n/a' if row['mfu'] is None else format(row['mfu'], '5.1f')}% | ETA {eta}")
+            f"MFU {'   n/a' if row['mfu'] is None else format(row['mfu'], '5.1f') + '%'} | ETA {eta}")
     print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
 
 

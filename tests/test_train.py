@@ -410,7 +410,7 @@ def test_status_line_eta_extrapolates_the_timed_steps_only(capsys):
     assert first.startswith("step     7 |  25.0% | loss 2.5000 |") and first.endswith("ETA    90s")
     assert second.endswith("ETA     ?")
     train._status(8, {**row, "mfu": None})  # a CPU: no known peak, so no MFU
-    assert "| MFU   n/a% |" in capsys.readouterr().out
+    assert "| MFU    n/a | ETA" in capsys.readouterr().out
 
 
 def test_ranks_start_from_identical_weights_and_read_other_data(data_dir):
