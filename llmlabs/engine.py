@@ -7,6 +7,7 @@ against a full forward, top-k and the context bound).
 """
 import torch
 
+from llmlabs import flags
 from llmlabs.common import LabError
 
 
@@ -67,11 +68,11 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kw):
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
     p.add_argument("--prompt", default="def ", help="text to continue")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--max-tokens", type=flags.positive_int, default=128, help="tokens to generate")
+    p.add_argument("--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=flags.count, default=50, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=flags.positive_int, default=1)
     p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
 
 

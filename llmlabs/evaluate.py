@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmlabs import flags
 from llmlabs.common import LabError
 
 
@@ -110,7 +111,7 @@ def _rank_world():
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
     p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split to score")
-    p.add_argument("--tokens", type=int, help="target tokens to score (default: the run's --eval-tokens)")
+    p.add_argument("--tokens", type=flags.positive_int, help="target tokens to score (default: the run's --eval-tokens)")
     p.add_argument("--data", help="data directory (default: the one the run was trained on)")
     p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
 

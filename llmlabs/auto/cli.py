@@ -3,6 +3,7 @@ tells an agent how to use them)."""
 import json
 import os
 
+from llmlabs import flags
 from llmlabs.auto import runner
 from llmlabs.auto.surface import RESEARCH_SURFACE
 from llmlabs.auto.ledger import clean
@@ -23,26 +24,26 @@ def add_args(p):
     s = cmd("init", "start a session: branch auto/TAG in its own worktree, ledger, harness fingerprint")
     s.add_argument("--tag", required=True, help="session name; the branch is auto/TAG")
     s.add_argument("--data", help="prepared data directory (default: the pystdlib corpus at vocab 8192)")
-    s.add_argument("--time-budget", type=float, default=300.0, help="seconds of training per experiment")
-    s.add_argument("--timeout", type=float, help="hard wall-clock limit per run (default 1.5 x budget + 180 s)")
+    s.add_argument("--time-budget", type=flags.positive_float, default=300.0, help="seconds of training per experiment")
+    s.add_argument("--timeout", type=flags.positive_float, help="hard wall-clock limit per run (default 1.5 x budget + 180 s)")
     s.add_argument("--train-args", default="", help='further fixed `llmlabs train` flags, e.g. "--depth 8 --device cuda"')
-    s.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+    s.add_argument("--alpha", type=flags.fraction, default=DEFAULT_ALPHA,
                    help="false-keep rate of the keep rule: a no-op change is kept with this probability")
-    s.add_argument("--baselines", type=int, default=DEFAULT_BASELINES,
+    s.add_argument("--baselines", type=flags.positive_int, default=DEFAULT_BASELINES,
                    help=f"baseline runs (unchanged code, new seeds) before the first decision; at least {MIN_BASELINES}")
     s.add_argument("--no-compile-cache", action="store_true",
                    help="give every run an empty torch.compile cache of its own instead of the session's shared one "
                         "(slower: each run compiles from scratch; for measuring what the cache saves)")
-    s.add_argument("--repeat-near", type=int, default=1,
+    s.add_argument("--repeat-near", type=flags.count, default=1,
                    help="extra seeds for a marginal keep (within one sigma_d beyond the threshold)")
 
     s = cmd("baseline", "measure the noise: the unchanged frontier commit under several seeds")
-    s.add_argument("--repeats", type=int, help="runs, one seed each (default: as many as the session still needs)")
+    s.add_argument("--repeats", type=flags.positive_int, help="runs, one seed each (default: as many as the session still needs)")
     s.add_argument("--gpus", help="spread the runs over these GPUs, e.g. 0,1,2,3")
 
     s = cmd("run", "commit the working change, train it under the budget, keep or discard it")
     s.add_argument("-m", "--message", required=True, help="what this experiment tries (one line)")
-    s.add_argument("--seed", type=int, help="first seed (default: one no run of the session has used)")
+    s.add_argument("--seed", type=flags.count, help="first seed (default: one no run of the session has used)")
 
     s = cmd("loop", "call an agent once per iteration and run its change, until --iterations, --hours, "
                     "--plateau or Ctrl-C")
@@ -50,24 +51,24 @@ def add_args(p):
                                                   "or openai:URL for an OpenAI-compatible chat endpoint")
     s.add_argument("--model", help="model name for --agent openai:URL")
     s.add_argument("--key-env", default="OPENAI_API_KEY", help="environment variable holding the endpoint's key")
-    s.add_argument("--agent-timeout", type=float, default=1800.0, help="seconds one agent turn may take")
+    s.add_argument("--agent-timeout", type=flags.positive_float, default=1800.0, help="seconds one agent turn may take")
     s.add_argument("--agent-rw", action="append", default=[], metavar="PATH",
                    help="a path the sandboxed command agent may write besides its worktree, e.g. ~/.claude "
                         "(its own state); repeatable")
-    s.add_argument("--iterations", type=int, default=0,
+    s.add_argument("--iterations", type=flags.count, default=0,
                    help="iterations per worker, an agent's turn and its experiment each (0: no limit)")
-    s.add_argument("--hours", type=float,
+    s.add_argument("--hours", type=flags.positive_float,
                    help="start no new iteration after this many hours of wall time (one under way finishes)")
-    s.add_argument("--plateau", type=int, metavar="N",
+    s.add_argument("--plateau", type=flags.positive_int, metavar="N",
                    help="stop after N experiments in a row, over all workers, without a keep (discard, crash "
                         "and invalid count; an iteration where the agent changed nothing does not)")
     s.add_argument("--gpus", help="one worker per GPU, each in its own worktree, e.g. 0,1,2,3")
-    s.add_argument("--baseline-repeats", type=int,
+    s.add_argument("--baseline-repeats", type=flags.positive_int,
                    help="seeds of the baseline when the session has fewer baseline runs than it needs "
                         "(default: as many as it still needs)")
 
     s = cmd("confirm", "re-run the best kept commit and the start on the held-out test split")
-    s.add_argument("--seeds", type=int, default=3, help="runs per commit")
+    s.add_argument("--seeds", type=flags.positive_int, default=3, help="runs per commit")
     s.add_argument("--gpus", help="spread the runs over these GPUs")
 
     s = cmd("report", "progress plot, kept changes, crashes and time, findings.md; --json for agents")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llmlabs import flags
 from llmlabs.common import LabError, llmlabs_home, print0
 from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
@@ -192,14 +193,14 @@ def add_args(parser):
                         help="pystdlib (default) | pysrc | a file or folder of .txt/.md/.py/.jsonl/.parquet | "
                              + " | ".join(HUB_CORPORA))
     parser.add_argument("--out", help="data directory (default $LLMLABS_HOME/data/<source>-v<vocab>)")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included (8192)")
+    parser.add_argument("--vocab-size", type=flags.positive_int, default=8192, help="total ids, special tokens included (8192)")
     parser.add_argument("--glob", help="fnmatch pattern on paths relative to the folder, e.g. '*.md' or 'json/*'")
-    parser.add_argument("--shards", type=int, help="hub corpora: how many of the corpus files to use (default: " +
+    parser.add_argument("--shards", type=flags.positive_int, help="hub corpora: how many of the corpus files to use (default: " +
                         ", ".join(f"{k} {c.default_shards}" for k, c in HUB_CORPORA.items()) + ")")
-    parser.add_argument("--workers", type=int, help="encoding threads (default: all cores)")
-    parser.add_argument("--val-frac", type=float, default=VAL_FRAC, help=f"share of documents in val ({VAL_FRAC})")
-    parser.add_argument("--test-frac", type=float, default=TEST_FRAC, help=f"share of documents in test ({TEST_FRAC})")
-    parser.add_argument("--tokenizer-chars", type=int, default=TOKENIZER_CHARS,
+    parser.add_argument("--workers", type=flags.positive_int, help="encoding threads (default: all cores)")
+    parser.add_argument("--val-frac", type=flags.fraction, default=VAL_FRAC, help=f"share of documents in val ({VAL_FRAC})")
+    parser.add_argument("--test-frac", type=flags.fraction, default=TEST_FRAC, help=f"share of documents in test ({TEST_FRAC})")
+    parser.add_argument("--tokenizer-chars", type=flags.positive_int, default=TOKENIZER_CHARS,
                         help=f"train BPE on at most this many characters of the train split ({TOKENIZER_CHARS:.0e})")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")
 
