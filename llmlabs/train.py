@@ -121,7 +121,7 @@ def _depth(s):
     except ValueError:
         depth = 0
     if depth < 1:
-        raise LabError(f"--depth {s!r} is not a depth: use a positive number or a preset name like d8")
+        raise argparse.ArgumentTypeError(f"{s!r} is not a depth: use a positive number or a preset name like d8")
     return depth
 
 

@@ -18,7 +18,8 @@ def test_version(capsys):
 def test_a_bad_depth_is_one_line():
     r = llmlabs("train", "--depth", "foo")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == "error: --depth 'foo' is not a depth: use a positive number or a preset name like d8"
+    assert r.stderr.strip().splitlines()[-1] == ("llmlabs train: error: argument --depth: 'foo' is not a depth: use a "
+                                                 "positive number or a preset name like d8")
 
 
 def test_an_unknown_command_is_one_line(capsys):
