@@ -38,16 +38,15 @@ def die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
-def guard_files(forbidden, allowed=(), read_only=False, report_fd=None, scratch=None, spawn=True, readable=()):
-    """Forbid any access to paths under `forbidden` (except under `allowed`, and reading under
-    `readable`: the session's bytecode); with read_only, also every file write, delete and rename,
-    except under `scratch` (the temporary directory: torch probes that it is writable, compilers keep
-    caches there); spawn=False forbids starting processes (a child process would not carry this hook)."""
+def guard_files(forbidden, allowed=(), read_only=False, report_fd=None, scratch=None, spawn=True):
+    """Forbid any access to paths under `forbidden` (except under `allowed`); with read_only, also
+    every file write, delete and rename, except under `scratch` (the temporary directory: torch
+    probes that it is writable, compilers keep caches there); spawn=False forbids starting processes
+    (a child process would not carry this hook)."""
     def prefixes(paths):
         return tuple(os.path.join(os.path.realpath(p), "") for p in paths)
 
     deny, allow, tmp = prefixes(forbidden), prefixes(allowed), prefixes([scratch] if scratch else [])
-    ro = prefixes(readable)
     fs_encode, realpath, write, exit_now = os.fsdecode, os.path.realpath, os.write, os._exit
 
     def stop(what):
@@ -70,15 +69,13 @@ def guard_files(forbidden, allowed=(), read_only=False, report_fd=None, scratch=
     def hook(event, args):
         if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
             path = os.path.join(realpath(fs_encode(args[0])), "")
-            if path.startswith(deny) and not path.startswith(allow) and not (ro and path.startswith(ro)):
+            if path.startswith(deny) and not path.startswith(allow):
                 stop(f"opened {path.rstrip(os.sep)}")
-            if event == "open" and (read_only or (ro and path.startswith(ro))) and _writes(args) \
-                    and not (tmp and path.startswith(tmp)):
+            if read_only and event == "open" and _writes(args) and not (tmp and path.startswith(tmp)):
                 stop(f"opened {path.rstrip(os.sep)} for writing")
-        elif event in _WRITE_EVENTS:
+        elif read_only and event in _WRITE_EVENTS:
             paths = [os.path.join(realpath(fs_encode(a)), "") for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
-            if (ro and any(p.startswith(ro) for p in paths)) or \
-                    (read_only and not (tmp and paths and all(p.startswith(tmp) for p in paths))):
+            if not (tmp and paths and all(p.startswith(tmp) for p in paths)):
                 stop(f"called {event}{tuple(a for a in args if isinstance(a, (str, bytes)))[:2]}")
         elif not spawn and event in _SPAWN_EVENTS:
             stop(f"called {event}{tuple(a for a in args if isinstance(a, (str, bytes)))[:2]}")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llmlabs.auto import bytecode, evaluator, gitops, sandbox
+from llmlabs.auto import evaluator, gitops, sandbox
 from llmlabs.auto.ledger import file_sha256
 from llmlabs.common import atomic_write_json, llmlabs_home
 
@@ -52,8 +52,7 @@ EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"  # = llmlabs.train.EVENTS_FD_VAR (not import
 # first on sys.path, death with the harness, the file guard, and only then the lab.
 TRAIN_BOOT = ("import sys,json; sys.path.insert(0, sys.argv.pop(1)); from llmlabs.auto import guard; "
               "guard.die_with_parent(); a = sys.argv; guard.guard_files(json.loads(a.pop(1)), json.loads(a.pop(1)), "
-              "readable=json.loads(a.pop(1)), report_fd=int(a.pop(1))); from llmlabs.cli import main; "
-              "sys.exit(main(a[1:]))")
+              "report_fd=int(a.pop(1))); from llmlabs.cli import main; sys.exit(main(a[1:]))")
 EVAL_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); from llmlabs.auto.evaluator import child_main; "
              "child_main(sys.argv[2:])")
 
@@ -154,13 +153,10 @@ def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
     r, w = os.pipe()
     forbidden, allowed = [session.data, str(session.dir)], [str(code), str(session.train_data), str(run.run_dir),
                                                             str(cache)]
-    pyc = bytecode.flags(session)
-    readable = [str(session.dir / "pycache")] if pyc else []
-    cmd = [sys.executable, "-I", "-B", *pyc, "-u", "-c", TRAIN_BOOT, str(code), json.dumps(forbidden), json.dumps(allowed),
-           json.dumps(readable), str(w), "train", "--data", str(session.train_data), "--time-budget",
-           str(session.time_budget), "--seed", str(run.seed), "--run-dir", str(run.run_dir), "--eval-split", "none",
-           *session.train_args]
-    argv = _sandboxed(session, cmd, rw=[run.run_dir, cache], ro=[code, session.train_data, *readable])
+    cmd = [sys.executable, "-I", "-B", "-u", "-c", TRAIN_BOOT, str(code), json.dumps(forbidden), json.dumps(allowed), str(w),
+           "train", "--data", str(session.train_data), "--time-budget", str(session.time_budget),
+           "--seed", str(run.seed), "--run-dir", str(run.run_dir), "--eval-split", "none", *session.train_args]
+    argv = _sandboxed(session, cmd, rw=[run.run_dir, cache], ro=[code, session.train_data])
     env[EVENTS_FD_VAR] = str(w)
     events = []
     run.started, run.worker = time.time(), worker.name
@@ -203,12 +199,9 @@ def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
 def evaluate(session, worker, commit, run: Run, split, allow):
     code = gitops.export(session.repo, commit, session.code_dir / f"{worker.name}-eval")  # untouched by training
     e = session.eval
-    pyc = bytecode.flags(session)
-    readable = [str(session.dir / "pycache")] if pyc else []  # read-only: the evaluator guards every write
-    cmd = [sys.executable, "-I", "-B", *pyc, "-u", "-c", EVAL_BOOT, str(code), str(run.run_dir), e["device"],
-           json.dumps([session.data, str(session.dir)]), json.dumps([str(code), *readable]),
-           "1" if sandbox.available() else "0"]
-    argv = _sandboxed(session, cmd, rw=[], ro=[code, run.run_dir, *readable])
+    cmd = [sys.executable, "-I", "-B", "-u", "-c", EVAL_BOOT, str(code), str(run.run_dir), e["device"],
+           json.dumps([session.data, str(session.dir)]), json.dumps([str(code)]), "1" if sandbox.available() else "0"]
+    argv = _sandboxed(session, cmd, rw=[], ro=[code, run.run_dir])
     res = evaluator.evaluate_run(argv, child_env(session, code, worker), data=session.data_dir(), split=split,
                                  rows=e["rows"], seq_len=e["seq_len"], max_tokens=e["tokens"],
                                  timeout=session.timeout, log_path=run.log)

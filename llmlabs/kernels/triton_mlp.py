@@ -28,8 +28,9 @@ RELU2, TIMES_2SQRT = 0, 1  # the epilogues
 if triton is not None:
     import inspect
 
-    # the winning config of each shape saved in the Triton cache (Tritons that can): a fresh process of
-    # the same shapes, each autoresearch run, reads it instead of timing every config again (~1 s a run)
+    # the winning config of each shape saved in the Triton cache (Tritons that can; 3.6 on the H200 host): a
+    # fresh process of the same shapes, each autoresearch run, reads it instead of timing every config again
+    # (autotuning took 1.3 s of a d4 run's start under cProfile, bench/results/startup_profile-h200-9d89567.txt)
     _SAVED = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
     @triton.jit
