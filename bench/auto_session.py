@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 bench/auto_session.py --out bench/results                 # GPU: d4, 10 s budget
     PYTHONPATH=. python3 bench/auto_session.py --no-compile-cache --experiments 2  # the 'before' of the cache
     PYTHONPATH=. python3 bench/auto_session.py --train-args "--depth 2 --device cpu ..." --budget 3  # CPU dry run
+    PYTHONPATH=. python3 bench/auto_session.py --gpus 0,1 --experiments 5  # two workers: 10 experiments
 
 In a throwaway git repo made from this checkout's files (the checkout is never touched): `prepare
 pystdlib` (unless --data), `auto init`, `auto baseline`, `auto loop` with a command agent that makes
@@ -42,7 +43,9 @@ EDITS = [
 ]
 AGENT = '''import json, os, pathlib, sys
 edits = json.loads(pathlib.Path(sys.argv[1]).read_text())
-i = int(os.environ["LLMLABS_AUTO_ITERATION"]) - 1
+# with two workers (--gpus 0,1), gpu1 starts half the list further along: they try different edits
+w = os.environ["LLMLABS_AUTO_WORKER"]
+i = (int(os.environ["LLMLABS_AUTO_ITERATION"]) - 1 + (len(edits) // 2 * int(w[3:]) if w.startswith("gpu") else 0)) % len(edits)
 for path, old, new, what in edits[i:] + edits[:i]:
     f = pathlib.Path(path)
     if f.read_text().count(old) == 1:
@@ -71,8 +74,9 @@ def main():
     p.add_argument("--budget", type=float, default=10.0, help="training seconds per run")
     p.add_argument("--train-args", default="--depth 4 --device cuda")
     p.add_argument("--baselines", type=int, default=5)
-    p.add_argument("--experiments", type=int, default=10, help="loop iterations (one experiment each)")
+    p.add_argument("--experiments", type=int, default=10, help="loop iterations per worker (one experiment each)")
     p.add_argument("--no-compile-cache", action="store_true", help="each run compiles from scratch (the 'before')")
+    p.add_argument("--gpus", help="GPU indices for baseline and loop workers, e.g. 0,1 (one worker per GPU)")
     a = p.parse_args()
     py, work, out = sys.executable, Path(a.work), Path(a.out)
     shutil.rmtree(work, ignore_errors=True)
@@ -110,20 +114,21 @@ def main():
     init = [py, "-m", "llmlabs", "auto", "init", "--tag", "bench", "--data", data, "--time-budget", str(a.budget),
             "--train-args", a.train_args, "--baselines", str(a.baselines)]
     sh(init + (["--no-compile-cache"] if a.no_compile_cache else []), log, lab, env)
-    sh([py, "-m", "llmlabs", "auto", "baseline"], log, lab, env)
+    gpus = ["--gpus", a.gpus] if a.gpus else []
+    sh([py, "-m", "llmlabs", "auto", "baseline", *gpus], log, lab, env)
     agent_dir = work / "agent"
     agent_dir.mkdir()
     (agent_dir / "agent.py").write_text(AGENT)
     (agent_dir / "edits.json").write_text(json.dumps(EDITS))
     loop_s = sh([py, "-m", "llmlabs", "auto", "loop", "--agent", f"{py} {agent_dir / 'agent.py'} {agent_dir / 'edits.json'}",
-                 "--agent-rw", str(agent_dir), "--iterations", str(a.experiments)], log, lab, env)
+                 "--agent-rw", str(agent_dir), "--iterations", str(a.experiments), *gpus], log, lab, env)
     sh([py, "-m", "llmlabs", "auto", "report"], log, lab, env)
     sdir = lab / ".auto" / "bench"
     table = summarize(sdir, loop_s, a)
     header = (f"<!-- {time.strftime('%Y-%m-%d')} | {device} | commit {commit} | total {time.time() - t0:.0f} s |\n"
               f"     PYTHONPATH=. python3 bench/auto_session.py --budget {a.budget:g} --train-args '{a.train_args}' "
               f"--baselines {a.baselines} --experiments {a.experiments}"
-              f"{' --no-compile-cache' if a.no_compile_cache else ''} -->\n")
+              f"{' --no-compile-cache' if a.no_compile_cache else ''}{f' --gpus {a.gpus}' if a.gpus else ''} -->\n")
     (out / f"{name}.md").write_text(header + table + "\n" + (sdir / "report.md").read_text())
     shutil.copy(sdir / "findings.md", out / f"{name}-findings.md")
     shutil.copy(sdir / "results.tsv", out / f"{name}.tsv")

@@ -34,6 +34,16 @@ def atomic_write_bytes(path, data: bytes):
         raise
 
 
+def make_dir(path, flag: str) -> Path:
+    """mkdir -p for a directory the user named with `flag`, or one LabError line saying why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a file as a parent, no permission
+        raise LabError(f"{flag} {path}: cannot make that directory ({e.strerror}): give another path") from None
+    return path
+
+
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 
 from llmlabs import checkpoint, flags
-from llmlabs.common import LabError, atomic_write_json, compute_init, peak_flops, print0, seed_all
+from llmlabs.common import LabError, atomic_write_json, compute_init, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
 # 2-core machine prepare + training + evaluation take under 5 minutes; the GPU preset is the
@@ -200,6 +200,7 @@ def _train(args, held):
         cfg = resolve_config(args, device)
         run_dir = Path(cfg.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-d{cfg['depth']}")
     if rank == 0:  # two runs writing one directory would interleave their checkpoints and metrics
+        make_dir(run_dir, "--resume" if args.resume else "--run-dir")
         held.enter_context(checkpoint.lock_run(run_dir))
     if cfg.get("attention"):
         attention.set_backend(cfg["attention"])

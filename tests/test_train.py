@@ -451,9 +451,10 @@ def test_a_second_run_on_a_locked_run_dir_is_refused(data_dir, tmp_path):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
-        for extra in (["--tokens", "2048"], ["--resume", str(tmp_path / "run")]):
-            with pytest.raises(LabError, match=rf"locked by process {proc.pid}"):
-                run_train(data_dir, tmp_path / "run", *extra)
+        with pytest.raises(LabError, match=rf"locked by process {proc.pid}"):
+            run_train(data_dir, tmp_path / "run", "--tokens", "2048")
+        with pytest.raises(LabError, match=rf"locked by process {proc.pid}"):
+            train.main(["--resume", str(tmp_path / "run")])
     finally:
         proc.kill()
         proc.wait()

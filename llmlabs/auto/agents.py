@@ -18,6 +18,7 @@ Tools below (read the worktree, write the research files), so it needs no sandbo
 """
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -157,6 +158,9 @@ class OpenAIAgent:
     def __init__(self, url: str, model: str, key_env: str, timeout: float, max_turns: int = 40):
         if not model:
             raise LabError("--agent openai:URL needs --model NAME (the model the endpoint serves)")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):  # a pasted key itself, never echoed in full
+            raise LabError(f"--key-env takes the name of the environment variable that holds the key (e.g. "
+                           f"OPENAI_API_KEY), not a key: got {len(key_env)} characters starting {key_env[:3]!r}")
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.key_env, self.timeout, self.max_turns = model, key_env, timeout, max_turns

@@ -15,7 +15,7 @@ from llmlabs.auto import gitops, runner, sandbox, stats
 from llmlabs.auto.findings import write_findings
 from llmlabs.auto.runs import tail
 from llmlabs.auto.session import Session
-from llmlabs.common import atomic_write_bytes
+from llmlabs.common import atomic_write_bytes, make_dir
 
 COLORS = {"baseline": "C0", "keep": "C2", "discard": "0.6", "invalid": "C1", "crash": "C3"}
 
@@ -147,8 +147,7 @@ def markdown(summary: dict) -> str:
 
 def write_report(session: Session, out_dir=None) -> tuple[dict, Path, Path, Path]:
     """(summary, report.png, report.md, findings.md), written to out_dir (default: the session's)."""
-    out = Path(out_dir or session.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out_dir or session.dir, "--out")
     summary = summarize(session)
     png, md = out / "report.png", out / "report.md"
     plot(session, summary, png)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmlabs import flags
-from llmlabs.common import LabError, llmlabs_home, print0
+from llmlabs.common import LabError, llmlabs_home, make_dir, print0
 from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
 from llmlabs.data.tokenizer import Tokenizer
@@ -61,6 +61,9 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
         raise LabError(f"{out} was prepared with other settings ({diff}): pass --force to rebuild it, "
                        f"or --out elsewhere")
+    make_dir(out.parent, "--out")
+    if out.exists() and not out.is_dir():
+        raise LabError(f"--out {out} is a file: give a directory for the data")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise LabError(f"{out} exists and is not a data directory: choose another --out or remove it")
     _remove_stale_builds(out)
