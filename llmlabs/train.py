@@ -26,11 +26,13 @@ from llmlabs import checkpoint, flags
 from llmlabs.common import LabError, atomic_write_json, compute_init, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
-# 2-core machine prepare + training + evaluation take under 5 minutes; the GPU preset is the
+# 2-core machine prepare + training + evaluation take under 5 minutes, and is budgeted in tokens (256
+# steps), so the same val_bpb comes out however busy the machine is; the GPU preset is the
 # autoresearch d8 experiment (5 minutes of training, seq 2048, batch 2^19 tokens, windows SSSL with
-# autoresearch's S = half the context, 1024; nanochat has since moved to a quarter, GPTConfig's default).
+# autoresearch's S = half the context, 1024; nanochat has since moved to a quarter, GPTConfig's default),
+# on the pysrc corpus (the default data on a GPU: pystdlib's 2.5M training tokens would be read ~230 times).
 CPU_PRESET = dict(depth=4, aspect_ratio=32, head_dim=32, seq_len=256, window_pattern="L",
-                  total_batch_size=4096, device_batch_size=16, time_budget=180.0, eval_tokens=2**16,
+                  total_batch_size=4096, device_batch_size=16, tokens=2**20, eval_tokens=2**16,
                   # tuned on the 2-core CI machine, 60 s runs (2026-11-24): matrix LR 0.02 -> 1.776 bpb,
                   # 0.04 -> 1.723, 0.08 -> 1.805; scaling-rule LRs (made for 2^17-token batches) -> 1.794
                   matrix_lr=0.04, embedding_lr=0.6, unembedding_lr=0.016, scalar_lr=0.5, weight_decay=0.0)
@@ -42,6 +44,8 @@ GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_p
 # layer x row x channel x position; the rows double where 40 such bytes fit in 80% of the GPU: d8 on a
 # 48 GB card keeps 64 rows, d20 on an 80 GB H100 takes 32, d26 takes 32 only on an H200. (With
 # triton_mlp keeping only h the peaks fell to 36.1, 36.5 and 51.2 GB, 30-34 bytes: 40 leaves room.)
+BUDGETS = ("time_budget", "tokens", "target_flops", "param_data_ratio")
+PASSES_WARN = 4  # a budget that reads the training split more often than this mostly memorises it
 ACT_BYTES = 40
 MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
@@ -149,8 +153,8 @@ def resolve_config(args, device):
     where the estimate says twice the rows fit takes them (ACT_BYTES)."""
     preset = dict(GPU_PRESET if device.type == "cuda" else CPU_PRESET)
     cfg = {k: v for k, v in vars(args).items() if v is not None}
-    if any(k in cfg for k in ("time_budget", "tokens", "target_flops", "param_data_ratio")):
-        del preset["time_budget"]
+    if any(k in cfg for k in BUDGETS):  # the user's budget replaces the preset's
+        preset = {k: v for k, v in preset.items() if k not in BUDGETS}
     rows_given = "device_batch_size" in cfg
     if "depth" in cfg and cfg["depth"] != preset["depth"]:
         for k in EXPERIMENT_KEYS:
@@ -212,6 +216,9 @@ def _train(args, held):
     budget_tokens = _token_budget(cfg, counts, flops_per_token)
     if budget_tokens is None and "time_budget" not in cfg:
         raise LabError("no budget: give --time-budget, --tokens, --target-flops or --param-data-ratio")
+    if budget_tokens and (warning := _passes_warning(budget_tokens, data, "this budget")):
+        print0(warning)
+    passes_checked = budget_tokens is not None  # a time budget's tokens are known after some timed steps
 
     # ---- run directory and resume
     if not args.resume:
@@ -296,6 +303,12 @@ def _train(args, held):
                 train_time += dt
                 timed_tokens += cfg["total_batch_size"]
             tok_s = cfg["total_batch_size"] / dt
+            if not passes_checked and step >= untimed_steps + 10 and train_time > 0:
+                passes_checked = True
+                projected = timed_tokens / train_time * cfg["time_budget"]
+                if warning := _passes_warning(projected, data, f"--time-budget {cfg['time_budget']:g} s at "
+                                              f"{timed_tokens / train_time / 1e3:.0f}K tokens/s"):
+                    print0(("\n" if sys.stdout.isatty() else "") + warning)  # below a status line drawn with \r
             mfu = 100 * flops_per_token * tok_s / (peak * world) if peak else None  # no known peak: CPU
             row = {"step": step, "loss": loss_val, "lr_mult": optimizer.param_groups[0]["lr"] /
                    optimizer.param_groups[0]["initial_lr"], "tok_per_sec": tok_s, "mfu": mfu,
@@ -345,6 +358,7 @@ def _train(args, held):
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if use_cuda else 0.0,
         "mfu_percent": round(100 * flops_per_token * tok_per_sec / (peak * world), 2) if peak else None,
         "total_tokens_M": round(tokens_done / 1e6, 2),
+        "data_passes": round(tokens_done / max(data.manifest["splits"]["train"]["tokens"], 1), 2),
         "num_steps": step,
         "num_params_M": round(counts["total"] / 1e6, 2),
         "depth": cfg["depth"],
@@ -379,7 +393,7 @@ def setup(cfg, device, rank=0, world=1):
     from llmlabs.model import build_model
 
     seed_all(cfg["seed"])  # the same on every rank: replicas start identical; ranks differ in data only
-    data = _open_data(cfg.get("data"))  # prepared once, never re-tokenized here
+    data = _open_data(cfg.get("data"), device)  # prepared once, never re-tokenized here
     cfg["data"] = str(data.path)
     mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],
                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
@@ -432,17 +446,32 @@ def _event_pipe():
     return lambda text: pipe.write(text + "\n")
 
 
-def _open_data(path):
+def _open_data(path, device):
+    """--data, else the offline default corpus for the device, prepared on first use: the Python
+    standard library on a CPU, and on a GPU, whose budget reads far more tokens, stdlib + site-packages."""
     from llmlabs.data.prepare import default_data_dir, prepare
     from llmlabs.data.shards import DataDir
 
     if path:
         return DataDir.open(path)
-    default = default_data_dir("pystdlib", 8192)
+    source = "pysrc" if device.type == "cuda" else "pystdlib"
+    default = default_data_dir(source, 8192)
     if not (default / "manifest.json").exists():
-        print0(f"no --data given and {default} is not prepared yet: preparing the offline default corpus (once)")
-        prepare("pystdlib", vocab_size=8192)
+        print0(f"no --data given and {default} is not prepared yet: preparing the offline default corpus {source} "
+               "(once)")
+        prepare(source, vocab_size=8192)
     return DataDir.open(default)
+
+
+def _passes_warning(tokens, data, what) -> str | None:
+    """A warning line when `tokens` of training read the training split more than PASSES_WARN times."""
+    train = data.manifest["splits"]["train"]["tokens"]
+    passes = tokens / max(train, 1)
+    if passes <= PASSES_WARN:
+        return None
+    return (f"warning: {what} reads about {tokens / 1e6:.0f}M tokens, the {train / 1e6:.1f}M training tokens of "
+            f"{data.path} {passes:.0f} times: the model memorises them and val_bpb suffers; give --data a larger "
+            f"corpus (`llmlabs prepare pysrc`, a folder or a hub corpus) or a smaller budget")
 
 
 def _token_budget(cfg, counts, flops_per_token):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from llmlabs import checkpoint, cli, common, train
 from llmlabs.common import LabError
+from llmlabs.data.shards import DataDir
 
 REPO = Path(__file__).resolve().parents[1]
 # a model small enough that a step takes milliseconds on 2 cores
@@ -121,11 +122,17 @@ def test_short_window_flag_sets_the_s_layers_span(data_dir):
         assert train.setup(cfg, torch.device("cpu")).model.windows == windows
 
 
-def test_time_budget_stops_on_time(data_dir, tmp_path, capsys):
+def test_time_budget_stops_on_time(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "PASSES_WARN", 0.01)  # so that 3 s of training read "too many" passes
     run_train(data_dir, tmp_path / "run", "--time-budget", "3")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 3.0 <= summary["training_seconds"] < 4.5
     assert metrics(tmp_path / "run")[-1]["progress"] >= 1.0
+    # the passes a time budget will read: said once, projected from the speed of the first timed steps
+    out = capsys.readouterr().out
+    assert out.count("warning: --time-budget 3 s at ") == 1 and "memorises them" in out
+    assert summary["data_passes"] == pytest.approx(summary["total_tokens_M"] * 1e6 / DataDir.open(data_dir).manifest[
+        "splits"]["train"]["tokens"], abs=0.006)  # rounded to 2 places
 
 
 def test_lr_schedule_shape():
@@ -400,6 +407,29 @@ def test_presets_and_the_depth_dial(monkeypatch):
         assert short["device_batch_size"] == 32 if gib >= 48 else 16  # half the positions, half the bytes
     small = train.resolve_config(p.parse_args(["--device-batch-size", "3"]), cpu)
     assert small["device_batch_size"] == 3 and small["depth"] == train.CPU_PRESET["depth"]
+    # the CPU main job is budgeted in tokens (its val_bpb does not depend on how busy the machine is);
+    # a budget of the user's replaces the preset's
+    main_job = train.resolve_config(p.parse_args([]), cpu)
+    assert main_job["tokens"] == 2**20 and "time_budget" not in main_job
+    timed = train.resolve_config(p.parse_args(["--time-budget", "60"]), cpu)
+    assert timed["time_budget"] == 60 and "tokens" not in timed
+
+
+def test_default_corpus_by_device_and_the_passes_warning(monkeypatch, data_dir):
+    from llmlabs.data import prepare as prepare_mod
+    from llmlabs.data.shards import DataDir
+
+    asked = []
+    monkeypatch.setattr(prepare_mod, "default_data_dir", lambda source, vocab: asked.append(source) or data_dir)
+    for device, source in (("cuda", "pysrc"), ("cpu", "pystdlib")):
+        assert train._open_data(None, torch.device(device)).path == DataDir.open(data_dir).path
+        assert asked[-1] == source
+    data = DataDir.open(data_dir)
+    n = data.manifest["splits"]["train"]["tokens"]
+    assert train._passes_warning(4 * n, data, "this budget") is None
+    warning = train._passes_warning(10 * n, data, "this budget")
+    assert warning.startswith(f"warning: this budget reads about {10 * n / 1e6:.0f}M tokens, the ")
+    assert "10 times" in warning and "llmlabs prepare pysrc" in warning
 
 
 def test_status_line_eta_extrapolates_the_timed_steps_only(capsys):
