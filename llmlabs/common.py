@@ -13,7 +13,8 @@ from llmlabs.errors import LabError  # noqa: F401 - re-exported: the modules rai
 
 
 def llmlabs_home() -> Path:
-    """Where prepared data and runs live by default; LLMLABS_HOME overrides ~/.cache/llmlabs."""
+    """Where prepared data lives by default (runs go to ./runs, next to where you work);
+    LLMLABS_HOME overrides ~/.cache/llmlabs."""
     return Path(os.environ.get("LLMLABS_HOME") or Path.home() / ".cache" / "llmlabs")
 
 

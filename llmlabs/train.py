@@ -343,6 +343,8 @@ def _train(args, held):
     # ---- final evaluation, samples, summary
     path = save_state()
     events("saved")
+    if cfg["eval_split"] != "none":  # the seconds after the last step, said as they come
+        print0(f"saved {path}; scoring {cfg['eval_split']}_bpb on {cfg['eval_tokens']:,} tokens ...", flush=True)
     try:
         res = None if cfg["eval_split"] == "none" else _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
     except KeyboardInterrupt:  # the SIGINT handler is gone by now, but the training is already saved
@@ -367,8 +369,10 @@ def _train(args, held):
         "attention": ",".join(f"{k}={v}" for k, v in attention.describe().items()),
         "device": torch.cuda.get_device_name(device) if use_cuda else device.type,
         "seed": cfg["seed"],
+        "run_dir": str(run_dir),  # where config, metrics, checkpoints, samples and the plot are
     }
     if rank == 0 and res:  # --eval-split none: the launcher scores the run; no time spent on extras
+        print0(f"{cfg['eval_split']}_bpb {res['bpb']:.4f}; writing samples.txt and loss.png ...", flush=True)
         _write_samples(model, data.tokenizer, run_dir / "samples.txt")
         _plot_loss(metrics_path, run_dir / "loss.png")
     if rank == 0:

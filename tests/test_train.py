@@ -50,10 +50,12 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     block = out.split("\n---\n")[-1]
     summary = dict(line.split(":", 1) for line in block.strip().splitlines())
     for key in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "tok_per_sec", "attention"):
+                "num_steps", "num_params_M", "depth", "tok_per_sec", "attention", "run_dir"):
         assert key in summary, key
     assert int(summary["num_steps"]) == 16 and float(summary["total_tokens_M"]) == round(16 * 512 / 1e6, 2)
     assert summary["mfu_percent"].strip() == "n/a"  # a CPU's peak is unknown: not 0.0
+    assert summary["run_dir"].strip() == str(tmp_path / "run")
+    assert "; scoring val_bpb on " in out and "; writing samples.txt and loss.png ..." in out  # no silent tail
     # a real model after 16 steps beats nothing yet; the unigram comparison is the main job's (README)
     assert 0 < float(summary["val_bpb"]) < 20
     run = tmp_path / "run"
