@@ -112,7 +112,7 @@ def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
     p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split to score")
     p.add_argument("--tokens", type=flags.positive_int, help="target tokens to score (default: the run's --eval-tokens)")
-    p.add_argument("--data", help="data directory (default: the one the run was trained on)")
+    p.add_argument("--data", help="a data directory or a prepared corpus's name (default: the one the run was trained on)")
     p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
 
 

@@ -60,8 +60,15 @@ SAMPLE_PROMPTS = ["def ", "import ", "class ", "    return "]
 
 
 def add_args(p):
+    def preset(d):
+        return ", ".join(f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                         for k, v in d.items())
+
+    p.epilog = (f"Unset flags come from the preset for the hardware (with --depth, batch and learning rates come "
+                f"from the scaling rules instead). CPU: {preset(CPU_PRESET)}. GPU: {preset(GPU_PRESET)}.")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="prepared data directory (default: the pystdlib corpus, prepared on first use)")
+    g.add_argument("--data", help="a prepared data directory, or a prepared corpus's name (pysrc) (default: pystdlib "
+                                  "on a CPU, pysrc on a GPU, prepared on first use)")
     g = p.add_argument_group("model (the one dial is --depth; unset values come from the CPU or GPU preset)")
     g.add_argument("--depth", type=_depth, help="d4..d26 or a number: width = depth x aspect ratio")
     g.add_argument("--aspect-ratio", type=flags.positive_int, help="width per layer of depth")

@@ -31,3 +31,15 @@ def test_help_imports_no_torch():
     code = "import sys; from llmlabs import cli; cli.main(['--help']); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "False" and "train" in r.stdout, r.stderr
+
+
+def test_train_help_shows_the_presets(capsys):
+    from llmlabs.train import CPU_PRESET, GPU_PRESET
+
+    try:
+        cli.main(["train", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
+    assert f"CPU: --depth {CPU_PRESET['depth']}, " in out and f"GPU: --depth {GPU_PRESET['depth']}, " in out
+    assert f"--tokens {CPU_PRESET['tokens']}" in out and "--time-budget 300" in out

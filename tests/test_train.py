@@ -417,6 +417,21 @@ def test_presets_and_the_depth_dial(monkeypatch):
     assert timed["time_budget"] == 60 and "tokens" not in timed
 
 
+def test_data_takes_a_prepared_corpus_name(monkeypatch, data_dir, tmp_path):
+    from llmlabs.data.shards import locate
+
+    monkeypatch.setenv("LLMLABS_HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mycorpus-v8192").symlink_to(data_dir)
+    for spec in ("mycorpus", "mycorpus-v8192"):
+        assert DataDir.open(spec).path == tmp_path / "data" / "mycorpus-v8192"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mycorpus").mkdir()  # a path of that name wins: it is what the user typed
+    assert locate("mycorpus") == Path("mycorpus")
+    with pytest.raises(LabError, match="othercorpus is not a data directory: it does not exist"):
+        DataDir.open("othercorpus")
+
+
 def test_default_corpus_by_device_and_the_passes_warning(monkeypatch, data_dir):
     from llmlabs.data import prepare as prepare_mod
     from llmlabs.data.shards import DataDir

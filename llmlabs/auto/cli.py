@@ -23,7 +23,7 @@ def add_args(p):
 
     s = cmd("init", "start a session: branch auto/TAG in its own worktree, ledger, harness fingerprint")
     s.add_argument("--tag", required=True, help="session name; the branch is auto/TAG")
-    s.add_argument("--data", help="prepared data directory (default: the pystdlib corpus at vocab 8192)")
+    s.add_argument("--data", help="a prepared data directory or corpus name (default: the pystdlib corpus at vocab 8192)")
     s.add_argument("--time-budget", type=flags.positive_float, default=300.0, help="seconds of training per experiment")
     s.add_argument("--timeout", type=flags.positive_float, help="hard wall-clock limit per run (default 1.5 x budget + 180 s)")
     s.add_argument("--train-args", default="", help='further fixed `llmlabs train` flags, e.g. "--depth 8 --device cuda"')

@@ -106,7 +106,9 @@ def init_session(cwd, tag, *, data=None, time_budget=300.0, timeout=None, train_
     sdir = repo / SESSIONS / tag
     if (sdir / "session.json").exists() or gitops.git(repo, "branch", "--list", f"auto/{tag}"):
         raise LabError(f"session {tag!r} exists already ({sdir}, branch auto/{tag}): pick another --tag")
-    data = Path(data) if data else llmlabs_home() / "data" / "pystdlib-v8192"
+    from llmlabs.data.shards import locate
+
+    data = locate(data) if data else llmlabs_home() / "data" / "pystdlib-v8192"
     data_sha = surface.data_hash(data)  # raises with the prepare hint when data is missing
     from llmlabs.data.shards import DataDir
 

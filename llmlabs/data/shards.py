@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmlabs.common import LabError, atomic_write_json
+from llmlabs.common import LabError, atomic_write_json, llmlabs_home
 from llmlabs.data.tokenizer import Tokenizer
 
 FORMAT = "llmlabs-data-v1"
@@ -95,6 +95,17 @@ def finish_data_dir(directory: Path, tokenizer: Tokenizer, splits: dict, **info)
     return manifest
 
 
+def locate(spec) -> Path:
+    """A data directory's path from --data: a path, or the name of a prepared corpus under
+    $LLMLABS_HOME/data (`pysrc`, `pysrc-v8192`, a hub corpus's name), when no such path exists."""
+    path = Path(spec).expanduser()
+    if not path.exists() and len(path.parts) == 1:
+        for name in (path.name, f"{path.name}-v8192"):
+            if (llmlabs_home() / "data" / name / MANIFEST).is_file():
+                return llmlabs_home() / "data" / name
+    return path
+
+
 class DataDir:
     """An opened, verified data directory. `open` checks that the manifest exists, that every shard has
     its recorded size and sha256 (about 0.7 s per GB here) and that tokenizer.json is the one the shards
@@ -105,7 +116,7 @@ class DataDir:
 
     @classmethod
     def open(cls, path) -> "DataDir":
-        path = Path(path).expanduser()
+        path = locate(path)
         if not (path / MANIFEST).is_file():
             why = "does not exist" if not path.exists() else "has no manifest.json (an interrupted prepare leaves none)"
             raise LabError(f"{path} is not a data directory: it {why}; run `llmlabs prepare SOURCE --out {path}`")
