@@ -56,7 +56,7 @@ UNTIMED_STEPS = 2        # compiled runs: steps not charged to --time-budget (to
 # launcher timestamps them with its own clock. The launcher never trusts this process's clock.
 EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"
 MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
-SAMPLE_PROMPTS = ["def ", "import ", "class ", "    return "]
+SAMPLE_PROMPT_TOKENS = 8  # samples.txt continues the first tokens of the first validation documents
 
 
 def add_args(p):
@@ -380,7 +380,7 @@ def _train(args, held):
     }
     if rank == 0 and res:  # --eval-split none: the launcher scores the run; no time spent on extras
         print0(f"{cfg['eval_split']}_bpb {res['bpb']:.4f}; writing samples.txt and loss.png ...", flush=True)
-        _write_samples(model, data.tokenizer, run_dir / "samples.txt")
+        _write_samples(model, data, run_dir / "samples.txt")
         _plot_loss(metrics_path, run_dir / "loss.png")
     if rank == 0:
         atomic_write_json(run_dir / "summary.json", summary)
@@ -566,13 +566,21 @@ def _tensorboard(run_dir):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _write_samples(model, tokenizer, path):
+def _sample_prompts(data, n=4) -> list[str]:
+    """The first SAMPLE_PROMPT_TOKENS tokens of the first n validation documents: prompts that fit the
+    corpus, whatever it is (each shard's offsets mark where a document's BOS is)."""
+    tokens, offsets = data.shards("val")[0]
+    return [data.tokenizer.decode([int(t) for t in tokens[a + 1:min(a + 1 + SAMPLE_PROMPT_TOKENS, b)]])
+            for a, b in zip(offsets[:n], offsets[1:n + 1])]
+
+
+def _write_samples(model, data, path):
     from llmlabs.engine import complete
 
     model.eval()
     out = []
-    for i, prompt in enumerate(SAMPLE_PROMPTS):
-        out.append(prompt + complete(model, tokenizer, prompt, 64, temperature=0.8, top_k=50, seed=i))
+    for i, prompt in enumerate(_sample_prompts(data)):
+        out.append(prompt + complete(model, data.tokenizer, prompt, 64, temperature=0.8, top_k=50, seed=i))
     path.write_text("\n\n-----\n\n".join(out) + "\n")
     model.train()
 

@@ -56,6 +56,12 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     assert summary["mfu_percent"].strip() == "n/a"  # a CPU's peak is unknown: not 0.0
     assert summary["run_dir"].strip() == str(tmp_path / "run")
     assert "; scoring val_bpb on " in out and "; writing samples.txt and loss.png ..." in out  # no silent tail
+    # samples continue the openings of validation documents, whatever the corpus is
+    data = DataDir.open(data_dir)
+    prompts = train._sample_prompts(data)
+    tokens, offsets = data.shards("val")[0]
+    assert len(prompts) == 4 and prompts[0] == data.tokenizer.decode(tokens[offsets[0] + 1:offsets[0] + 9].tolist())
+    assert (tmp_path / "run" / "samples.txt").read_text().split("\n\n-----\n\n")[1].startswith(prompts[1])
     # a real model after 16 steps beats nothing yet; the unigram comparison is the main job's (README)
     assert 0 < float(summary["val_bpb"]) < 20
     run = tmp_path / "run"
