@@ -181,6 +181,53 @@ def resolve_config(args, device):
     return cfg
 
 
+def _memory_need(mcfg, rows) -> tuple[int, int]:
+    """(parameters, bytes) a training step needs at least: fp32 weights, gradients and optimizer state
+    (16 bytes a parameter at most, AdamW's two moments) plus ACT_BYTES of activations per layer x row x
+    channel x position. Counted on the meta device: nothing is allocated."""
+    from llmlabs.model import GPT
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(mcfg).parameters())
+    return params, 16 * params + ACT_BYTES * mcfg.n_layer * rows * mcfg.n_embd * mcfg.sequence_len
+
+
+def _memory_available(device) -> int:
+    """Bytes of the GPU, or of the machine's RAM for a CPU run; 0 where unknown (then nothing is checked)."""
+    if device.type == "cuda":
+        return _gpu_memory(device)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_memory(cfg, mcfg, rows, device):
+    """Refuse a model that cannot fit before allocating it (a --depth 999 would otherwise swap the machine
+    to a halt or die in the allocator), naming the largest depth that fits at these rows."""
+    from llmlabs.config import config_for_depth
+
+    have = _memory_available(device)
+    params, need = _memory_need(mcfg, rows)
+    if not have or need <= have:
+        return
+
+    def fits(d):
+        m = config_for_depth(d, vocab_size=mcfg.vocab_size, sequence_len=mcfg.sequence_len,
+                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"], n_kv_head=cfg.get("n_kv_head"),
+                             window_pattern=cfg["window_pattern"], short_window=cfg.get("short_window"))
+        return _memory_need(m, rows)[1] <= have
+
+    lo, hi = 0, cfg["depth"]  # fits(lo) (0: nothing fits), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    hint = f"the largest depth that fits is {lo} (--depth {lo})" if lo else "no depth fits"
+    raise LabError(f"--depth {cfg['depth']} needs at least {need / 2**30:.1f} GiB ({params / 1e9:.2f}B parameters with "
+                   f"their gradients and optimizer state, plus activations at {rows} rows a forward) and the {device.type} has "
+                   f"{have / 2**30:.1f} GiB: {hint} at --device-batch-size {rows}")
+
+
 def _gpu_memory(device) -> int:
     """Total memory of the GPU `device` names, in bytes; 0 where no GPU is visible."""
     return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else 0
@@ -410,7 +457,6 @@ def setup(cfg, device, rank=0, world=1):
                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
                             n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"],
                             short_window=cfg.get("short_window"))
-    model = build_model(mcfg, device)
     # the rules' LRs are for the rules' batch; a --total-batch-size far from it may want other LRs too
     for k, v in hyperparams_for(mcfg).items():
         cfg.setdefault(k, v)
@@ -420,6 +466,8 @@ def setup(cfg, device, rank=0, world=1):
     if cfg["total_batch_size"] % (B * T * world):
         raise LabError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of device batch x seq len x "
                        f"ranks = {B * T * world}: pick a multiple")
+    _check_memory(cfg, mcfg, B, device)
+    model = build_model(mcfg, device)
     optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
                                       unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
                                       weight_decay=cfg["weight_decay"])

@@ -1,6 +1,7 @@
 """The training loop, checkpoints, evaluation and generation, on a tiny real corpus (CPU, fp32)."""
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -562,3 +563,19 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_run(data_dir, tmp_path, monkey
     out = capsys.readouterr().out
     assert "saved" in out and f"llmlabs eval {tmp_path / 'run'}" in out
     assert checkpoint.load(checkpoint.latest(tmp_path / "run"))["step"] == 4
+
+
+def test_a_model_too_large_for_the_memory_is_refused_before_allocating(data_dir, tmp_path, monkeypatch):
+    have = 2**30
+    monkeypatch.setattr(train, "_memory_available", lambda device: have)
+    with pytest.raises(LabError, match=r"--depth 64 needs at least .* GiB .* the cpu has 1.0 GiB: the largest depth "
+                                       r"that fits is (\d+) \(--depth \1\) at --device-batch-size 4") as e:
+        run_train(data_dir, tmp_path / "run", "--tokens", "1024", "--depth", "64")
+    fits = int(re.search(r"fits is (\d+)", str(e.value)).group(1))
+    from llmlabs.config import config_for_depth
+
+    def need(d):
+        return train._memory_need(config_for_depth(d, vocab_size=512, sequence_len=64, aspect_ratio=32, head_dim=16,
+                                                   window_pattern="SL"), 4)[1]
+    assert need(fits) <= have < need(fits + 1)  # the largest, by the same estimate
+    assert not (tmp_path / "run" / "checkpoints").exists()
