@@ -390,6 +390,10 @@ def _train(args, held):
                 return 130
             if cfg.get("save_every") and step % cfg["save_every"] == 0:
                 save_state()
+    except BaseException:
+        if sys.stdout.isatty():  # end the status line drawn with \r, so the error starts a line of its own
+            print0(flush=True)
+        raise
     finally:
         signal.signal(signal.SIGINT, prev_handler)
     print0()

@@ -181,7 +181,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted(data_dir, tmp_path):
     assert sb["val_bpb"] == pytest.approx(sa["val_bpb"], rel=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     from llmlabs.model import GPT
 
     calls = {"n": 0}
@@ -196,8 +196,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
         return out
 
     monkeypatch.setattr(GPT, "forward", poisoned)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: the status line is redrawn with \r
     with pytest.raises(LabError, match=r"loss became nan at step 8.*step_000006"):
         run_train(data_dir, tmp_path / "run", "--tokens", "20480", "--save-every", "3")
+    out = capsys.readouterr().out
+    assert "\rstep " in out and out.endswith("\n")  # the error line will not land on the status line
     good = checkpoint.latest(tmp_path / "run")
     ck = checkpoint.load(good)
     assert ck["step"] == 6 and all(torch.isfinite(t).all() for t in ck["model"].values())

@@ -105,15 +105,14 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
     if first is None:
         raise LabError(f"source {settings['source']} has no non-empty documents: point it at text" if not seen else
                        f"the train split of {settings['source']} is empty ({seen} documents in all): add documents")
-    docs_bar = tqdm(itertools.chain([first], texts), desc="tokenizer text", unit="doc")
-    tokenizer = Tokenizer.train(docs_bar, settings["vocab_size"])
-    docs_bar.close()
+    # bars in `with`: an error mid-way (a bad .jsonl line) closes the bar before its one line is printed
+    with tqdm(itertools.chain([first], texts), desc="tokenizer text", unit="doc") as docs_bar:
+        tokenizer = Tokenizer.train(docs_bar, settings["vocab_size"])
     tok_seconds = time.time() - t0
 
     # pass 2: encode everything, batch by batch, into per-split shards
     stats = Counter()
     writers = {s: ShardWriter(tmp, s, tokenizer.bos_id, token_dtype(tokenizer.vocab_size)) for s in SPLITS}
-    bar = tqdm(desc="tokenize", unit="doc", total=src.count_hint())
     batch, batch_chars = [], 0
 
     def flush():
@@ -124,15 +123,15 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
         bar.update(stats["documents"] - bar.n)
         batch.clear()
 
-    for text, data, digest in unique_documents(src, stats):
-        batch.append((text, len(data), split_of(digest, *fracs)))
-        batch_chars += len(text)
-        if batch_chars >= BATCH_CHARS:
+    with tqdm(desc="tokenize", unit="doc", total=src.count_hint()) as bar:
+        for text, data, digest in unique_documents(src, stats):
+            batch.append((text, len(data), split_of(digest, *fracs)))
+            batch_chars += len(text)
+            if batch_chars >= BATCH_CHARS:
+                flush()
+                batch_chars = 0
+        if batch:
             flush()
-            batch_chars = 0
-    if batch:
-        flush()
-    bar.close()
 
     splits = {s: w.close() for s, w in writers.items()}
     for split, frac in (("val", fracs[0]), ("test", fracs[1])):
