@@ -47,6 +47,7 @@ GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_p
 BUDGETS = ("time_budget", "tokens", "target_flops", "param_data_ratio")
 PASSES_WARN = 4  # a budget that reads the training split more often than this mostly memorises it
 ACT_BYTES = 40
+ACT_BYTES_MIN = 30  # the smallest measured above: what the memory check before allocating assumes
 MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
@@ -182,14 +183,15 @@ def resolve_config(args, device):
 
 
 def _memory_need(mcfg, rows) -> tuple[int, int]:
-    """(parameters, bytes) a training step needs at least: fp32 weights, gradients and optimizer state
-    (16 bytes a parameter at most, AdamW's two moments) plus ACT_BYTES of activations per layer x row x
-    channel x position. Counted on the meta device: nothing is allocated."""
+    """(parameters, bytes) a training step needs at least: fp32 weights, gradients and one optimizer
+    buffer (12 bytes a parameter; Muon keeps one momentum, AdamW two moments) plus ACT_BYTES_MIN of
+    activations per layer x row x channel x position. A lower bound, so no run that fits is refused.
+    Counted on the meta device: nothing is allocated."""
     from llmlabs.model import GPT
 
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(mcfg).parameters())
-    return params, 16 * params + ACT_BYTES * mcfg.n_layer * rows * mcfg.n_embd * mcfg.sequence_len
+    return params, 12 * params + ACT_BYTES_MIN * mcfg.n_layer * rows * mcfg.n_embd * mcfg.sequence_len
 
 
 def _memory_available(device) -> int:
