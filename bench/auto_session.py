@@ -77,6 +77,9 @@ def main():
     p.add_argument("--experiments", type=int, default=10, help="loop iterations per worker (one experiment each)")
     p.add_argument("--no-compile-cache", action="store_true", help="each run compiles from scratch (the 'before')")
     p.add_argument("--gpus", help="GPU indices for baseline and loop workers, e.g. 0,1 (one worker per GPU)")
+    p.add_argument("--loop-minutes", type=float,
+                   help="start no loop iteration after this many minutes (auto loop --hours): the report is still "
+                        "written when a device call's time limit is near")
     a = p.parse_args()
     py, work, out = sys.executable, Path(a.work), Path(a.out)
     shutil.rmtree(work, ignore_errors=True)
@@ -121,14 +124,16 @@ def main():
     (agent_dir / "agent.py").write_text(AGENT)
     (agent_dir / "edits.json").write_text(json.dumps(EDITS))
     loop_s = sh([py, "-m", "llmlabs", "auto", "loop", "--agent", f"{py} {agent_dir / 'agent.py'} {agent_dir / 'edits.json'}",
-                 "--agent-rw", str(agent_dir), "--iterations", str(a.experiments), *gpus], log, lab, env)
+                 "--agent-rw", str(agent_dir), "--iterations", str(a.experiments), *gpus,
+                 *(["--hours", f"{a.loop_minutes / 60:.4f}"] if a.loop_minutes else [])], log, lab, env)
     sh([py, "-m", "llmlabs", "auto", "report"], log, lab, env)
     sdir = lab / ".auto" / "bench"
     table = summarize(sdir, loop_s, a)
     header = (f"<!-- {time.strftime('%Y-%m-%d')} | {device} | commit {commit} | total {time.time() - t0:.0f} s |\n"
               f"     PYTHONPATH=. python3 bench/auto_session.py --budget {a.budget:g} --train-args '{a.train_args}' "
               f"--baselines {a.baselines} --experiments {a.experiments}"
-              f"{' --no-compile-cache' if a.no_compile_cache else ''}{f' --gpus {a.gpus}' if a.gpus else ''} -->\n")
+              f"{' --no-compile-cache' if a.no_compile_cache else ''}{f' --gpus {a.gpus}' if a.gpus else ''}"
+              f"{f' --loop-minutes {a.loop_minutes:g}' if a.loop_minutes else ''} -->\n")
     (out / f"{name}.md").write_text(header + table + "\n" + (sdir / "report.md").read_text())
     shutil.copy(sdir / "findings.md", out / f"{name}-findings.md")
     shutil.copy(sdir / "results.tsv", out / f"{name}.tsv")
