@@ -37,7 +37,7 @@ def main(argv=None):
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"llmlabs {name}", description=COMMANDS[name][1])
     module.add_args(parser)
-    try:  # a flag's own check (e.g. --depth foo) raises LabError while parsing: one line, not a traceback
+    try:  # a LabError while parsing or running is one line, not a traceback (argparse says its own errors)
         args = parser.parse_args(argv[1:])
         return module.run(args) or 0
     except LabError as e:

@@ -67,7 +67,8 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kw):
 
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
-    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, a new document in the style of "
+                                                "the run's corpus, whatever it is)")
     p.add_argument("--max-tokens", type=flags.positive_int, default=128, help="tokens to generate")
     p.add_argument("--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=flags.count, default=50, help="sample from the k most likely tokens (0 = all)")
@@ -81,8 +82,6 @@ def run(args):
     from llmlabs.common import compute_init
     from llmlabs.data.tokenizer import Tokenizer
 
-    if args.max_tokens < 1 or args.temperature < 0 or args.top_k < 0:
-        raise LabError("--max-tokens must be >= 1, --temperature >= 0 and --top-k >= 0")
     device = compute_init(args.device)[0]
     model, ck = load_run(args.run, device)
     from pathlib import Path

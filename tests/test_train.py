@@ -63,6 +63,10 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     tokens, offsets = data.shards("val")[0]
     assert len(prompts) == 4 and prompts[0] == data.tokenizer.decode(tokens[offsets[0] + 1:offsets[0] + 9].tolist())
     assert (tmp_path / "run" / "samples.txt").read_text().split("\n\n-----\n\n")[1].startswith(prompts[1])
+    # `llmlabs sample RUN` with no prompt starts a new document: no corpus is assumed
+    capsys.readouterr()
+    assert cli.main(["sample", str(tmp_path / "run"), "--max-tokens", "8", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
     # a real model after 16 steps beats nothing yet; the unigram comparison is the main job's (README)
     assert 0 < float(summary["val_bpb"]) < 20
     run = tmp_path / "run"
