@@ -274,7 +274,8 @@ def _train(args, held):
         raise LabError("no budget: give --time-budget, --tokens, --target-flops or --param-data-ratio")
     if budget_tokens and (warning := _passes_warning(budget_tokens, data, "this budget")):
         print0(warning)
-    passes_checked = budget_tokens is not None  # a time budget's tokens are known after some timed steps
+    # a time budget's tokens are projected after 10 timed steps or a tenth of the budget, whichever comes first
+    passes_checked = budget_tokens is not None
 
     # ---- run directory and resume
     if not args.resume:
@@ -359,7 +360,8 @@ def _train(args, held):
                 train_time += dt
                 timed_tokens += cfg["total_batch_size"]
             tok_s = cfg["total_batch_size"] / dt
-            if not passes_checked and step >= untimed_steps + 10 and train_time > 0:
+            if not passes_checked and train_time > 0 and (step >= untimed_steps + 10
+                                                           or train_time >= 0.1 * cfg["time_budget"]):
                 passes_checked = True
                 projected = timed_tokens / train_time * cfg["time_budget"]
                 if warning := _passes_warning(projected, data, f"--time-budget {cfg['time_budget']:g} s at "
