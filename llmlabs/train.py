@@ -52,6 +52,8 @@ MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
 UNTIMED_STEPS = 2        # compiled runs: steps not charged to --time-budget (torch.compile runs in them)
+EAGER_UNTIMED_STEPS = 1  # eager runs: the first step's one-time costs (allocator, thread pools, kernels' first
+                         # calls) are warm-up too: 9.8 s on a 2-core CPU running two runs, a 3 s budget's step
 # A process that launches this loop (the autoresearch runner) may pass the write end of a pipe in this
 # variable: the loop writes "timed" when the timed steps begin and "step N" after each step, and the
 # launcher timestamps them with its own clock. The launcher never trusts this process's clock.
@@ -310,7 +312,7 @@ def _train(args, held):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
     compiled = use_cuda and not cfg.get("no_compile")
     fwd = torch.compile(model, fullgraph=True) if compiled else model
-    untimed_steps = UNTIMED_STEPS if compiled else 0
+    untimed_steps = UNTIMED_STEPS if compiled else EAGER_UNTIMED_STEPS
     peak = peak_flops(device)
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "

@@ -88,8 +88,8 @@ def test_eval_split_none_and_the_launchers_event_pipe(data_dir, tmp_path, monkey
     assert run_train(data_dir, tmp_path / "run", "--tokens", "2048", "--eval-split", "none") == 0
     with os.fdopen(r) as f:
         events = f.read().split()
-    # CPU runs time every step: "timed" first; then steps 1..4, then the saved checkpoint
-    assert " ".join(events) == "timed step 1 step 2 step 3 step 4 saved"
+    # an eager run's first step is warm-up (EAGER_UNTIMED_STEPS): "timed" after it; then the saved checkpoint
+    assert " ".join(events) == "step 1 timed step 2 step 3 step 4 saved"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "val_bpb" not in summary and summary["num_steps"] == 4
     assert not (tmp_path / "run" / "samples.txt").exists() and not (tmp_path / "run" / "loss.png").exists()
