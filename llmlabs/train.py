@@ -206,21 +206,25 @@ def _memory_available(device) -> int:
         return 0
 
 
+def _model_config(cfg, vocab_size, depth=None):
+    """The GPTConfig of a run config (at another depth where given): the depth dial with the run's shape."""
+    from llmlabs.config import config_for_depth
+
+    return config_for_depth(depth or cfg["depth"], vocab_size=vocab_size, sequence_len=cfg["seq_len"],
+                            aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"], n_kv_head=cfg.get("n_kv_head"),
+                            window_pattern=cfg["window_pattern"], short_window=cfg.get("short_window"))
+
+
 def _check_memory(cfg, mcfg, rows, device):
     """Refuse a model that cannot fit before allocating it (a --depth 999 would otherwise swap the machine
     to a halt or die in the allocator), naming the largest depth that fits at these rows."""
-    from llmlabs.config import config_for_depth
-
     have = _memory_available(device)
     params, need = _memory_need(mcfg, rows)
     if not have or need <= have:
         return
 
     def fits(d):
-        m = config_for_depth(d, vocab_size=mcfg.vocab_size, sequence_len=mcfg.sequence_len,
-                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"], n_kv_head=cfg.get("n_kv_head"),
-                             window_pattern=cfg["window_pattern"], short_window=cfg.get("short_window"))
-        return _memory_need(m, rows)[1] <= have
+        return _memory_need(_model_config(cfg, mcfg.vocab_size, d), rows)[1] <= have
 
     lo, hi = 0, cfg["depth"]  # fits(lo) (0: nothing fits), not fits(hi)
     while hi - lo > 1:
@@ -456,17 +460,14 @@ def setup(cfg, device, rank=0, world=1):
     """Everything a training step needs, from a resolved config: the data directory, the model sized
     by the depth dial, the scaling-rule hyperparameters (filled into cfg where unset), the optimizer
     and the train loader. Shared with bench/train_speed.py, so the benchmark times this very step."""
-    from llmlabs.config import config_for_depth, hyperparams_for
+    from llmlabs.config import hyperparams_for
     from llmlabs.data.loader import BestFitLoader
     from llmlabs.model import build_model
 
     seed_all(cfg["seed"])  # the same on every rank: replicas start identical; ranks differ in data only
     data = _open_data(cfg.get("data"), device)  # prepared once, never re-tokenized here
     cfg["data"] = str(data.path)
-    mcfg = config_for_depth(cfg["depth"], vocab_size=data.tokenizer.vocab_size, sequence_len=cfg["seq_len"],
-                            aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"],
-                            n_kv_head=cfg.get("n_kv_head"), window_pattern=cfg["window_pattern"],
-                            short_window=cfg.get("short_window"))
+    mcfg = _model_config(cfg, data.tokenizer.vocab_size)
     # the rules' LRs are for the rules' batch; a --total-batch-size far from it may want other LRs too
     for k, v in hyperparams_for(mcfg).items():
         cfg.setdefault(k, v)
