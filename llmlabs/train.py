@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, flags
+from llmlabs import checkpoint, flags, preflight
 from llmlabs.common import LabError, atomic_write_json, compute_init, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -45,9 +45,7 @@ GPU_PRESET = dict(depth=8, aspect_ratio=64, head_dim=128, seq_len=2048, window_p
 # 48 GB card keeps 64 rows, d20 on an 80 GB H100 takes 32, d26 takes 32 only on an H200. (With
 # triton_mlp keeping only h the peaks fell to 36.1, 36.5 and 51.2 GB, 30-34 bytes: 40 leaves room.)
 BUDGETS = ("time_budget", "tokens", "target_flops", "param_data_ratio")
-PASSES_WARN = 4  # a budget that reads the training split more often than this mostly memorises it
 ACT_BYTES = 40
-ACT_BYTES_MIN = 30  # the smallest measured above: what the memory check before allocating assumes
 MEM_FRACTION = 0.8
 # a preset's fixed experiment: dropped when --depth asks for another model (then the scaling rules decide)
 EXPERIMENT_KEYS = ("total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay")
@@ -179,31 +177,9 @@ def resolve_config(args, device):
     if device.type == "cuda" and not rows_given:
         width = cfg["depth"] * cfg["aspect_ratio"]
         doubled = ACT_BYTES * cfg["depth"] * 2 * cfg["device_batch_size"] * width * cfg["seq_len"]
-        if doubled <= MEM_FRACTION * _gpu_memory(device):
+        if doubled <= MEM_FRACTION * preflight.gpu_memory(device):
             cfg["device_batch_size"] *= 2
     return cfg
-
-
-def _memory_need(mcfg, rows) -> tuple[int, int]:
-    """(parameters, bytes) a training step needs at least: fp32 weights, gradients and one optimizer
-    buffer (12 bytes a parameter; Muon keeps one momentum, AdamW two moments) plus ACT_BYTES_MIN of
-    activations per layer x row x channel x position. A lower bound, so no run that fits is refused.
-    Counted on the meta device: nothing is allocated."""
-    from llmlabs.model import GPT
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in GPT(mcfg).parameters())
-    return params, 12 * params + ACT_BYTES_MIN * mcfg.n_layer * rows * mcfg.n_embd * mcfg.sequence_len
-
-
-def _memory_available(device) -> int:
-    """Bytes of the GPU, or of the machine's RAM for a CPU run; 0 where unknown (then nothing is checked)."""
-    if device.type == "cuda":
-        return _gpu_memory(device)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _model_config(cfg, vocab_size, depth=None):
@@ -213,32 +189,6 @@ def _model_config(cfg, vocab_size, depth=None):
     return config_for_depth(depth or cfg["depth"], vocab_size=vocab_size, sequence_len=cfg["seq_len"],
                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"], n_kv_head=cfg.get("n_kv_head"),
                             window_pattern=cfg["window_pattern"], short_window=cfg.get("short_window"))
-
-
-def _check_memory(cfg, mcfg, rows, device):
-    """Refuse a model that cannot fit before allocating it (a --depth 999 would otherwise swap the machine
-    to a halt or die in the allocator), naming the largest depth that fits at these rows."""
-    have = _memory_available(device)
-    params, need = _memory_need(mcfg, rows)
-    if not have or need <= have:
-        return
-
-    def fits(d):
-        return _memory_need(_model_config(cfg, mcfg.vocab_size, d), rows)[1] <= have
-
-    lo, hi = 0, cfg["depth"]  # fits(lo) (0: nothing fits), not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    hint = f"the largest depth that fits is {lo} (--depth {lo})" if lo else "no depth fits"
-    raise LabError(f"--depth {cfg['depth']} needs at least {need / 2**30:.1f} GiB ({params / 1e9:.2f}B parameters with "
-                   f"their gradients and optimizer state, plus activations at {rows} rows a forward) and the {device.type} has "
-                   f"{have / 2**30:.1f} GiB: {hint} at --device-batch-size {rows}")
-
-
-def _gpu_memory(device) -> int:
-    """Total memory of the GPU `device` names, in bytes; 0 where no GPU is visible."""
-    return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else 0
 
 
 def train(args):
@@ -278,7 +228,7 @@ def _train(args, held):
     budget_tokens = _token_budget(cfg, counts, flops_per_token)
     if budget_tokens is None and "time_budget" not in cfg:
         raise LabError("no budget: give --time-budget, --tokens, --target-flops or --param-data-ratio")
-    if budget_tokens and (warning := _passes_warning(budget_tokens, data, "this budget")):
+    if budget_tokens and (warning := preflight.passes_warning(budget_tokens, data, "this budget")):
         print0(warning)
     # a time budget's tokens are projected after 10 timed steps or a tenth of the budget, whichever comes first
     passes_checked = budget_tokens is not None
@@ -370,7 +320,7 @@ def _train(args, held):
                                                            or train_time >= 0.1 * cfg["time_budget"]):
                 passes_checked = True
                 projected = timed_tokens / train_time * cfg["time_budget"]
-                if warning := _passes_warning(projected, data, f"--time-budget {cfg['time_budget']:g} s at "
+                if warning := preflight.passes_warning(projected, data, f"--time-budget {cfg['time_budget']:g} s at "
                                               f"{timed_tokens / train_time / 1e3:.0f}K tokens/s"):
                     print0(("\n" if sys.stdout.isatty() else "") + warning)  # below a status line drawn with \r
             mfu = 100 * flops_per_token * tok_s / (peak * world) if peak else None  # no known peak: CPU
@@ -477,7 +427,7 @@ def setup(cfg, device, rank=0, world=1):
     if cfg["total_batch_size"] % (B * T * world):
         raise LabError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of device batch x seq len x "
                        f"ranks = {B * T * world}: pick a multiple")
-    _check_memory(cfg, mcfg, B, device)
+    preflight.check_memory(mcfg, B, device, lambda d: _model_config(cfg, mcfg.vocab_size, d))
     model = build_model(mcfg, device)
     optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
                                       unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
@@ -531,17 +481,6 @@ def _open_data(path, device):
                "(once)")
         prepare(source, vocab_size=8192)
     return DataDir.open(default)
-
-
-def _passes_warning(tokens, data, what) -> str | None:
-    """A warning line when `tokens` of training read the training split more than PASSES_WARN times."""
-    train = data.manifest["splits"]["train"]["tokens"]
-    passes = tokens / max(train, 1)
-    if passes <= PASSES_WARN:
-        return None
-    return (f"warning: {what} reads about {tokens / 1e6:.0f}M tokens, the {train / 1e6:.1f}M training tokens of "
-            f"{data.path} {passes:.0f} times: the model memorises them and val_bpb suffers; give --data a larger "
-            f"corpus (`llmlabs prepare pysrc`, a folder or a hub corpus) or a smaller budget")
 
 
 def _token_budget(cfg, counts, flops_per_token):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlabs import checkpoint, cli, common, train
+from llmlabs import checkpoint, cli, common, preflight, train
 from llmlabs.common import LabError
 from llmlabs.data.shards import DataDir
 
@@ -136,7 +136,7 @@ def test_short_window_flag_sets_the_s_layers_span(data_dir):
 
 
 def test_time_budget_stops_on_time(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "PASSES_WARN", 0.01)  # so that 3 s of training read "too many" passes
+    monkeypatch.setattr(preflight, "PASSES_WARN", 0.01)  # so that 3 s of training read "too many" passes
     run_train(data_dir, tmp_path / "run", "--time-budget", "3")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 3.0 <= summary["training_seconds"] < 4.5
@@ -409,7 +409,7 @@ def test_presets_and_the_depth_dial(monkeypatch):
     # 64 rows at width 512 -> 16 at width 1280 and 1664; d8 at 128 rows needs 42.9 GB, d20 at 32
     # 67.1 GB, d26 at 32 113.4 GB
     for gib, d8_rows, d20_rows, d26_rows in ((24, 64, 16, 16), (48, 64, 16, 16), (80, 128, 32, 16), (141, 128, 32, 32)):
-        monkeypatch.setattr(train, "_gpu_memory", lambda device: gib * 2**30)
+        monkeypatch.setattr(preflight, "gpu_memory", lambda device: gib * 2**30)
         d8 = train.resolve_config(p.parse_args([]), gpu)
         assert (d8["depth"], d8["total_batch_size"], d8["seq_len"], d8["time_budget"]) == (8, 2**19, 2048, 300.0)
         assert (d8["window_pattern"], d8["short_window"]) == ("SSSL", 1024)  # autoresearch's windows
@@ -457,8 +457,8 @@ def test_default_corpus_by_device_and_the_passes_warning(monkeypatch, data_dir):
         assert asked[-1] == source
     data = DataDir.open(data_dir)
     n = data.manifest["splits"]["train"]["tokens"]
-    assert train._passes_warning(4 * n, data, "this budget") is None
-    warning = train._passes_warning(10 * n, data, "this budget")
+    assert preflight.passes_warning(4 * n, data, "this budget") is None
+    warning = preflight.passes_warning(10 * n, data, "this budget")
     assert warning.startswith(f"warning: this budget reads about {10 * n / 1e6:.0f}M tokens, the ")
     assert "10 times" in warning and "llmlabs prepare pysrc" in warning
 
@@ -574,7 +574,7 @@ def test_ctrl_c_in_the_final_evaluation_keeps_the_run(data_dir, tmp_path, monkey
 
 def test_a_model_too_large_for_the_memory_is_refused_before_allocating(data_dir, tmp_path, monkeypatch):
     have = 2**30
-    monkeypatch.setattr(train, "_memory_available", lambda device: have)
+    monkeypatch.setattr(preflight, "memory_available", lambda device: have)
     with pytest.raises(LabError, match=r"--depth 64 needs at least .* GiB .* the cpu has 1.0 GiB: the largest depth "
                                        r"that fits is (\d+) \(--depth \1\) at --device-batch-size 4") as e:
         run_train(data_dir, tmp_path / "run", "--tokens", "1024", "--depth", "64")
@@ -582,7 +582,7 @@ def test_a_model_too_large_for_the_memory_is_refused_before_allocating(data_dir,
     from llmlabs.config import config_for_depth
 
     def need(d):
-        return train._memory_need(config_for_depth(d, vocab_size=512, sequence_len=64, aspect_ratio=32, head_dim=16,
+        return preflight.memory_need(config_for_depth(d, vocab_size=512, sequence_len=64, aspect_ratio=32, head_dim=16,
                                                    window_pattern="SL"), 4)[1]
     assert need(fits) <= have < need(fits + 1)  # the largest, by the same estimate
     assert not (tmp_path / "run" / "checkpoints").exists()
