@@ -25,21 +25,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # (file, old, new, description): real one-line edits of the research surface
 EDITS = [
-    ("llmlabs/config.py", '"matrix_lr": 0.02 * lr_scale', '"matrix_lr": 0.03 * lr_scale', "Muon matrix LR 0.02 -> 0.03"),
+    ("llmlabs/scaling.py", '"matrix_lr": 0.02 * lr_scale', '"matrix_lr": 0.03 * lr_scale', "Muon matrix LR 0.02 -> 0.03"),
     ("llmlabs/model.py", "QK_GAIN = 1.2 ", "QK_GAIN = 1.0 ", "QK gain 1.2 -> 1.0 (plain 1/sqrt(d) attention scale)"),
-    ("llmlabs/config.py", '"embedding_lr": 0.3 * lr_scale', '"embedding_lr": 0.45 * lr_scale', "embedding LR 0.3 -> 0.45"),
+    ("llmlabs/scaling.py", '"embedding_lr": 0.3 * lr_scale', '"embedding_lr": 0.45 * lr_scale', "embedding LR 0.3 -> 0.45"),
     ("llmlabs/config.py", "softcap: float = 15.0", "softcap: float = 20.0", "logit softcap 15 -> 20"),
-    ("llmlabs/config.py", '"unembedding_lr": 0.008 * lr_scale', '"unembedding_lr": 0.012 * lr_scale',
+    ("llmlabs/scaling.py", '"unembedding_lr": 0.008 * lr_scale', '"unembedding_lr": 0.012 * lr_scale',
      "unembedding LR 0.008 -> 0.012"),
     ("llmlabs/model.py", "self.resid_lambdas.copy_(1.15 - 0.10 * depth)", "self.resid_lambdas.copy_(1.0 + 0.0 * depth)",
      "residual scalars start at 1 in every layer"),
-    ("llmlabs/config.py", '"weight_decay": 0.28 * lr_scale', '"weight_decay": 0.14 * lr_scale', "Muon weight decay halved"),
+    ("llmlabs/scaling.py", '"weight_decay": 0.28 * lr_scale', '"weight_decay": 0.14 * lr_scale', "Muon weight decay halved"),
     ("llmlabs/config.py", "rope_base: float = 100_000.0", "rope_base: float = 10_000.0", "RoPE base 100k -> 10k"),
-    ("llmlabs/config.py", '"scalar_lr": 0.5 * lr_scale', '"scalar_lr": 0.25 * lr_scale', "scalar LR 0.5 -> 0.25"),
+    ("llmlabs/scaling.py", '"scalar_lr": 0.5 * lr_scale', '"scalar_lr": 0.25 * lr_scale', "scalar LR 0.5 -> 0.25"),
     ("llmlabs/model.py", "VE_GATE_CHANNELS = 12 ", "VE_GATE_CHANNELS = 32 ", "value-embedding gate reads 32 channels"),
     ("llmlabs/model.py", "nn.init.normal_(self.lm_head.weight, std=0.001)", "nn.init.normal_(self.lm_head.weight, std=0.003)",
      "lm_head init std 0.001 -> 0.003"),
-    ("llmlabs/config.py", '"matrix_lr": 0.02 * lr_scale', '"matrix_lr": 0.015 * lr_scale', "Muon matrix LR 0.02 -> 0.015"),
+    ("llmlabs/scaling.py", '"matrix_lr": 0.02 * lr_scale', '"matrix_lr": 0.015 * lr_scale', "Muon matrix LR 0.02 -> 0.015"),
 ]
 AGENT = '''import json, os, pathlib, sys
 edits = json.loads(pathlib.Path(sys.argv[1]).read_text())

@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -45,7 +44,7 @@ def main():
     sync = torch.cuda.synchronize if use_cuda else (lambda: None)
 
     def step():
-        return train.train_step(fwd, run.model, run.optimizer, run.loader, run.accum, autocast, world).item()
+        return train.train_step(fwd, run.model, run.optimizer, run.loader, run.accum, autocast, world)[0].item()
 
     t0 = time.time()
     for _ in range(args.warmup):

@@ -1,9 +1,7 @@
-"""GPTConfig and the one dial: `depth` sets the model (width, heads, windows) and, through
-`hyperparams_for`, the batch size, learning rates and weight decay the trainer uses.
+"""GPTConfig and the one dial: `depth` sets the model (width, heads, windows); scaling.py turns a
+config into the batch size, learning rates and weight decay the trainer uses.
 
-The scaling rules are nanochat's (karpathy/nanochat, scripts/base_train.py and nanochat/gpt.py,
-early 2026); each rule below says where it comes from."""
-import math
+The dial is nanochat's (karpathy/nanochat, scripts/base_train.py and nanochat/gpt.py, early 2026)."""
 from dataclasses import dataclass
 
 from llmlabs.common import LabError
@@ -26,6 +24,16 @@ class GPTConfig:
     short_window: int | None = None
     softcap: float = 15.0         # logits = softcap * tanh(logits / softcap) (nanochat, Gemma 2)
     rope_base: float = 100_000.0  # nanochat moved from 10k to 100k
+    # Mixture-of-Experts (moe.py) in the MLP slot of the layers moe_layers names; 0 experts = dense
+    moe_experts: int = 0          # routed experts per MoE layer
+    moe_top_k: int = 2            # routed experts per token
+    moe_shared: int = 1           # shared experts, every token goes through them
+    moe_layers: str = "1:"        # a Python slice or a comma list of layer indices; "1:" = all but the first
+    moe_expert_width: int | None = None  # None: active MLP parameters per token match the dense MLP's
+    moe_raw_gates: bool = False   # gates = the chosen sigmoid scores as they are, not normalised over the k
+    moe_routed_scale: float = 1.0  # the routed experts' sum is multiplied by this (DeepSeek-V3: 2.5)
+    moe_bias_rate: float = 1e-3   # balancing bias step per optimizer step (DeepSeek-V3's gamma); 0 = off
+    moe_aux_loss: float = 0.0     # weight of the sequence-level balance loss (DeepSeek-V3's alpha: 1e-4)
 
     def __post_init__(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim"):
@@ -43,6 +51,45 @@ class GPTConfig:
             raise LabError(f"GPTConfig.short_window={self.short_window}: must be >= 1 (or None for a quarter of the context)")
         if self.softcap <= 0:
             raise LabError(f"GPTConfig.softcap={self.softcap}: must be > 0")
+        if not isinstance(self.moe_experts, int) or self.moe_experts < 0:
+            raise LabError(f"GPTConfig.moe_experts={self.moe_experts!r}: must be an integer >= 0 (0 = dense MLP)")
+        if self.moe_experts:
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                raise LabError(f"GPTConfig.moe_top_k={self.moe_top_k}: must be between 1 and moe_experts="
+                               f"{self.moe_experts}")
+            if self.moe_shared < 0 or (self.moe_expert_width is not None and self.moe_expert_width < 1):
+                raise LabError(f"GPTConfig: moe_shared={self.moe_shared} must be >= 0 and moe_expert_width="
+                               f"{self.moe_expert_width} >= 1 (or None)")
+            if self.moe_routed_scale <= 0 or self.moe_bias_rate < 0 or self.moe_aux_loss < 0:
+                raise LabError(f"GPTConfig: moe_routed_scale={self.moe_routed_scale} must be > 0, moe_bias_rate="
+                               f"{self.moe_bias_rate} and moe_aux_loss={self.moe_aux_loss} >= 0")
+            self.moe_layer_ids()  # a bad spec fails here, not when the model is built
+
+    def moe_layer_ids(self) -> list[int]:
+        """The layers whose MLP slot holds an MoE (none without experts), from moe_layers: a slice
+        like "1:" or "::2", or indices like "2,5" (negative ones count from the end)."""
+        if not self.moe_experts:
+            return []
+        spec, layers = self.moe_layers.replace(" ", ""), range(self.n_layer)
+        try:
+            if ":" in spec:
+                ids = list(layers[slice(*(int(v) if v else None for v in spec.split(":")))])
+            else:
+                ids = sorted({layers[int(v)] for v in spec.split(",")})
+        except (ValueError, IndexError, TypeError):
+            raise LabError(f"GPTConfig.moe_layers={self.moe_layers!r}: use a slice of the {self.n_layer} layers like "
+                           "'1:' (all but the first) or layer indices like '2,5'") from None
+        if not ids:
+            raise LabError(f"GPTConfig.moe_layers={self.moe_layers!r} names none of the {self.n_layer} layers: "
+                           "name at least one, or set moe_experts=0 for a dense model")
+        return ids
+
+    def expert_width(self) -> int:
+        """moe_expert_width, or the width at which a token's k routed + shared experts hold as many
+        weights as the dense 4x MLP: 4 C / (k + shared), to the nearest multiple of 64 (a GEMM tile)."""
+        if self.moe_expert_width:
+            return self.moe_expert_width
+        return max(64, round(4 * self.n_embd / (self.moe_top_k + self.moe_shared) / 64) * 64)
 
     def window_sizes(self) -> list[int | None]:
         """Per-layer attention window: None = full causal, w = a query at t sees keys t-w..t
@@ -57,67 +104,19 @@ class GPTConfig:
 
 
 def config_for_depth(depth, vocab_size=8192, sequence_len=2048, aspect_ratio=64, head_dim=128,
-                     n_kv_head=None, window_pattern="SSSL", short_window=None) -> GPTConfig:
+                     n_kv_head=None, window_pattern="SSSL", short_window=None, **moe) -> GPTConfig:
     """The depth dial (nanochat base_train.py): width = depth * aspect_ratio rounded up to a
-    multiple of head_dim, so every head has exactly head_dim channels; heads = width / head_dim."""
+    multiple of head_dim, so every head has exactly head_dim channels; heads = width / head_dim.
+    `moe`: GPTConfig's moe_* fields, passed through."""
     if not isinstance(depth, int) or depth < 1:
         raise LabError(f"depth={depth!r}: must be a positive integer, e.g. 12 (presets: {', '.join(PRESETS)})")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim
     n_head = n_embd // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_embd=n_embd,
                      n_head=n_head, n_kv_head=n_head if n_kv_head is None else n_kv_head,
-                     head_dim=head_dim, window_pattern=window_pattern, short_window=short_window)
+                     head_dim=head_dim, window_pattern=window_pattern, short_window=short_window, **moe)
 
 
 # Named depths. d8 is the autoresearch experiment, d12 nanochat's tuning reference (GPT-2 small
 # width), d20 the original nanochat speedrun, d24/d26 its later GPT-2-grade runs.
 PRESETS = {f"d{d}": d for d in (4, 6, 8, 10, 12, 16, 20, 24, 26)}
-
-# Reference point the rules below extrapolate from (nanochat base_train.py): LRs and weight decay
-# were tuned at d12 with a 2**19-token batch.
-REFERENCE_DEPTH = 12
-REFERENCE_BATCH = 2**19
-TOKENS_PER_PARAM = 12  # nanochat's compute-optimal tokens : scaling-params ratio (its dev/LOG.md)
-
-
-def scaling_params(config: GPTConfig) -> int:
-    """Parameters that scaling laws count: block matrices + lm_head (nanochat found this gives the
-    cleanest laws; embeddings and scalars are left out). Counted on the meta device: exact, no memory."""
-    import torch
-
-    from llmlabs.model import GPT  # config.py stays importable without the model
-    with torch.device("meta"):
-        counts = GPT(config).num_params()
-    return counts["block_matrices"] + counts["lm_head"]
-
-
-def hyperparams_for(config: GPTConfig) -> dict:
-    """Batch size, learning rates and weight decay for a config, by nanochat's rules:
-
-    - horizon: target_tokens = 12 * scaling_params (nanochat --target-param-data-ratio 12).
-    - batch: B = B_ref * (D / D_ref) ** 0.383, rounded to a power of two, with B_ref = 2**19 tokens
-      and D_ref the d12 horizon ("Power Lines", arXiv 2505.13738: B_opt grows as D^0.383).
-    - every LR * sqrt(B / B_ref): the square-root rule for Adam, assumed for Muon too (nanochat).
-    - weight decay = 0.28 * sqrt(B / B_ref) * (D_ref / D): keeps the AdamW timescale
-      B / (lr * wd * D) fixed (arXiv 2405.13698), applied to Muon as nanochat does.
-    - base LRs at d12 (nanochat base_train defaults): matrix 0.02 (Muon), embedding 0.3,
-      unembedding 0.008, scalars 0.5. The embedding and unembedding LRs here are for width 768:
-      GPT.setup_optimizer multiplies them by (n_embd / 768) ** -0.5 (nanochat's muP-style rule),
-      so pass these numbers to it unchanged.
-    """
-    ref = config_for_depth(REFERENCE_DEPTH, vocab_size=config.vocab_size, sequence_len=config.sequence_len,
-                           head_dim=config.head_dim, window_pattern=config.window_pattern,
-                           short_window=config.short_window)
-    target_tokens = TOKENS_PER_PARAM * scaling_params(config)
-    ref_tokens = TOKENS_PER_PARAM * scaling_params(ref)
-    batch = 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / ref_tokens) ** 0.383))
-    lr_scale = (batch / REFERENCE_BATCH) ** 0.5
-    return {
-        "total_batch_size": batch,
-        "target_tokens": target_tokens,
-        "matrix_lr": 0.02 * lr_scale,
-        "embedding_lr": 0.3 * lr_scale,
-        "unembedding_lr": 0.008 * lr_scale,
-        "scalar_lr": 0.5 * lr_scale,
-        "weight_decay": 0.28 * lr_scale * ref_tokens / target_tokens,
-    }

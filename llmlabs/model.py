@@ -4,7 +4,8 @@ host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt
 - RoPE (arXiv 2104.09864), base 100k; QK-norm (arXiv 2010.04245) with q and k each scaled by 1.2
 - parameter-free RMSNorm (arXiv 1910.07467) before attention, MLP and lm_head, and on the embedding
 - untied token embedding and lm_head; no biases
-- ReLU^2 MLP (Primer, arXiv 2109.08668) in a slot any nn.Module can fill (Mixture-of-Experts later)
+- ReLU^2 MLP (Primer, arXiv 2109.08668) in a slot any nn.Module can fill: GPTConfig.moe_experts > 0 puts
+  a Mixture-of-Experts (moe.py) in the slot of the layers GPTConfig.moe_layers names
 - value embeddings on alternating layers, the last always (ResFormer, arXiv 2410.17897), mixed into V
   through an input-dependent per-head gate
 - sliding-window attention from a pattern string (GPTConfig.window_sizes), last layer full
@@ -29,6 +30,7 @@ from llmlabs.attention import attention
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
 from llmlabs.kernels.ops import norm, relu2_mlp, rope_norm, softcap_cross_entropy, softcap_logits
+from llmlabs.moe import MoE
 from llmlabs.optim import MuonAdamW
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first 12 channels of x (nanochat)
@@ -130,7 +132,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.windows = config.window_sizes()
-        make_mlp = mlp_factory or MLP
+        moe_layers = set(config.moe_layer_ids())
+        make_mlp = mlp_factory or (lambda config, i: MoE(config, i) if i in moe_layers else MLP(config, i))
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i, self.windows[i], make_mlp(config, i))
                                     for i in range(config.n_layer))
@@ -204,10 +207,35 @@ class GPT(nn.Module):
         loss = softcap_cross_entropy(h, self.lm_head.weight, targets, self.config.softcap)  # [B, T]
         if loss_reduction == "none":
             return loss
-        return loss.sum() / (targets >= 0).sum()
+        loss = loss.sum() / (targets >= 0).sum()
+        if self.training and torch.is_grad_enabled() and self.config.moe_aux_loss > 0:
+            loss = loss + sum(m.aux_loss for m in self.moe_layers())  # set by this forward's MoE layers
+        return loss
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    @torch.no_grad()
+    def balance_experts(self) -> dict:
+        """After each optimizer step: every MoE layer moves its balancing bias by the step's load
+        (MoE.balance). Returns the step's load statistics for metrics.jsonl (empty for a dense
+        model): per layer the fraction of routed tokens each expert got; over the layers the mean
+        coefficient of variation of the load, the largest and smallest load relative to the mean,
+        and the largest spread of a bias (max - min). Dropless: every routed token was computed."""
+        layers = self.moe_layers()
+        if not layers:
+            return {}
+        loads = torch.stack([m.balance() for m in layers]).float()  # [layers, E]
+        rel = loads / loads.mean(1, keepdim=True).clamp_min(1e-9)
+        bias = torch.stack([m.expert_bias for m in layers])
+        stats = torch.stack([rel.std(1, unbiased=False).mean(), rel.max(), rel.min(),
+                             (bias.max(1).values - bias.min(1).values).max()]).tolist()
+        share = (loads / loads.sum(1, keepdim=True).clamp_min(1e-9)).tolist()
+        return {"moe_load_cv": stats[0], "moe_load_max": stats[1], "moe_load_min": stats[2],
+                "moe_bias_spread": stats[3], "moe_load": [[round(v, 4) for v in row] for row in share]}
 
     def num_params(self) -> dict:
-        """Parameter counts by group; scaling laws use block_matrices + lm_head (see config.py)."""
+        """Parameter counts by group; scaling laws use block_matrices + lm_head (see scaling.py)."""
         block = list(self.blocks.parameters())
         counts = {
             "embedding": self.wte.weight.numel(),
@@ -219,6 +247,19 @@ class GPT(nn.Module):
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters()), "a parameter is in no group"
         return counts
+
+    def active_params(self) -> int:
+        """The weights one token multiplies through (lm_head and the blocks' matrices, of an MoE
+        layer only its router, k routed experts and shared experts): what FLOPs and the scaling rules
+        count (scaling.scaling_params), so an MoE model is compared with a dense one at equal
+        active parameters. Equals block_matrices + lm_head for a dense model."""
+        weights = self.lm_head.weight.numel()
+        for block in self.blocks:
+            attn = block.attn
+            weights += sum(m.weight.numel() for m in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj, attn.ve_gate)
+                           if m is not None)
+            weights += block.mlp.matmul_params_per_token()
+        return weights
 
     def flops_per_token(self, convention: str = "exact") -> int:
         """Training FLOPs (forward + backward) per token at T = sequence_len, for MFU.
@@ -233,12 +274,7 @@ class GPT(nn.Module):
         - "nanochat": nanochat/autoresearch's estimate_flops, 12 * H * D * L per layer with L = T
           for full layers and the window for windowed ones (no causal halving), to compare MFU."""
         c = self.config
-        weights = self.lm_head.weight.numel()
-        for block in self.blocks:
-            attn = block.attn
-            weights += sum(m.weight.numel() for m in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj, attn.ve_gate)
-                           if m is not None)
-            weights += block.mlp.matmul_params_per_token()
+        weights = self.active_params()
         T, per_pair = c.sequence_len, 12 * c.n_head * c.head_dim
         if convention == "nanochat":
             return 6 * weights + sum(per_pair * (T if w is None else min(w, T)) for w in self.windows)
@@ -260,9 +296,12 @@ class GPT(nn.Module):
             return dict(kind="adamw", params=params, lr=lr, betas=tuple(adam_betas or betas), eps=1e-10,
                         weight_decay=weight_decay)
 
-        block = list(self.blocks.parameters())
-        matrices = [p for p in block if p.ndim >= 2]
+        # an MLP slot module may send matrices to AdamW (an MoE's router)
+        to_adamw = {id(p) for b in self.blocks if hasattr(b.mlp, "adamw_params") for p in b.mlp.adamw_params()}
+        block = [p for p in self.blocks.parameters() if id(p) not in to_adamw]
+        matrices = [p for p in block if p.ndim >= 2]  # 3-D expert weights too: Muon per expert
         vectors = [p for p in block if p.ndim < 2]  # only if an MLP slot module brings gains or biases
+        routers = [p for p in self.blocks.parameters() if id(p) in to_adamw]
         groups = [
             adamw([self.lm_head.weight], unembedding_lr * width_scale, (0.8, 0.96), 0.01),
             adamw([self.wte.weight], embedding_lr * width_scale, (0.8, 0.995), 0.001),
@@ -272,6 +311,8 @@ class GPT(nn.Module):
         ]
         if vectors:
             groups.append(adamw(vectors, scalar_lr, (0.8, 0.95), 0.0))
+        if routers:  # a router reads the normed residual stream into scores, as lm_head does: its LR
+            groups.append(adamw(routers, unembedding_lr * width_scale, (0.8, 0.95), 0.0))
         for shape in sorted({tuple(p.shape) for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
                                momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5))

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, flags, preflight
+from llmlabs import checkpoint, flags, plots, preflight
 from llmlabs.common import LabError, atomic_write_json, compute_init, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -57,6 +58,9 @@ EAGER_UNTIMED_STEPS = 1  # eager runs: the first step's one-time costs (allocato
 # launcher timestamps them with its own clock. The launcher never trusts this process's clock.
 EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"
 MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
+MOE_KEYS = ("moe_experts", "moe_top_k", "moe_shared", "moe_layers", "moe_expert_width", "moe_raw_gates",
+            "moe_routed_scale", "moe_bias_rate", "moe_aux_loss")  # flags that are GPTConfig fields
+MOE_SCALARS = ("moe_load_cv", "moe_load_max", "moe_load_min", "moe_bias_spread")  # also to TensorBoard
 SAMPLE_PROMPT_TOKENS = 8  # samples.txt continues the first tokens of the first validation documents
 
 
@@ -83,6 +87,20 @@ def add_args(p):
     g.add_argument("--tokens", type=flags.positive_float, help="training tokens, e.g. 2e8")
     g.add_argument("--target-flops", type=flags.positive_float, help="training FLOPs (model FLOPs per token x tokens)")
     g.add_argument("--param-data-ratio", type=flags.positive_float, help="training tokens per model parameter (Chinchilla: 20)")
+    g = p.add_argument_group("Mixture-of-Experts (llmlabs/moe.py; off unless --moe-experts)")
+    g.add_argument("--moe-experts", type=flags.count, help="routed experts in each MoE layer (0: dense MLP, the default)")
+    g.add_argument("--moe-top-k", type=flags.positive_int, help="routed experts per token (default 2)")
+    g.add_argument("--moe-shared", type=flags.count, help="shared experts, seen by every token (default 1)")
+    g.add_argument("--moe-layers", type=_layers, help="which layers are MoE: a slice like 1: (the default: all but the "
+                                                      "first) or ::2, or indices like 2,5")
+    g.add_argument("--moe-expert-width", type=flags.positive_int,
+                   help="hidden width of an expert (default: active parameters per token match the dense MLP's)")
+    g.add_argument("--moe-raw-gates", action="store_true", help="gate with the chosen scores as they are, not "
+                                                                "normalised over the k (an ablation)")
+    g.add_argument("--moe-routed-scale", type=flags.positive_float, help="multiplies the routed experts' output (default 1)")
+    g.add_argument("--moe-bias-rate", type=flags.nonnegative,
+                   help="balancing bias step per optimizer step (default 0.001; 0: no balancing)")
+    g.add_argument("--moe-aux-loss", type=flags.nonnegative, help="weight of the sequence-level balance loss (default 0: off)")
     g = p.add_argument_group("batch and optimizer (unset values follow the depth's scaling rules)")
     g.add_argument("--total-batch-size", type=flags.positive_int, help="tokens per optimizer step, across accumulation and ranks")
     g.add_argument("--device-batch-size", type=flags.positive_int, help="rows per forward pass; lower it on out-of-memory")
@@ -125,6 +143,12 @@ def _check_resume_flags(args):
     if given:
         raise LabError(f"--resume {args.resume} continues the run as its config.json says, so {', '.join(given)} "
                        "would be ignored: drop them, or start a new run with them")
+
+
+def _layers(s):
+    if not re.fullmatch(r"-?\d*(:-?\d*){1,2}|-?\d+(,-?\d+)*", s.replace(" ", "")):
+        raise argparse.ArgumentTypeError(f"{s!r} names no layers: use a slice like 1: or ::2, or indices like 2,5")
+    return s
 
 
 def _depth(s):
@@ -188,7 +212,8 @@ def _model_config(cfg, vocab_size, depth=None):
 
     return config_for_depth(depth or cfg["depth"], vocab_size=vocab_size, sequence_len=cfg["seq_len"],
                             aspect_ratio=cfg["aspect_ratio"], head_dim=cfg["head_dim"], n_kv_head=cfg.get("n_kv_head"),
-                            window_pattern=cfg["window_pattern"], short_window=cfg.get("short_window"))
+                            window_pattern=cfg["window_pattern"], short_window=cfg.get("short_window"),
+                            **{k: cfg[k] for k in MOE_KEYS if cfg.get(k) is not None})
 
 
 def train(args):
@@ -297,7 +322,7 @@ def _train(args, held):
             _set_schedules(optimizer, p, cfg)
             t0 = time.time()  # the previous step ended in a host sync, so this clock is honest
             try:
-                loss = train_step(fwd, model, optimizer, loader, accum, autocast, world)
+                loss, moe_stats = train_step(fwd, model, optimizer, loader, accum, autocast, world)
             except torch.cuda.OutOfMemoryError:
                 raise LabError(f"CUDA out of memory at --device-batch-size {B} (depth {cfg['depth']}, seq {T}): "
                                f"lower --device-batch-size (accumulation keeps the total batch)") from None
@@ -326,13 +351,13 @@ def _train(args, held):
             mfu = 100 * flops_per_token * tok_s / (peak * world) if peak else None  # no known peak: CPU
             row = {"step": step, "loss": loss_val, "lr_mult": optimizer.param_groups[0]["lr"] /
                    optimizer.param_groups[0]["initial_lr"], "tok_per_sec": tok_s, "mfu": mfu,
-                   "progress": progress(), "train_time": train_time, "tokens": tokens_done}
+                   "progress": progress(), "train_time": train_time, "tokens": tokens_done, **moe_stats}
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if tb:
-                    for k in ("loss", "lr_mult", "tok_per_sec", "mfu"):
-                        if row[k] is not None:  # mfu on a CPU
+                    for k in ("loss", "lr_mult", "tok_per_sec", "mfu", *MOE_SCALARS):
+                        if row.get(k) is not None:  # mfu on a CPU; the moe ones of a dense model
                             tb.add_scalar(k, row[k], step)
             if time.time() - last_status > (0.5 if sys.stdout.isatty() else 10) or progress() >= 1:
                 last_status = time.time()
@@ -381,6 +406,8 @@ def _train(args, held):
         "data_passes": round(tokens_done / max(data.manifest["splits"]["train"]["tokens"], 1), 2),
         "num_steps": step,
         "num_params_M": round(counts["total"] / 1e6, 2),
+        **({"active_params_M": round(model.active_params() / 1e6, 2), "moe": _describe_moe(mcfg)}
+           if mcfg.moe_experts else {}),
         "depth": cfg["depth"],
         "tok_per_sec": round(tok_per_sec),
         **({"eval_tokens": res["tokens"]} if res else {}),
@@ -392,7 +419,9 @@ def _train(args, held):
     if rank == 0 and res:  # --eval-split none: the launcher scores the run; no time spent on extras
         print0(f"{cfg['eval_split']}_bpb {res['bpb']:.4f}; writing samples.txt and loss.png ...", flush=True)
         _write_samples(model, data, run_dir / "samples.txt")
-        _plot_loss(metrics_path, run_dir / "loss.png")
+        plots.loss(metrics_path, run_dir / "loss.png")
+        if mcfg.moe_experts:
+            plots.expert_load(metrics_path, run_dir / "expert_load.png")
     if rank == 0:
         atomic_write_json(run_dir / "summary.json", summary)
         if tb:
@@ -410,7 +439,7 @@ def setup(cfg, device, rank=0, world=1):
     """Everything a training step needs, from a resolved config: the data directory, the model sized
     by the depth dial, the scaling-rule hyperparameters (filled into cfg where unset), the optimizer
     and the train loader. Shared with bench/train_speed.py, so the benchmark times this very step."""
-    from llmlabs.config import hyperparams_for
+    from llmlabs.scaling import hyperparams_for
     from llmlabs.data.loader import BestFitLoader
     from llmlabs.model import build_model
 
@@ -440,7 +469,8 @@ def setup(cfg, device, rank=0, world=1):
 
 def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
     """One optimizer step over `accum` micro-batches; returns the mean loss as a device tensor (no
-    host sync here: the caller decides when to read it)."""
+    host sync here: the caller decides when to read it) and, for an MoE model, the step's expert
+    load statistics (after which the balancing biases move: model.balance_experts)."""
     loss_sum = torch.zeros((), device=model.lm_head.weight.device)
     for _ in range(accum):
         x, y = next(loader)
@@ -454,7 +484,7 @@ def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
     optimizer.step()
     model.zero_grad(set_to_none=True)
     loader.prefetch()  # the next step's first batch, packed while the GPU runs the queued step
-    return loss_sum / accum
+    return loss_sum / accum, model.balance_experts()
 
 
 def _event_pipe():
@@ -583,26 +613,7 @@ def _write_samples(model, data, path):
     model.train()
 
 
-def _plot_loss(metrics_path, png_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(r) for r in metrics_path.read_text().splitlines() if r]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_bpb"]) for r in rows if "val_bpb" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*train), lw=1, label="train loss (nats/token)")
-    if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "o-", color="C1", label="val_bpb")
-        ax2.set_ylabel("val_bpb")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(png_path.parent.name)
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+def _describe_moe(mcfg) -> str:
+    layers = mcfg.moe_layer_ids()
+    return (f"{mcfg.moe_experts} experts top-{mcfg.moe_top_k} + {mcfg.moe_shared} shared, width "
+            f"{mcfg.expert_width()}, {len(layers)} of {mcfg.n_layer} layers, dropless")

@@ -363,7 +363,7 @@ def _pids_with(text):
 def test_an_honest_improvement_is_kept(session):
     sdir, _ = session
     wt = sdir / "main"
-    cfg = wt / "llmlabs/config.py"
+    cfg = wt / "llmlabs/scaling.py"
     cfg.write_text(cfg.read_text().replace(WEAK, ""))
     row = attack(sdir, {}, "restore the tuned learning rates")
     assert row["status"] == "keep", row

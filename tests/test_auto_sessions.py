@@ -61,7 +61,7 @@ def copy_lab(repo):
     git(repo, "init", "-q", "-b", "main")
     git(repo, "add", "-A")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lab")
-    with open(repo / "llmlabs/config.py", "a") as f:
+    with open(repo / "llmlabs/scaling.py", "a") as f:
         f.write(WEAK)
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "weak start")
     return repo
@@ -122,7 +122,7 @@ def test_scripted_agent_keep_discard_crash_invalid_over_budget(lab, data_dir, mo
     assert float(rows[-1]["sigma"]) == pytest.approx(sigma, abs=1e-6) and sigma > 0  # the ledger keeps 6 decimals
 
     # 1. a real improvement: restore the tuned learning rates -> keep
-    cfg = wt / "llmlabs/config.py"
+    cfg = wt / "llmlabs/scaling.py"
     cfg.write_text(cfg.read_text().replace(WEAK, ""))
     assert auto(wt, monkeypatch, "run", "-m", "restore the tuned learning rates") == 0
     keep = ledger(sdir)[-1]
@@ -210,15 +210,15 @@ def test_loop_with_an_openai_compatible_server(lab, data_dir, monkeypatch, capsy
         seen.append((iteration, len(tools)))
         if iteration == 1:  # read the config, take the weak block out again
             if not tools:
-                return tool_call(0, "read_file", path="llmlabs/config.py")
+                return tool_call(0, "read_file", path="llmlabs/scaling.py")
             if len(tools) == 1:
-                return tool_call(1, "edit_file", path="llmlabs/config.py", old_string=WEAK, new_string="\n")
+                return tool_call(1, "edit_file", path="llmlabs/scaling.py", old_string=WEAK, new_string="\n")
             return {"role": "assistant", "content": "Restore the tuned learning rates"}
         if iteration == 3:  # learning rates x 0.01 on top of the kept commit
             if not tools:
-                return tool_call(5, "read_file", path="llmlabs/config.py")
+                return tool_call(5, "read_file", path="llmlabs/scaling.py")
             if len(tools) == 1:
-                return tool_call(6, "write_file", path="llmlabs/config.py", content=tools[0]["content"] + HARMFUL)
+                return tool_call(6, "write_file", path="llmlabs/scaling.py", content=tools[0]["content"] + HARMFUL)
             return {"role": "assistant", "content": "Learning rates x 0.01"}
         # iteration 2: try to edit the evaluation (refused), then break the forward
         if not tools:
@@ -263,7 +263,7 @@ import os, pathlib, sys
 prompt = sys.stdin.read()
 assert "## Research files" in prompt and "## Ledger so far" in prompt
 worker, it = os.environ["LLMLABS_AUTO_WORKER"], int(os.environ["LLMLABS_AUTO_ITERATION"])
-cfg, model = pathlib.Path("llmlabs/config.py"), pathlib.Path("llmlabs/model.py")
+cfg, model = pathlib.Path("llmlabs/scaling.py"), pathlib.Path("llmlabs/model.py")
 if worker == "gpu0" and it == 1:
     cfg.write_text(cfg.read_text().replace({weak!r}, ""))
     print("restore the tuned learning rates")

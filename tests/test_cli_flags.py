@@ -10,11 +10,12 @@ import re
 import pytest
 
 from llmlabs import cli, flags
-from llmlabs.train import _depth
+from llmlabs.train import _depth, _layers
 
 # a value each checked type refuses
 BAD = {int: "x1", float: "one", flags.positive_int: "0", flags.positive_float: "-1", flags.count: "-1",
-       flags.nonnegative: "-0.5", flags.fraction: "1.5", _depth: "0"}
+       flags.nonnegative: "-0.5", flags.fraction: "1.5", _depth: "0",
+       _layers: "1:x"}
 # free-text flags whose every value is legal: what they take
 FREE = {
     ("sample", "--prompt"): "any text",
@@ -91,6 +92,8 @@ RUNTIME = [
     (["train", "--data", "{data}", "--run-dir", "{file}"], ("train", "--run-dir"), "cannot make that directory"),
     (["train", "--data", "{data}", "--device", "tpu"], ("train", "--device"), "unknown device 'tpu'"),
     (["train", "--resume", "{tmp}/none"], ("train", "--resume"), "no config.json there"),
+    (["train", "--data", "{data}", "--moe-experts", "4", "--moe-layers", "9:"], ("train", "--moe-layers"),
+     "moe_layers='9:' names none of the 4 layers"),
     (["eval", "{tmp}/none"], ("eval", "run"), "has no checkpoint"),
     (["eval", "{run}", "--data", "{tmp}/none"], ("eval", "--data"), "is not a data directory"),
     (["eval", "{run}", "--device", "tpu"], ("eval", "--device"), "unknown device 'tpu'"),

@@ -3,7 +3,6 @@ files the test wrote, honours Range requests, and can be told to fail or to igno
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -12,7 +12,6 @@ import pytest
 
 from llmlabs import cli
 from llmlabs.common import LabError
-from llmlabs.data import prepare as prepare_mod
 from llmlabs.data.prepare import default_data_dir, prepare
 from llmlabs.data.shards import SPLITS, DataDir
 from llmlabs.data.sources import SKIP_DIRS, split_of

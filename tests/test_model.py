@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import llmlabs.model as model_module
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
-from llmlabs.config import PRESETS, GPTConfig, config_for_depth, hyperparams_for
+from llmlabs.config import PRESETS, GPTConfig, config_for_depth
+from llmlabs.scaling import hyperparams_for
 from llmlabs.kernels import ops, triton_loss, triton_mlp, triton_rope_norm
 from llmlabs.kernels.ops import apply_rope
 from llmlabs.model import GPT, MLP, build_model, rope_tables

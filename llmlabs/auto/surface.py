@@ -23,11 +23,12 @@ from pathlib import Path
 
 from llmlabs.common import LabError
 
-# What an experimenter (human or agent) is meant to change: the hyperparameter knobs
-# (config.hyperparams_for and the depth dial), the model, attention, the optimizer, and MoE / FP8
-# once they exist. Paths are relative to the repository root.
+# What an experimenter (human or agent) is meant to change: the model's shape and the depth dial
+# (config.py), the hyperparameter knobs (scaling.hyperparams_for), the model, attention, the
+# optimizer, and MoE / FP8 once they exist. Paths are relative to the repository root.
 RESEARCH_SURFACE = (
     "llmlabs/config.py",
+    "llmlabs/scaling.py",
     "llmlabs/model.py",
     "llmlabs/attention.py",
     "llmlabs/optim.py",

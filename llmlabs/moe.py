@@ -1,0 +1,157 @@
+"""Mixture-of-Experts for a block's MLP slot: the research surface, plain PyTorch.
+
+DeepSeek-V3's design (arXiv 2412.19437, section 2.1):
+- the router is a linear map computed in float32; sigmoid scores s (not a softmax over experts)
+- each token goes to the k experts of highest s + b, where b is a per-expert balancing bias that
+  only chooses: the gate weights are the chosen scores s themselves, normalised over the k
+  (GPTConfig.moe_raw_gates keeps them raw, as an ablation), times a routed scaling factor
+- shared experts see every token
+- aux-loss-free balancing: after each optimizer step, b += rate * sign(mean load - load), with the
+  load counted over the whole step (every micro-batch, every rank). Evaluation and generation
+  route with b but never count or move it. An optional sequence-level balance loss (eq. 17-20),
+  off by default.
+- dropless: every token reaches its k experts, however uneven the load (no capacity factor)
+
+Experts are 3-D weights, w_fc [E, h, C] and w_proj [E, C, h] (Linear's [out, in] per expert), so
+Muon orthogonalises each expert's matrix (optim.py stacks the leading dims) and the experts run as
+one grouped matmul. Two paths compute the same thing: `loop` (one expert at a time, the readable
+reference and the CPU path) and `grouped` (tokens sorted by expert into one buffer, two
+torch grouped_mm calls; static shapes, so torch.compile takes it whole, the GPU path)."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmlabs.kernels.ops import relu2_mlp
+
+# grouped_mm reads each expert's rows as one block; each block starts on a multiple of this many
+# rows (padding rows are zero and never read back), the alignment GPU grouped GEMMs want for bf16
+ALIGN_ROWS = 16
+
+
+class MoE(nn.Module):
+    """Fills the MLP slot (model.MLP's three methods, plus balance() and adamw_params())."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        C, E, h = config.n_embd, config.moe_experts, config.expert_width()
+        self.n_experts, self.top_k, self.width = E, config.moe_top_k, h
+        self.raw_gates, self.routed_scale = config.moe_raw_gates, config.moe_routed_scale
+        self.bias_rate, self.aux_weight = config.moe_bias_rate, config.moe_aux_loss
+        self.router = nn.Linear(C, E, bias=False)
+        self.w_fc = nn.Parameter(torch.empty(E, h, C))
+        self.w_proj = nn.Parameter(torch.empty(E, C, h))
+        S = config.moe_shared
+        self.shared_fc = nn.Linear(C, S * h, bias=False) if S else None
+        self.shared_proj = nn.Linear(S * h, C, bias=False) if S else None
+        # the balancing bias: model state (saved in checkpoints), moved by balance(), never by a gradient
+        self.register_buffer("expert_bias", torch.empty(E))
+        # tokens routed to each expert since the last balance(): one optimizer step's worth
+        self.register_buffer("expert_load", torch.empty(E), persistent=False)
+        self.path = "auto"  # "loop" | "grouped" | "auto": grouped on CUDA, loop elsewhere
+        self.aux_loss = None  # the last training forward's balance loss, when moe_aux_loss > 0
+
+    @torch.no_grad()
+    def init_weights(self):
+        # as model.MLP: the input side uniform at 0.4x the attention projections' std, the output
+        # side zero (each block starts as the identity); the router reads the residual stream like
+        # the attention projections, std 1/sqrt(C), so the first routing is already spread out
+        C = self.router.in_features
+        nn.init.uniform_(self.router.weight, -(3 / C) ** 0.5, (3 / C) ** 0.5)
+        s = 0.4 * (3 / C) ** 0.5
+        for w in (self.w_fc, self.shared_fc.weight if self.shared_fc is not None else None):
+            if w is not None:
+                nn.init.uniform_(w, -s, s)
+        nn.init.zeros_(self.w_proj)
+        if self.shared_proj is not None:
+            nn.init.zeros_(self.shared_proj.weight)
+        self.expert_bias.zero_()
+        self.expert_load.zero_()
+
+    def matmul_params_per_token(self) -> int:
+        """What one token multiplies through: the router, its k experts and the shared ones."""
+        shared = 0 if self.shared_fc is None else self.shared_fc.weight.numel() + self.shared_proj.weight.numel()
+        return self.router.weight.numel() + self.top_k * 2 * self.width * self.router.in_features + shared
+
+    def adamw_params(self) -> list:
+        """The router goes to AdamW, not Muon: its rows are per-expert score directions, not a map
+        whose singular values should be equalised."""
+        return [self.router.weight]
+
+    def route(self, x):
+        """x [N, C] -> (chosen experts [N, k], gate weights [N, k], scores [N, E]), all float32."""
+        with torch.autocast(x.device.type, enabled=False):
+            scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
+        chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1, sorted=False).indices
+        gates = scores.gather(-1, chosen)
+        if not self.raw_gates:
+            gates = gates / gates.sum(-1, keepdim=True)
+        return chosen, gates * self.routed_scale, scores
+
+    def forward(self, x):
+        B, T, C = x.shape
+        flat = x.reshape(-1, C)
+        chosen, gates, scores = self.route(flat)
+        if self.training and torch.is_grad_enabled():  # training forwards count; eval and generate never do
+            self.expert_load.scatter_add_(0, chosen.flatten(), torch.ones_like(chosen.flatten(), dtype=self.expert_load.dtype))
+            if self.aux_weight > 0:
+                self.aux_loss = self.aux_weight * self._sequence_balance_loss(chosen.view(B, T, -1), scores.view(B, T, -1))
+        grouped = self.path == "grouped" or (self.path == "auto" and x.is_cuda)
+        y = (self._experts_grouped if grouped else self._experts_loop)(flat, chosen, gates)
+        if self.shared_fc is not None:
+            y = y + relu2_mlp(flat, self.shared_fc.weight, self.shared_proj.weight)
+        return y.view(B, T, C)
+
+    def _experts_loop(self, x, chosen, gates):
+        """One expert at a time over the tokens routed to it: the reference."""
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            token, slot = torch.where(chosen == e)
+            y = relu2_mlp(x[token], self.w_fc[e], self.w_proj[e])
+            out = out.index_add(0, token, (y * gates[token, slot, None]).to(out.dtype))
+        return out
+
+    def _experts_grouped(self, x, chosen, gates):
+        """All experts in two grouped matmuls. Every (token, slot) assignment gets a row of one
+        buffer, the rows of expert e together in a block that starts on a multiple of ALIGN_ROWS;
+        the buffer's size is fixed (N*k + E*(ALIGN_ROWS-1)), so nothing here depends on the routing's
+        values and no step syncs with the host."""
+        N, k, E = chosen.shape[0], self.top_k, self.n_experts
+        expert = chosen.flatten()                                      # [N*k] expert of each assignment
+        order = torch.argsort(expert, stable=True)                     # assignments grouped by expert
+        load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
+        padded = (load + ALIGN_ROWS - 1) // ALIGN_ROWS * ALIGN_ROWS
+        ends = padded.cumsum(0)
+        e_sorted = expert[order]
+        rank_in_expert = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[e_sorted]
+        row = (ends - padded)[e_sorted] + rank_in_expert              # buffer row of each sorted assignment
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        token = order // k
+        buf = x.new_zeros(N * k + E * (ALIGN_ROWS - 1), x.shape[1], dtype=dtype).index_copy(0, row, x[token].to(dtype))
+        offs = ends.to(torch.int32)
+        h = F.grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
+        y = F.grouped_mm(F.relu(h).square(), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
+        y = y[row] * gates.flatten()[order, None].to(dtype)
+        return torch.zeros_like(x, dtype=dtype).index_add(0, token, y)
+
+    def _sequence_balance_loss(self, chosen, scores):
+        """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), without its alpha:
+        sum_i f_i P_i per sequence, f_i = E / (k T) * tokens choosing i, P_i = the mean over the
+        sequence of i's score normalised over all experts; mean over sequences. 1 when balanced."""
+        B, T, k = chosen.shape
+        E = self.n_experts
+        counts = torch.zeros(B, E, device=chosen.device).scatter_add_(1, chosen.reshape(B, -1),
+                                                                      torch.ones(B, T * k, device=chosen.device))
+        f = counts * E / (k * T)
+        P = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return (f * P).sum(-1).mean()
+
+    @torch.no_grad()
+    def balance(self) -> torch.Tensor:
+        """Once per optimizer step: load summed over the step (and over ranks), bias moved toward
+        the under-loaded experts, counters zeroed. Returns the step's load per expert."""
+        load = self.expert_load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.expert_bias.add_(self.bias_rate * torch.sign(load.mean() - load))
+        self.expert_load.zero_()
+        return load
