@@ -27,14 +27,24 @@ from llmlabs import attention, train
 from llmlabs.common import compute_init, peak_flops
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     train.add_args(p)  # every `llmlabs train` flag means the same here
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--profile", action="store_true", help="print the costliest CUDA kernels of 3 steps")
     p.add_argument("--out", help="append the result as a JSON line to this file")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    res = measure(parser().parse_args(), "PYTHONPATH=. python3 " + " ".join(sys.argv))
+    width = max(map(len, res))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in res.items()))
+
+
+def measure(args, command) -> dict:
+    """One configuration's step, timed; the result dict (also appended to args.out)."""
     device, rank, _, world = compute_init(args.device)
     cfg = train.resolve_config(args, device)
     run = train.setup(cfg, device, rank, world)
@@ -61,17 +71,18 @@ def main():
     peak = peak_flops(device)
     res = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if use_cuda else "cpu",
-        "commit": _commit(), "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
+        "commit": _commit(), "command": command,
         "torch": torch.__version__, "depth": cfg["depth"], "width": run.mcfg.n_embd, "seq_len": cfg["seq_len"],
         "window_pattern": cfg["window_pattern"], "total_batch_size": cfg["total_batch_size"],
         "device_batch_size": cfg["device_batch_size"], "accum": run.accum,
-        "params_M": round(run.counts["total"] / 1e6, 2),
+        "params_M": round(run.counts["total"] / 1e6, 2), "active_params_M": round(run.model.active_params() / 1e6, 2),
         "median_step_ms": round(1e3 * dt, 1), "min_step_ms": round(1e3 * min(times), 1),
         "max_step_ms": round(1e3 * max(times), 1), "tok_per_sec": round(tok_s),
         "mfu_exact": round(100 * run.flops_per_token * tok_s / peak, 2) if peak else None,
         "mfu_nanochat": round(100 * run.model.flops_per_token("nanochat") * tok_s / peak, 2) if peak else None,
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_cuda else None,
         "warmup_s": round(warm_s, 1), "attention": attention.describe(),
+        "moe": train._describe_moe(run.mcfg) if run.mcfg.moe_experts else None,
     }
     if use_cuda:
         res.update(machine_speed())
@@ -88,8 +99,7 @@ def main():
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")
-    width = max(map(len, res))
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in res.items()))
+    return res
 
 
 def machine_speed(reps=20):

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from llmlabs.kernels.ops import relu2_mlp
 
+# F.grouped_mm is the public name of torch._grouped_mm in recent torch; older ones have only the latter
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 # grouped_mm reads each expert's rows as one block; each block starts on a multiple of this many
 # rows (padding rows are zero and never read back), the alignment GPU grouped GEMMs want for bf16
 ALIGN_ROWS = 16
@@ -128,8 +130,8 @@ class MoE(nn.Module):
         token = order // k
         buf = x.new_zeros(N * k + E * (ALIGN_ROWS - 1), x.shape[1], dtype=dtype).index_copy(0, row, x[token].to(dtype))
         offs = ends.to(torch.int32)
-        h = F.grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
-        y = F.grouped_mm(F.relu(h).square(), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
+        h = grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
+        y = grouped_mm(F.relu(h).square(), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
         y = y[row] * gates.flatten()[order, None].to(dtype)
         return torch.zeros_like(x, dtype=dtype).index_add(0, token, y)
 
