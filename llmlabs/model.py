@@ -221,7 +221,8 @@ class GPT(nn.Module):
         (MoE.balance). Returns the step's load statistics for metrics.jsonl (empty for a dense
         model): per layer the fraction of routed tokens each expert got; over the layers the mean
         coefficient of variation of the load, the largest and smallest load relative to the mean,
-        and the largest spread of a bias (max - min). Dropless: every routed token was computed."""
+        the largest spread of a bias (max - min), and the (token, expert) pairs a layer computed in
+        the step, over all micro-batches and ranks: tokens x k, since no token is dropped."""
         layers = self.moe_layers()
         if not layers:
             return {}
@@ -229,10 +230,11 @@ class GPT(nn.Module):
         rel = loads / loads.mean(1, keepdim=True).clamp_min(1e-9)
         bias = torch.stack([m.expert_bias for m in layers])
         stats = torch.stack([rel.std(1, unbiased=False).mean(), rel.max(), rel.min(),
-                             (bias.max(1).values - bias.min(1).values).max()]).tolist()
+                             (bias.max(1).values - bias.min(1).values).max(), loads.sum(1).min()]).tolist()
         share = (loads / loads.sum(1, keepdim=True).clamp_min(1e-9)).tolist()
         return {"moe_load_cv": stats[0], "moe_load_max": stats[1], "moe_load_min": stats[2],
-                "moe_bias_spread": stats[3], "moe_load": [[round(v, 4) for v in row] for row in share]}
+                "moe_bias_spread": stats[3], "moe_routed": int(stats[4]),
+                "moe_load": [[round(v, 4) for v in row] for row in share]}
 
     def num_params(self) -> dict:
         """Parameter counts by group; scaling laws use block_matrices + lm_head (see scaling.py)."""

@@ -60,7 +60,7 @@ EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"
 MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
 MOE_KEYS = ("moe_experts", "moe_top_k", "moe_shared", "moe_layers", "moe_expert_width", "moe_raw_gates",
             "moe_routed_scale", "moe_bias_rate", "moe_aux_loss")  # flags that are GPTConfig fields
-MOE_SCALARS = ("moe_load_cv", "moe_load_max", "moe_load_min", "moe_bias_spread")  # also to TensorBoard
+MOE_SCALARS = ("moe_load_cv", "moe_load_max", "moe_load_min", "moe_bias_spread", "moe_routed")  # also to TensorBoard
 SAMPLE_PROMPT_TOKENS = 8  # samples.txt continues the first tokens of the first validation documents
 
 

@@ -280,6 +280,7 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     rows = [json.loads(r) for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(len(r["moe_load"]) == 2 and len(r["moe_load"][0]) == 4 for r in rows)
     assert all(r["moe_load_max"] >= 1 >= r["moe_load_min"] and r["moe_load_cv"] >= 0 for r in rows)
+    assert all(r["moe_routed"] == 512 * 2 for r in rows)  # both micro-batches, k = 2, nothing dropped
     assert (tmp_path / "full" / "expert_load.png").stat().st_size > 0
     saved = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     assert saved["state"]["model_config"]["moe_experts"] == 4
@@ -324,3 +325,20 @@ def test_every_moe_flag_reaches_the_model_config():
     assert mcfg.moe_layer_ids() == [0, 2]
     dense = train._model_config(train.resolve_config(p.parse_args(["--depth", "4"]), torch.device("cpu")), 512)
     assert dense.moe_experts == 0 and dense.moe_layer_ids() == []
+
+
+def test_two_ranks_count_the_load_of_both(data_dir, tmp_path):
+    """torchrun, 2 gloo processes: the load a step balances on is summed over the ranks (each rank
+    sees half the batch), so every rank moves its biases alike and the replicas stay one model."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmlabs", "train", *TINY,
+                          "--data", str(data_dir), "--run-dir", str(tmp_path / "run"), "--tokens", "5120"],
+                         env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["moe_routed"] == 512 * 2 for r in rows)  # 256 tokens a rank, both counted
