@@ -197,14 +197,15 @@ def load(path, device="cpu"):
     return {"step": meta["step"], "model": weights, **rest}
 
 
-def load_run(run_dir, device):
-    """Rebuild the model of a finished or interrupted run from its newest checkpoint that loads, for
-    eval and sample. Returns (model in eval mode, checkpoint dict with "run_config" and "tokenizer_hash")."""
+def load_run(run_dir, device, path=None):
+    """Rebuild the model of a finished or interrupted run from its newest checkpoint that loads (or
+    from the checkpoint directory `path`), for eval and sample. Returns (model in eval mode,
+    checkpoint dict with "run_config", "tokenizer_hash" and "step")."""
     from llmlabs.config import GPTConfig
     from llmlabs.model import build_model
 
     run_dir = Path(run_dir)
-    ck = load_newest(run_dir, device)
+    ck = load(path, device) if path else load_newest(run_dir, device)
     if ck is None:
         raise LabError(f"{run_dir} has no checkpoint (checkpoints/ is empty or missing): is it a run directory "
                        "of `llmlabs train`?")

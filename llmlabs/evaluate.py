@@ -111,26 +111,77 @@ def _rank_world():
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
     p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split to score")
+    p.add_argument("--tasks", default="bpb", type=_tasks,
+                   help="comma-separated: bpb, and the offline multiple-choice tasks next_line and signature "
+                        "(llmlabs/tasks.py; 'offline' = both); default bpb")
+    p.add_argument("--items", type=flags.positive_int, default=200, help="items per multiple-choice task (default 200)")
+    p.add_argument("--checkpoints", choices=["latest", "all"], default="latest",
+                   help="score the newest checkpoint that loads, or every checkpoint the run kept (for evals.png)")
     p.add_argument("--tokens", type=flags.positive_int, help="target tokens to score (default: the run's --eval-tokens)")
     p.add_argument("--data", help="a data directory or a prepared corpus's name (default: the one the run was trained on)")
     p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
 
 
+def _tasks(s):
+    import argparse
+
+    from llmlabs.tasks import TASKS
+
+    names = [t for t in s.replace(" ", "").split(",") if t]
+    names = [x for t in names for x in (TASKS if t == "offline" else [t])]
+    unknown = [t for t in names if t != "bpb" and t not in TASKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{s!r}: unknown task {', '.join(unknown) or '(none)'}; choose from bpb, "
+                                         f"{', '.join(TASKS)}, offline")
+    return list(dict.fromkeys(names))
+
+
 def run(args):
-    from llmlabs.checkpoint import load_run
+    import json
+    import time
+    from pathlib import Path
+
+    from llmlabs import checkpoint, plots, tasks
     from llmlabs.common import compute_init
     from llmlabs.data.shards import DataDir
 
     device = compute_init(args.device)[0]
-    model, ckpt = load_run(args.run, device)
-    cfg = ckpt["run_config"]
-    data = DataDir.open(args.data or cfg["data"])
-    if data.tokenizer.hash != ckpt["tokenizer_hash"]:
-        raise LabError(f"tokenizer of {data.path} ({data.tokenizer.hash[:12]}) differs from the one {args.run} "
-                       f"was trained with ({ckpt['tokenizer_hash'][:12]}): pass --data with the run's data directory")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    res = evaluate_bpb(model, data, args.split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
-                       max_tokens=args.tokens or cfg["eval_tokens"], device=device, autocast=autocast)
-    print(f"{args.split}_bpb: {res['bpb']:.6f}")
-    print(f"unigram_bpb: {res['unigram_bpb']:.6f}")
-    print(f"eval_tokens: {res['tokens']}")
+    paths = [None] if args.checkpoints == "latest" else sorted(checkpoint.candidates(args.run), key=lambda p: int(p.name.split('_')[-1]))
+    if not paths:
+        raise LabError(f"{args.run} has no checkpoint (checkpoints/ is empty or missing): is it a run directory "
+                       "of `llmlabs train`?")
+    items, data, rows = {}, None, []
+    for path in paths:
+        model, ckpt = checkpoint.load_run(args.run, device, path)
+        cfg = ckpt["run_config"]
+        if data is None:
+            data = DataDir.open(args.data or cfg["data"])
+            if data.tokenizer.hash != ckpt["tokenizer_hash"]:
+                raise LabError(f"tokenizer of {data.path} ({data.tokenizer.hash[:12]}) differs from the one {args.run} "
+                               f"was trained with ({ckpt['tokenizer_hash'][:12]}): pass --data with the run's data directory")
+        for task in args.tasks:
+            if task == "bpb":
+                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+                res = evaluate_bpb(model, data, args.split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
+                                   max_tokens=args.tokens or cfg["eval_tokens"], device=device, autocast=autocast)
+                res = {"bpb": res["bpb"], "unigram_bpb": res["unigram_bpb"], "tokens": res["tokens"]}
+                # the lines scripts grep, as `llmlabs train`'s summary block has them
+                print(f"{args.split}_bpb: {res['bpb']:.6f}\nunigram_bpb: {res['unigram_bpb']:.6f}\n"
+                      f"eval_tokens: {res['tokens']}")
+            else:
+                if task not in items:
+                    items[task] = tasks.build(data, task, args.split, n=args.items)
+                res = tasks.evaluate(model, data.tokenizer, items[task], device)
+            rows.append({"step": ckpt["step"], "split": args.split, "task": task, **res})
+    print(f"{'step':>7}  {'task':<10} {'split':<5} {'score':>9}  baseline")
+    for r in rows:
+        score, base = ((f"{r['bpb']:.6f}", f"unigram {r['unigram_bpb']:.4f} bpb ({r['tokens']:,} tokens)")
+                       if r["task"] == "bpb" else
+                       (f"{r['acc_norm']:.4f}", f"chance {r['chance']:.2f} (acc_norm; acc {r['acc']:.4f}, {r['items']} items)"))
+        print(f"{r['step']:>7}  {r['task']:<10} {r['split']:<5} {score:>9}  {base}")
+    out = Path(args.run) / "evals.jsonl"
+    with open(out, "a") as f:  # every eval adds its rows: the plot shows scores over the run's checkpoints
+        for r in rows:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **r}) + "\n")
+    plots.evals(out, Path(args.run) / "evals.png")
+    print(f"results appended to {out}; plot {Path(args.run) / 'evals.png'}")

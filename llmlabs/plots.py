@@ -64,3 +64,29 @@ def expert_load(metrics_path, png_path):
     fig.suptitle(png_path.parent.name)
     fig.tight_layout()
     _save(fig, png_path)
+
+
+def evals(evals_path, png_path):
+    """Each task's score over the checkpoints' steps, from every `llmlabs eval` of the run (the latest
+    score where a step was scored twice): bpb on the left, multiple-choice acc_norm on the right."""
+    latest = {}
+    for r in _rows(evals_path):
+        latest[(r["task"], r["split"], r["step"])] = r
+    fig, (ax, ax2) = _pyplot().subplots(1, 2, figsize=(11, 4))
+    for task, split in sorted({(t, s) for t, s, _ in latest}):
+        pts = sorted((step, r) for (t, s, step), r in latest.items() if (t, s) == (task, split))
+        steps = [step for step, _ in pts]
+        if task == "bpb":
+            ax.plot(steps, [r["bpb"] for _, r in pts], "o-", label=f"{split}_bpb")
+        else:
+            ax2.plot(steps, [r["acc_norm"] for _, r in pts], "o-", label=f"{task} ({split})")
+    ax.set_title("bits per byte (lower is better)")
+    ax2.axhline(0.25, color="k", ls=":", lw=1, label="chance")
+    ax2.set_title("multiple choice acc_norm")
+    for a in (ax, ax2):
+        a.set_xlabel("step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
+    fig.suptitle(png_path.parent.name)
+    fig.tight_layout()
+    _save(fig, png_path)

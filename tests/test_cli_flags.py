@@ -10,12 +10,13 @@ import re
 import pytest
 
 from llmlabs import cli, flags
+from llmlabs.evaluate import _tasks
 from llmlabs.train import _depth, _layers
 
 # a value each checked type refuses
 BAD = {int: "x1", float: "one", flags.positive_int: "0", flags.positive_float: "-1", flags.count: "-1",
        flags.nonnegative: "-0.5", flags.fraction: "1.5", _depth: "0",
-       _layers: "1:x"}
+       _layers: "1:x", _tasks: "nope"}
 # free-text flags whose every value is legal: what they take
 FREE = {
     ("sample", "--prompt"): "any text",
