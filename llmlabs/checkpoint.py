@@ -97,8 +97,9 @@ def set_rng_state(s):
 
 
 def save(run_dir, step, model, optimizer, state: dict):
-    """Write checkpoint `step` of `run_dir`. `state` holds everything else needed to continue (loader
-    state, counters, run config): JSON-able values and tensors."""
+    """Write checkpoint `step` of `run_dir`. `optimizer`: the optimizer or its state_dict (already
+    gathered, as a distributed one must be on every rank). `state` holds everything else needed to
+    continue (loader state, counters, run config): JSON-able values and tensors."""
     ckdir = Path(run_dir) / "checkpoints"
     final = ckdir / f"step_{step:06d}"
     _remove_dead_temps(ckdir)
@@ -106,7 +107,8 @@ def save(run_dir, step, model, optimizer, state: dict):
     tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
     save_file(weights, tmp / "model.safetensors")
-    skel, tensors = flatten({"optimizer": optimizer.state_dict(), "rng": rng_state(), "state": state})
+    opt = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    skel, tensors = flatten({"optimizer": opt, "rng": rng_state(), "state": state})
     save_file(tensors, tmp / "state.safetensors")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "skeleton": skel}))
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)

@@ -31,7 +31,7 @@ from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
 from llmlabs.kernels.ops import norm, relu2_mlp, rope_norm, softcap_cross_entropy, softcap_logits
 from llmlabs.moe import MoE
-from llmlabs.optim import MuonAdamW
+from llmlabs.optim import DistMuonAdamW, MuonAdamW
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads only the first 12 channels of x (nanochat)
 QK_GAIN = 1.2          # nanochat multiplies q and k by 1.2 after QK-norm: attention logits x 1.44
@@ -286,12 +286,13 @@ class GPT(nn.Module):
         return round((6 * weights * T + per_pair * pairs) / T)
 
     def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
-                        weight_decay=0.28, adam_betas=None) -> MuonAdamW:
+                        weight_decay=0.28, adam_betas=None, distributed=False) -> MuonAdamW:
         """Muon for the block matrices (one group per shape, so they stack), AdamW for the rest,
         with nanochat's per-group settings. The embedding and unembedding LRs are given for width
         768 and scaled by (n_embd / 768) ** -0.5 here (nanochat); scalar LRs are not width-scaled.
         `weight_decay` is Muon's (cautious) decay; AdamW groups keep nanochat's small fixed ones.
-        adam_betas None = nanochat's tuned betas per group; a pair sets every AdamW group."""
+        adam_betas None = nanochat's tuned betas per group; a pair sets every AdamW group.
+        distributed: DistMuonAdamW, which averages the gradients over the ranks itself."""
         width_scale = (self.config.n_embd / 768) ** -0.5
 
         def adamw(params, lr, betas, weight_decay):
@@ -318,7 +319,7 @@ class GPT(nn.Module):
         for shape in sorted({tuple(p.shape) for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
                                momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5))
-        return MuonAdamW(groups)
+        return (DistMuonAdamW if distributed else MuonAdamW)(groups)
 
 
 def build_model(config: GPTConfig, device, mlp_factory=None) -> GPT:

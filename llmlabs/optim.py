@@ -169,6 +169,15 @@ class MuonAdamW(torch.optim.Optimizer):
                                       weight_decay, beta2, group["ns_steps"], reduce_dim, device.type == "cuda")
         torch._foreach_copy_(params, list(stacked.unbind(0)))
 
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype: NorMuon's second moment is
+        # float32 whatever the weights are (_muon_update accumulates it so), so it goes back
+        for group in self.param_groups:
+            s = self.state[group["params"][0]] if group["kind"] == "muon" else {}
+            if "second_moment" in s:
+                s["second_moment"] = s["second_moment"].float()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -181,3 +190,139 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 self._muon_step(group)
         return loss
+
+
+class DistMuonAdamW(MuonAdamW):
+    """MuonAdamW over the ranks of a torchrun job, with no DDP wrapper and no gradient all-reduce by
+    the trainer: step() reduce-scatters the gradients (each rank receives the mean of its share),
+    updates its share with its share of the optimizer state, and all-gathers the updated weights.
+    The update math is MuonAdamW's own kernels, so N ranks step exactly as one process does on the
+    same total batch (tests/test_optim.py checks it on gloo).
+
+    - Muon: a shape group's matrices are split whole among the ranks (rank r owns matrices
+      r*c .. r*c+c-1, the stack padded with zeros to a multiple of the world): each rank
+      orthogonalises 1/N of them (nanochat's DistMuonAdamW) and keeps only their momentum.
+    - AdamW: each tensor is flattened and cut into N equal slices; each rank keeps the moments of its
+      slice only (ZeRO stage 2, arXiv 1910.02054).
+
+    state_dict() gathers the shares into MuonAdamW's single-process layout (a collective: every rank
+    calls it) and load_state_dict() takes that layout and keeps this rank's share, so a checkpoint
+    does not depend on the number of ranks. NCCL reduce-scatters; gloo (CPU) has no reduce-scatter,
+    so there it is an all-reduce of which each rank keeps its slice: the same numbers, more bytes."""
+
+    def __init__(self, param_groups):
+        super().__init__(param_groups)
+        dist = torch.distributed
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._nccl = dist.get_backend() == "nccl"
+
+    # ---- communication: tensors whose first dimension is a multiple of the world size
+    def _reduce_scatter_mean(self, full):
+        dist = torch.distributed
+        if self._nccl:
+            mine = torch.empty_like(full[:full.size(0) // self.world])
+            dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM)
+        else:
+            dist.all_reduce(full)
+            mine = full.chunk(self.world)[self.rank].clone()
+        return mine.div_(self.world)
+
+    def _all_gather(self, mine):
+        full = torch.empty((self.world * mine.size(0), *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+        if self._nccl:
+            torch.distributed.all_gather_into_tensor(full, mine)
+        else:
+            torch.distributed.all_gather(list(full.chunk(self.world)), mine)
+        return full
+
+    def _padded(self, x, n):
+        """x [n, ...] padded with zeros to [c * world, ...], c = ceil(n / world)."""
+        c = -(-n // self.world)
+        return torch.cat([x, x.new_zeros(c * self.world - n, *x.shape[1:])]) if c * self.world > n else x
+
+    def comm_bytes_per_step(self) -> int:
+        """Bytes this rank sends per step with NCCL's ring algorithms: (N - 1) / N of every gradient
+        (reduce-scatter) and of every weight (all-gather), padding included."""
+        total = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                total += 2 * p.numel() * p.element_size()
+        return total * (self.world - 1) // self.world
+
+    # ---- the steps
+    def _muon_step(self, group):
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            return
+        n, shape = len(params), params[0].shape
+        grads = self._padded(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]), n)
+        mine = self._reduce_scatter_mean(grads)  # [c, *shape]: this rank's matrices
+        stacked = self._padded(torch.stack(params), n).chunk(self.world)[self.rank].clone()
+        state = self.state[params[0]]
+        reduce_dim = -1 if shape[-2] >= shape[-1] else -2
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(mine)
+            factored = list(mine.shape)
+            factored[reduce_dim] = 1
+            state["second_moment"] = torch.zeros(factored, dtype=torch.float32, device=mine.device)
+        momentum, lr, weight_decay, beta2 = self._fill(
+            momentum=group["momentum"], lr=group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5,
+            weight_decay=group["weight_decay"], beta2=group["beta2"])
+        device = params[0].device
+        _kernel(_muon_update, device)(mine, stacked, state["momentum_buffer"], state["second_moment"], momentum, lr,
+                                      weight_decay, beta2, group["ns_steps"], reduce_dim, device.type == "cuda")
+        torch._foreach_copy_(params, list(self._all_gather(stacked)[:n].unbind(0)))
+
+    def _adamw_step(self, group):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            n = p.numel()
+            grad = self._reduce_scatter_mean(self._padded(p.grad.reshape(-1), n))
+            mine = self._padded(p.detach().reshape(-1), n).chunk(self.world)[self.rank].clone()
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(mine)
+                state["exp_avg_sq"] = torch.zeros_like(mine)
+            state["step"] += 1
+            hp = self._fill(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                            eps=group["eps"], weight_decay=group["weight_decay"])
+            _kernel(_adamw_update, p.device)(mine, grad, state["exp_avg"], state["exp_avg_sq"], *hp)
+            p.detach().copy_(self._all_gather(mine)[:n].view_as(p))
+
+    # ---- checkpoints in the single-process layout
+    def state_dict(self):
+        full = {}
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                first = group["params"][0]
+                if self.state[first]:
+                    n = len(group["params"])
+                    full[first] = {k: self._all_gather(v)[:n] for k, v in self.state[first].items()}
+            else:
+                for p in group["params"]:
+                    if self.state[p]:
+                        s = self.state[p]
+                        full[p] = {"step": s["step"], **{k: self._all_gather(s[k])[:p.numel()].view_as(p)
+                                                         for k in ("exp_avg", "exp_avg_sq")}}
+        sharded, self.state = self.state, full
+        try:
+            return super().state_dict()
+        finally:
+            self.state = sharded
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # the full tensors, then each rank keeps its share
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                s, n = self.state[group["params"][0]], len(group["params"])
+                for k in ("momentum_buffer", "second_moment"):
+                    if k in s:
+                        s[k] = self._padded(s[k], n).chunk(self.world)[self.rank].clone()
+            else:
+                for p in group["params"]:
+                    s = self.state[p]
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        if k in s:
+                            s[k] = self._padded(s[k].reshape(-1), p.numel()).chunk(self.world)[self.rank].clone()

@@ -296,6 +296,9 @@ def _train(args, held):
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
            f"{world} ranks x {accum} accum; attention {attention.describe(device)}")
+    if world > 1:
+        print0(f"distributed MuonAdamW over {world} ranks: {optimizer.comm_bytes_per_step() / 2**20:.1f} MiB sent per "
+               "rank per step (gradients reduce-scattered, weights all-gathered)")
 
     def progress():
         fracs = [tokens_done / budget_tokens] if budget_tokens else []
@@ -307,7 +310,8 @@ def _train(args, held):
         state = {"loader": loader.state_dict(), "tokens_done": tokens_done, "train_time": train_time,
                  "timed_tokens": timed_tokens,
                  "model_config": vars(mcfg), "run_config": cfg, "tokenizer_hash": data.tokenizer.hash}
-        return checkpoint.save(run_dir, step, model, optimizer, state) if rank == 0 else None
+        opt_state = optimizer.state_dict()  # with several ranks a collective: every rank gathers its share
+        return checkpoint.save(run_dir, step, model, opt_state, state) if rank == 0 else None
 
     stop = {"sigint": False}
     prev_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
@@ -368,6 +372,10 @@ def _train(args, held):
                 if rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": step, "val_bpb": eval_bpb}) + "\n")
+            if world > 1:  # Ctrl-C reaches the ranks at different steps: stop together, or the save's collectives hang
+                flag = torch.tensor([float(stop["sigint"])], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop["sigint"] = bool(flag.item())
             if stop["sigint"]:
                 path = save_state()
                 print0(f"\ninterrupted at step {step}: checkpoint {path}; continue with "
@@ -460,7 +468,7 @@ def setup(cfg, device, rank=0, world=1):
     model = build_model(mcfg, device)
     optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
                                       unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
-                                      weight_decay=cfg["weight_decay"])
+                                      weight_decay=cfg["weight_decay"], distributed=world > 1)
     loader = BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world, device=device)
     return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader,
                            accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
@@ -470,7 +478,8 @@ def setup(cfg, device, rank=0, world=1):
 def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
     """One optimizer step over `accum` micro-batches; returns the mean loss as a device tensor (no
     host sync here: the caller decides when to read it) and, for an MoE model, the step's expert
-    load statistics (after which the balancing biases move: model.balance_experts)."""
+    load statistics (after which the balancing biases move: model.balance_experts). With several
+    ranks the optimizer (DistMuonAdamW) averages the gradients; the trainer sends nothing itself."""
     loss_sum = torch.zeros((), device=model.lm_head.weight.device)
     for _ in range(accum):
         x, y = next(loader)
@@ -478,10 +487,7 @@ def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
             loss = fwd(x, y)
         (loss / accum).backward()
         loss_sum += loss.detach()
-    if world > 1:  # plain gradient averaging until the distributed optimizer lands
-        for p in model.parameters():
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-    optimizer.step()
+    optimizer.step()  # with several ranks DistMuonAdamW, which averages the gradients over them
     model.zero_grad(set_to_none=True)
     loader.prefetch()  # the next step's first batch, packed while the GPU runs the queued step
     return loss_sum / accum, model.balance_experts()

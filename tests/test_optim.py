@@ -170,3 +170,92 @@ def test_bad_param_groups_raise_lab_error():
         MuonAdamW([dict(kind="adamw", params=[a], lr=0.1, eps=1e-8, weight_decay=0.0)])
     with pytest.raises(LabError, match="kind="):
         MuonAdamW([dict(kind="sgd", params=[a], lr=0.1)])
+
+
+# ---- DistMuonAdamW: N gloo processes step exactly as one process on the same total batch -----------
+
+DIST_CONFIG = dict(sequence_len=16, vocab_size=53, n_layer=3, n_embd=32, n_head=2, n_kv_head=2, head_dim=16,
+                   window_pattern="L", moe_experts=3, moe_top_k=2, moe_expert_width=24)  # 3-D experts, a router
+
+
+def _dist_model():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(**DIST_CONFIG), "cpu").double()
+    with torch.no_grad():
+        for p in model.parameters():  # every output projection nonzero, so every gradient is
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    return model
+
+
+def _global_batch(step, rows=8):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, 53, (rows, 16), generator=g), torch.randint(0, 53, (rows, 16), generator=g)
+
+
+def _dist_worker(rank, world, init_file, out, resume_state):
+    from llmlabs.optim import DistMuonAdamW
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _dist_model()
+        opt = model.setup_optimizer(distributed=True)
+        assert isinstance(opt, DistMuonAdamW)
+        if resume_state is not None:
+            opt.load_state_dict(torch.load(resume_state))
+        for step in range(3):
+            x, y = _global_batch(step)
+            model(x[rank::world], y[rank::world]).backward()  # this rank's rows: the mean of the means is the mean
+            opt.step()
+            model.zero_grad(set_to_none=True)
+        state = opt.state_dict()  # a collective: every rank
+        if rank == 0:
+            torch.save({"params": {k: v.detach() for k, v in model.named_parameters()}, "opt": state}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _run_dist(world, tmp_path, resume_state=None):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / f"dist{world}.pt"
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / f"init{world}"), str(out), resume_state), nprocs=world)
+    return torch.load(out)
+
+
+def test_distributed_optimizer_equals_one_process_and_its_state_moves_across_rank_counts(tmp_path):
+    model = _dist_model()
+    opt = model.setup_optimizer()
+    for step in range(3):
+        model(*_global_batch(step)).backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+    one = {"params": {k: v.detach().clone() for k, v in model.named_parameters()}, "opt": opt.state_dict()}
+
+    # float64. Muon's matrices agree to ~1e-11. AdamW's eps (1e-10) turns a gradient that is zero in
+    # exact arithmetic but +-1e-17 after rounding (the MoE's normalised gates cancel so) into a step
+    # of lr * 1e-7: ~1e-7 apart, which atol allows; without the MoE layers everything agrees to 1e-13.
+    def close(a, b):
+        assert a["params"].keys() == b["params"].keys()
+        for k in a["params"]:
+            torch.testing.assert_close(b["params"][k], a["params"][k], rtol=1e-9, atol=1e-6, msg=k)
+        sa, sb = a["opt"]["state"], b["opt"]["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for k in sa[i]:
+                torch.testing.assert_close(torch.as_tensor(sb[i][k]).double(), torch.as_tensor(sa[i][k]).double(),
+                                           rtol=1e-9, atol=1e-6, msg=f"state {i} {k}")
+    for world in (2, 4):  # 4 ranks: more ranks than some Muon groups have matrices (padding)
+        close(one, _run_dist(world, tmp_path))
+    # the single-process optimizer state after those 3 steps, loaded on 2 ranks (each keeps its share)
+    # and stepped 3 more times from fresh weights, equals the same in one process
+    torch.save(one["opt"], tmp_path / "one.pt")  # (state_dict holds the live tensors: saved now)
+    resumed = _run_dist(2, tmp_path, str(tmp_path / "one.pt"))
+    ref = _dist_model()
+    ref_opt = ref.setup_optimizer()
+    ref_opt.load_state_dict(torch.load(tmp_path / "one.pt"))
+    for step in range(3):
+        ref(*_global_batch(step)).backward()
+        ref_opt.step()
+        ref.zero_grad(set_to_none=True)
+    close({"params": {k: v.detach() for k, v in ref.named_parameters()}, "opt": ref_opt.state_dict()}, resumed)
+    assert resumed["opt"]["state"][0]["step"] == 6  # an AdamW tensor's step count went on from 3
