@@ -250,12 +250,19 @@ class KVCache:
     the tokens at positions cache.pos.., appends their K/V to every layer, attends over the cache
     (windows respected, RoPE offset by cache.pos) and advances cache.pos. Decoding reads a few
     tokens at a time, so it uses SDPA with an explicit [T_new, pos + T_new] mask on every device:
-    exact, and independent of the training backend."""
+    exact, and independent of the training backend.
 
-    def __init__(self, batch_size, max_len, config, device, dtype=torch.float32):
+    Rows of different lengths: `starts[b]` is where row b's tokens begin. Prompts are left-padded to
+    one length and the padding's keys are masked, so cache.pos stays one number for the batch. RoPE
+    and the windows depend only on position differences, so a padded row attends exactly as it
+    would alone, its first token at position starts[b] instead of 0 (tests/test_engine.py)."""
+
+    def __init__(self, batch_size, max_len, config, device, dtype=torch.float32, starts=None):
         shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.starts = (torch.zeros(batch_size, dtype=torch.long, device=device) if starts is None
+                       else torch.as_tensor(starts, dtype=torch.long, device=device))
         self.max_len = max_len
         self.pos = 0
 
@@ -269,7 +276,11 @@ class KVCache:
         self.k[layer, :, self.pos:end] = k
         self.v[layer, :, self.pos:end] = v
         keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
-        mask = _window_mask(torch.arange(self.pos, end, device=q.device), torch.arange(end, device=q.device), window)
+        q_pos, k_pos = torch.arange(self.pos, end, device=q.device), torch.arange(end, device=q.device)
+        real = k_pos[None, :] >= self.starts[:, None]  # [B, Tk]: not padding
+        # [B, 1, Tq, Tk]; a padding query also sees itself: a row with no key would softmax to NaN,
+        # and NaN times a zero weight is still NaN in the next layer's values
+        mask = (_window_mask(q_pos, k_pos, window) & real[:, None, None, :]) | (q_pos[:, None] == k_pos[None, :])
         y = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(1, 2), keys.transpose(1, 2),
                                            values.transpose(1, 2), attn_mask=mask, scale=scale,
                                            enable_gqa=keys.size(2) != q.size(2))

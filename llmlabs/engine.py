@@ -1,65 +1,123 @@
-"""Generation with a KV cache, and the `llmlabs sample RUN --prompt TEXT` command.
+"""Generation with a KV cache, batched, and the `llmlabs sample RUN --prompt TEXT` command.
 
-With the cache, the prompt is run once (prefill) and each new token costs one position of compute;
-without it, the whole sequence is re-run for every token. Both draw the same random numbers in the
-same order, so for a seed they give the same tokens (tests/test_engine.py checks this, with greedy
-against a full forward, top-k and the context bound).
+With the cache, the prompts are run once (prefill) and each new token costs one position of compute;
+without it, every row's whole sequence is re-run for every token, one row at a time (the reference
+the tests compare with). A batch holds prompts of any lengths: they are left-padded to the longest
+and the cache masks the padding (attention.KVCache), so each row gets the tokens it would get alone.
+Both paths draw the same random numbers in the same order, so for a seed they give the same tokens.
+
+Greedy (temperature 0) is per row: row i of a batch is exactly the one-prompt run of prompt i.
+Sampling draws one [rows, vocab] multinomial per step from one generator: reproducible for a seed
+and batch, but row i of a batch is not the one-prompt run with that seed (tests/test_engine.py).
 """
+import codecs
+import sys
+import time
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 from llmlabs import flags
 from llmlabs.common import LabError
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, seed=0, use_cache=True,
-             stop_ids=()):
-    """Yield up to `max_new_tokens` token ids continuing `prompt_ids` (a list of ints, BOS first),
-    never past the model's context (sequence_len). temperature 0 is greedy; top_k keeps the k most
-    likely tokens before sampling."""
+def stream(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, seed=0, stop_ids=(),
+           use_cache=True):
+    """Continue several prompts (lists of token ids, BOS first) together. Yields one list per step:
+    each row's new token id, or None once the row has stopped: at a token in `stop_ids` (which is
+    yielded) or after `max_new_tokens`. Ends when every row has stopped, and at the model's context
+    (sequence_len) counted from the longest prompt. temperature 0 is greedy; top_k keeps the k most
+    likely tokens, top_p the nucleus (_nucleus), both before sampling."""
     from llmlabs.attention import KVCache
 
     cfg = model.config
-    if not 0 < len(prompt_ids) < cfg.sequence_len:
-        raise LabError(f"prompt of {len(prompt_ids)} tokens: give 1 to {cfg.sequence_len - 1} tokens "
-                       f"(the model's context is {cfg.sequence_len})")
-    max_new_tokens = min(max_new_tokens, cfg.sequence_len - len(prompt_ids))
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    total = len(prompt_ids) + max_new_tokens
-    cache = KVCache(1, total, cfg, device, next(model.parameters()).dtype) if use_cache else None
-    logits = model(ids, kv_cache=cache)[:, -1, :] if use_cache else None
-    for _ in range(max_new_tokens):
+    if not prompts:
+        raise LabError("no prompts to continue")
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) < cfg.sequence_len:
+            raise LabError(f"prompt{f' {i}' if len(prompts) > 1 else ''} of {len(p)} tokens: give 1 to "
+                           f"{cfg.sequence_len - 1} tokens (the model's context is {cfg.sequence_len})")
+    longest = max(map(len, prompts))
+    steps = min(max_new_tokens, cfg.sequence_len - longest)
+    param = next(model.parameters())
+    gen = torch.Generator(device=param.device).manual_seed(seed)
+    if use_cache:
+        pads = [longest - len(p) for p in prompts]
+        ids = torch.tensor([[0] * n + list(p) for n, p in zip(pads, prompts)], device=param.device)
+        cache = KVCache(len(prompts), longest + steps, cfg, param.device, param.dtype, starts=pads)
+        logits = model(ids, kv_cache=cache)[:, -1, :]
+    else:
+        rows = [list(p) for p in prompts]
+    stopped = [False] * len(prompts)
+    for step in range(steps):
         if not use_cache:
-            logits = model(ids)[:, -1, :]
-        nxt = _pick(logits.float(), temperature, top_k, gen)
-        tok = int(nxt)
-        yield tok
-        if tok in stop_ids:
+            logits = torch.cat([model(torch.tensor([r], device=param.device))[:, -1, :] for r in rows])
+        nxt = _pick(logits.float(), temperature, top_k, top_p, gen)
+        toks = nxt.tolist()  # the one host sync per step: the caller gets ints
+        yield [None if s else t for s, t in zip(stopped, toks)]
+        stopped = [s or t in stop_ids for s, t in zip(stopped, toks)]
+        if all(stopped) or step + 1 == steps:
             return
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        if use_cache:
-            logits = model(nxt.view(1, 1), kv_cache=cache)[:, -1, :]
+        if use_cache:  # stopped rows are still computed (their tokens are dropped): one batch shape throughout
+            logits = model(nxt.view(-1, 1), kv_cache=cache)[:, -1, :]
+        else:
+            for r, t in zip(rows, toks):
+                r.append(t)
 
 
-def _pick(logits, temperature, top_k, gen):
+def generate(model, prompt_ids, max_new_tokens, **kw):
+    """Yield up to `max_new_tokens` token ids continuing one prompt (stream's arguments)."""
+    for (tok,) in stream(model, [prompt_ids], max_new_tokens, **kw):
+        yield tok
+
+
+def generate_batch(model, prompts, max_new_tokens, **kw) -> list[list[int]]:
+    """Each prompt's new token ids, generated together (stream's arguments)."""
+    out = [[] for _ in prompts]
+    for toks in stream(model, prompts, max_new_tokens, **kw):
+        for row, tok in zip(out, toks):
+            if tok is not None:
+                row.append(tok)
+    return out
+
+
+def _pick(logits, temperature, top_k, top_p, gen):
     if temperature == 0:
         return logits.argmax(dim=-1)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1:
+        probs = _nucleus(probs, top_p)
     return torch.multinomial(probs, 1, generator=gen).view(-1)
 
 
-def complete(model, tokenizer, prompt, max_new_tokens, **kw):
-    """Prompt text -> generated text (the prompt not included), stopping at the next document (BOS)."""
-    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    out = list(generate(model, ids, max_new_tokens, stop_ids=(tokenizer.bos_id,), **kw))
-    if out and out[-1] == tokenizer.bos_id:
-        out = out[:-1]
-    return tokenizer.decode(out)
+def _nucleus(probs, top_p):
+    """Nucleus (top-p) sampling (Holtzman et al., arXiv 1904.09751): keep the smallest set of most
+    likely tokens whose probabilities sum to >= top_p, zero the rest (multinomial renormalises).
+    The most likely token always stays, so top_p 0 is greedy."""
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # ties: lower id first
+    # a token stays if the more likely ones before it sum to < top_p
+    keep = F.pad(sorted_p.cumsum(dim=-1)[..., :-1] < top_p, (1, 0), value=True)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+
+
+def complete(model, tokenizer, prompts, max_new_tokens, **kw) -> list[str]:
+    """Prompt texts -> generated texts (prompts not included), each stopping at the next document (BOS)."""
+    out = generate_batch(model, [_encode(tokenizer, p) for p in prompts], max_new_tokens,
+                         stop_ids=(tokenizer.bos_id,), **kw)
+    return [_decode(tokenizer, ids) for ids in out]
+
+
+def _encode(tokenizer, prompt):
+    return [tokenizer.bos_id] + tokenizer.encode(prompt)
+
+
+def _decode(tokenizer, ids):
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.bos_id else ids)  # not the stop token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,14 +125,33 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kw):
 
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
-    p.add_argument("--prompt", default="", help="text to continue (default: none, a new document in the style of "
-                                                "the run's corpus, whatever it is)")
+    p.add_argument("--prompt", action="append", help="text to continue; repeat for several, generated as one batch "
+                                                     "(default: none, a new document in the style of the run's "
+                                                     "corpus, whatever it is)")
+    p.add_argument("--prompts-file", help="a UTF-8 text file of prompts, one per line (blank lines skipped), after "
+                                          "any --prompt")
     p.add_argument("--max-tokens", type=flags.positive_int, default=128, help="tokens to generate")
     p.add_argument("--temperature", type=flags.nonnegative, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=flags.count, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=flags.fraction, default=1.0,
+                   help="sample from the smallest set of most likely tokens holding this much probability "
+                        "(nucleus sampling; 1 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=flags.positive_int, default=1)
+    p.add_argument("--num-samples", type=flags.positive_int, default=1, help="samples per prompt, all in the batch")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt and one "
+                                                         "sample only)")
     p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
+
+
+def _read_prompts(path):
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LabError(f"--prompts-file {path}: cannot read it ({type(e).__name__}: {e})") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise LabError(f"--prompts-file {path} holds no prompt: write one per line")
+    return prompts
 
 
 def run(args):
@@ -82,13 +159,33 @@ def run(args):
     from llmlabs.common import compute_init
     from llmlabs.data.tokenizer import Tokenizer
 
+    prompts = (args.prompt or []) + (_read_prompts(args.prompts_file) if args.prompts_file else [])
+    rows = [p for p in prompts or [""] for _ in range(args.num_samples)]
+    if args.stream and len(rows) > 1:
+        raise LabError(f"--stream prints one text as it is generated; this asks for {len(rows)} (prompts x "
+                       "--num-samples): drop --stream to generate them as one batch, printed at the end")
     device = compute_init(args.device)[0]
-    model, ck = load_run(args.run, device)
-    from pathlib import Path
+    model, _ = load_run(args.run, device)
     tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
-    for i in range(args.num_samples):
-        text = complete(model, tokenizer, args.prompt, args.max_tokens, temperature=args.temperature,
-                        top_k=args.top_k or None, seed=args.seed + i)
-        print(args.prompt + text)
-        if i + 1 < args.num_samples:
-            print("-" * 40)
+    kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
+              stop_ids=(tokenizer.bos_id,))
+    start = time.perf_counter()
+    if args.stream:  # bytes through an incremental UTF-8 decoder: a character split over tokens prints whole
+        print(rows[0], end="", flush=True)
+        utf8, n = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+        for (tok,) in stream(model, [_encode(tokenizer, rows[0])], args.max_tokens, **kw):
+            n += 1
+            if tok != tokenizer.bos_id:
+                print(utf8.decode(tokenizer.decode_bytes([tok])), end="", flush=True)
+        print(utf8.decode(b"", final=True))
+    else:
+        out = generate_batch(model, [_encode(tokenizer, p) for p in rows], args.max_tokens, **kw)
+        n = sum(map(len, out))
+        for i, (prompt, ids) in enumerate(zip(rows, out)):
+            print(prompt + _decode(tokenizer, ids))
+            if i + 1 < len(rows):
+                print("-" * 40)
+    seconds = time.perf_counter() - start
+    # stderr: piping stdout keeps only the text
+    print(f"{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s ({len(rows)} row{'s' * (len(rows) > 1)}, "
+          f"prefill included, {device})", file=sys.stderr)

@@ -612,9 +612,9 @@ def _write_samples(model, data, path):
     from llmlabs.engine import complete
 
     model.eval()
-    out = []
-    for i, prompt in enumerate(_sample_prompts(data)):
-        out.append(prompt + complete(model, data.tokenizer, prompt, 64, temperature=0.8, top_k=50, seed=i))
+    prompts = _sample_prompts(data)
+    texts = complete(model, data.tokenizer, prompts, 64, temperature=0.8, top_k=50, seed=0)  # one batch
+    out = [p + t for p, t in zip(prompts, texts)]
     path.write_text("\n\n-----\n\n".join(out) + "\n")
     model.train()
 

@@ -100,6 +100,8 @@ RUNTIME = [
     (["eval", "{run}", "--device", "tpu"], ("eval", "--device"), "unknown device 'tpu'"),
     (["sample", "{tmp}/none"], ("sample", "run"), "has no checkpoint"),
     (["sample", "{run}", "--device", "tpu"], ("sample", "--device"), "unknown device 'tpu'"),
+    (["sample", "{run}", "--prompts-file", "{tmp}/none"], ("sample", "--prompts-file"), "none: cannot read it"),
+    (["sample", "{run}", "--prompts-file", "{tmp}"], ("sample", "--prompts-file"), "cannot read it \\(IsADirectoryError"),
     (["auto", "init", "--tag", "a/b"], ("auto init", "--tag"), "cannot name a git branch"),
     (["auto", "init", "--tag", "t2", "--data", "{tmp}/none"], ("auto init", "--data"), r"none.*llmlabs prepare"),
     (["auto", "init", "--tag", "t3", "--data", "{data}", "--train-args", "--seed 3"], ("auto init", "--train-args"), "may not set --seed"),

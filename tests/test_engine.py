@@ -1,14 +1,26 @@
 """Generation (engine.py): with and without the KV cache, the same tokens for a seed (the cache is
 an optimisation, never a different model); greedy picks the argmax of a full forward at every step;
-top-k never samples outside the k most likely; the context bounds the output."""
+top-k never samples outside the k most likely, top-p outside the nucleus; the context bounds the
+output. Batches: prompts of different lengths in one batch get, greedy, the tokens each gets alone,
+and the cache's logits equal each row's own full forward to float64 rounding; `llmlabs sample`
+batches, streams, and reports tokens/s on stderr."""
+import random
+from dataclasses import asdict
+
 import pytest
 import torch
 
+from llmlabs import checkpoint, cli
+from llmlabs.attention import KVCache
 from llmlabs.common import LabError
-from llmlabs.engine import generate
+from llmlabs.engine import _nucleus, generate, generate_batch
 from llmlabs.model import build_model
 
+from conftest import random_text
 from test_model import randomized, tiny_config
+
+# lengths 5, 2, 13 and 3: one row longer than the short window (5), one of 2 padded by 11
+PROMPTS = [[0, 17, 3, 42, 8], [0, 9], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [0, 33, 33]]
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +61,119 @@ def test_context_bounds_the_output_and_stop_ids_end_it(model):
     assert list(generate(model, [0, 2], 5, temperature=0.0, stop_ids=(first,))) == [first]
     with pytest.raises(LabError, match="prompt of 48 tokens: give 1 to 47 tokens"):
         next(generate(model, list(range(48)), 5))
+
+
+@pytest.fixture(scope="module")
+def model64():
+    """The model in float64 with float64 RoPE tables: rope_tables rounds its angles to float32, which
+    moves a padded row's logits by ~1e-7 (its positions are shifted); with exact angles the only
+    difference left between a padded row and its lone run is float64 rounding."""
+    m = randomized(build_model(tiny_config(sequence_len=48), "cpu"), seed=5).double().eval()
+    c = m.config
+    inv_freq = c.rope_base ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
+    angles = torch.outer(torch.arange(c.sequence_len, dtype=torch.float64), inv_freq)
+    m.rope_cos.copy_(angles.cos())
+    m.rope_sin.copy_(angles.sin())
+    return m
+
+
+def test_batched_greedy_equals_one_at_a_time(model64):
+    alone = [list(generate(model64, p, 12, temperature=0.0)) for p in PROMPTS]
+    assert generate_batch(model64, PROMPTS, 12, temperature=0.0) == alone
+    # a row stops at its own stop token (yielded), the others go on
+    stop = alone[1][3]
+    assert stop not in alone[1][:3] and stop not in alone[0]
+    out = generate_batch(model64, PROMPTS, 12, temperature=0.0, stop_ids=(stop,))
+    assert out == [list(generate(model64, p, 12, temperature=0.0, stop_ids=(stop,))) for p in PROMPTS]
+    assert out[1] == alone[1][:4] and out[0] == alone[0]
+    # the context is counted from the longest prompt (13 of 48)
+    assert [len(r) for r in generate_batch(model64, PROMPTS, 100, temperature=0.0)] == [48 - 13] * 4
+
+
+def test_kv_cache_logits_equal_each_rows_full_forward(model64):
+    new = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(3))
+    longest = max(map(len, PROMPTS))
+    pads = [longest - len(p) for p in PROMPTS]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pads, PROMPTS)])
+    with torch.no_grad():
+        cache = KVCache(4, longest + 6, model64.config, "cpu", torch.float64, starts=pads)
+        pieces = [model64(ids, kv_cache=cache)]                                   # padded prefill
+        pieces += [model64(new[:, t:t + 1], kv_cache=cache) for t in range(4)]  # decode one at a time
+        pieces.append(model64(new[:, 4:], kv_cache=cache))                      # a chunk
+        cached = torch.cat(pieces, dim=1)
+        for row, (p, n) in enumerate(zip(PROMPTS, pads)):
+            full = model64(torch.tensor([p + new[row].tolist()]))[0]
+            torch.testing.assert_close(cached[row, n:], full, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (1.5, 7, 0.6)])
+def test_batched_sampling_is_reproducible_and_the_same_without_cache(model, temperature, top_k, top_p):
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=11)
+    cached = generate_batch(model, PROMPTS, 10, **kw)
+    assert cached == generate_batch(model, PROMPTS, 10, **kw)
+    assert cached == generate_batch(model, PROMPTS, 10, use_cache=False, **kw)  # each row alone, full forwards
+    assert cached != generate_batch(model, PROMPTS, 10, **{**kw, "seed": 12})
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_p(model):
+    probs = torch.tensor([[0.125, 0.5, 0.25, 0.125], [0.25, 0.25, 0.25, 0.25]])  # exact in binary
+    kept = lambda p: [(row > 0).nonzero().view(-1).tolist() for row in _nucleus(probs, p)]  # noqa: E731
+    assert kept(0.5) == [[1], [0, 1]]            # 0.5 reaches 0.5 alone; ties: the lower indices
+    assert kept(0.75) == [[1, 2], [0, 1, 2]]     # 0.5 + 0.25 = 0.75, not one more
+    assert kept(0.76) == [[0, 1, 2], [0, 1, 2, 3]]  # of the tied 0.125s, the first index
+    assert kept(0.0) == [[1], [0]] and kept(1.0) == [[0, 1, 2, 3]] * 2  # the top token always stays
+    torch.testing.assert_close(_nucleus(probs, 0.75)[0], torch.tensor([0, 0.5, 0.25, 0]))
+    # sampling with top_p draws only inside the nucleus of the model's own distribution
+    ids = [0, 23, 1]
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([ids]))[0, -1] / 2.0, dim=-1)
+    order = p.argsort(descending=True)
+    size = int((p[order].cumsum(0) < 0.5).sum()) + 1
+    firsts = {next(generate(model, ids, 1, temperature=2.0, top_p=0.5, seed=s)) for s in range(40)}
+    assert firsts <= set(order[:size].tolist()) and len(firsts) > 1
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory without training: a small BPE tokenizer and a randomized tiny model's checkpoint."""
+    from llmlabs.data.tokenizer import Tokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    rng = random.Random(0)
+    tok = Tokenizer.train((random_text(rng, 200) for _ in range(30)), 300)
+    tok.save(run / "tokenizer.json")
+    config = tiny_config(vocab_size=300, sequence_len=64)
+    m = randomized(build_model(config, "cpu"), seed=2)
+    checkpoint.save(run, 0, m, torch.optim.SGD(m.parameters(), lr=0.0),
+                    {"model_config": asdict(config), "run_config": {}, "tokenizer_hash": tok.hash})
+    return str(run)
+
+
+def sample(capsys, *argv):
+    capsys.readouterr()
+    assert cli.main(["sample", *argv, "--device", "cpu"]) == 0
+    return capsys.readouterr()
+
+
+def test_sample_command_batches_streams_and_reports_tokens_per_second(run_dir, tmp_path, capsys):
+    greedy = ["--max-tokens", "12", "--temperature", "0"]
+    one = sample(capsys, run_dir, "--prompt", "the data", *greedy)
+    assert one.out.startswith("the data") and len(one.err.strip().splitlines()) == 1
+    assert " tokens/s (1 row, prefill included, cpu)" in one.err and one.err.startswith("12 tokens in ")
+    # --stream prints the same text, as it comes
+    assert sample(capsys, run_dir, "--prompt", "the data", "--stream", *greedy).out == one.out
+    # several prompts (and samples) in one batch: each row as it would be alone (greedy)
+    many = sample(capsys, run_dir, "--prompt", "東京", "--prompt", "the data", "--num-samples", "2", *greedy)
+    texts = many.out.split("-" * 40 + "\n")
+    alone = sample(capsys, run_dir, "--prompt", "東京", *greedy).out
+    assert texts == [alone, alone, one.out, one.out] and "(4 rows" in many.err
+    (tmp_path / "prompts.txt").write_text("東京\n\nthe data\n", encoding="utf-8")
+    assert sample(capsys, run_dir, "--prompts-file", str(tmp_path / "prompts.txt"), *greedy).out == \
+        alone + "-" * 40 + "\n" + one.out
+    # top-p 0 keeps only the most likely token: greedy whatever the temperature
+    assert sample(capsys, run_dir, "--prompt", "the data", "--max-tokens", "12", "--top-p", "0").out == one.out
+    assert cli.main(["sample", run_dir, "--prompt", "a", "--prompt", "b", "--stream"]) == 2
+    assert "--stream prints one text" in capsys.readouterr().err
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert cli.main(["sample", run_dir, "--prompts-file", str(tmp_path / "blank.txt")]) == 2
+    assert "holds no prompt" in capsys.readouterr().err

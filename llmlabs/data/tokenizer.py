@@ -112,6 +112,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._enc.decode(ids.tolist() if hasattr(ids, "tolist") else list(ids))
 
+    def decode_bytes(self, ids) -> bytes:
+        """The raw bytes of ids, for decoding a stream of tokens incrementally: one token may hold part
+        of a multi-byte character, which decode() alone would turn into U+FFFD."""
+        return self._enc.decode_bytes(list(ids))
+
     def token_bytes(self) -> torch.Tensor:
         """UTF-8 byte length of each id's raw bytes (0 for special tokens), for bits-per-byte.
         Taken from the merge table, not from decode(id).encode(): a token holding part of a multi-byte
