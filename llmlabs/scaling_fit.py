@@ -82,7 +82,28 @@ def fit(N, D, L, delta=HUBER_DELTA):
     best = min((minimize(_objective, s, args=logs, jac=True, method="BFGS", options={"gtol": 1e-9})
                 for s in _seeds(N, D, L)), key=lambda r: r.fun)
     a, b, e, alpha, beta = (float(t) for t in best.x)
-    return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta, "huber": float(best.fun)}
+    with np.errstate(over="ignore"):  # a resample with no N (or D) trend runs its A (or B) off to inf
+        return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": alpha, "beta": beta,
+                "huber": float(best.fun)}
+
+
+def warnings(p, L, intervals, budgets):
+    """What the cells do not determine, in words: a fit can match every cell and still say nothing
+    about the law (few cells, short runs, a narrow range of N or D)."""
+    out = []
+    if p["E"] < 0.01 * np.min(L):
+        out.append(f"E fitted ~0 ({p['E']:.3g}): these cells show no floor, so E and the exponents trade off freely")
+    for k, what in (("alpha", "N (model size)"), ("beta", "D (tokens)")):
+        if p[k] > 2:
+            out.append(f"{k} = {p[k]:.3g} > 2: the {what} term is spent inside the sweep (it sets apart its smallest "
+                       "value from the rest); the cells do not determine how loss scales with it")
+        elif p[k] < 0.02:
+            out.append(f"{k} = {p[k]:.3g}: loss barely moves with {what} in these cells")
+    spans = [intervals[f"ratio@{c:.3g}"] for c in budgets if f"ratio@{c:.3g}" in intervals]
+    if any(not lo > 0 or hi / lo > 100 for lo, hi in spans):
+        out.append("the 5-95% interval of D_opt/N_opt spans more than 100x: no compute-optimal ratio can be read "
+                   "from these cells")
+    return out
 
 
 def compute_optimal(p, C):
@@ -140,6 +161,7 @@ def plot_curves(points, p, png):
         if 0 < k < len(grid) - 1:
             ax.plot(grid[k], curve[k], "*", color=f"C{i}", ms=12, mec="k", zorder=4)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels at 2e5, 3e5, ... overlap
     ax.set_xlabel("N (scaling parameters)")
     ax.set_ylabel("val_bpb")
     ax.set_title("runs and the fitted L(N, D) along each budget (*: fitted minimum)", fontsize=10)
@@ -183,7 +205,7 @@ def _save(fig, png):
     save(fig, png)
 
 
-def table(points, p, intervals, budgets, head):
+def table(points, p, intervals, budgets, head, notes=()):
     """The fit as markdown: `head` lines, the runs with predicted and measured loss, the parameters
     with their bootstrap intervals, and the compute-optimal allocation at each budget."""
     def iv(k):
@@ -201,6 +223,8 @@ def table(points, p, intervals, budgets, head):
     for c in budgets:
         n, d, ratio = compute_optimal(p, c)
         lines.append(f"| {c:.3g} | {n:.3g} | {d:.3g} | {ratio:.3g} | {iv(f'ratio@{c:.3g}')} |")
+    if notes:
+        lines += ["", "Warnings:", *[f"- {w}" for w in notes]]
     return "\n".join(lines) + "\n"
 
 
@@ -264,8 +288,10 @@ def fit_sweep(spec, sweep_dir, samples):
             f"Success criteria (preregistered): {spec.success}", "",
             "L = val_bpb; N = scaling parameters (block matrices + lm_head); D = training tokens; C = 6ND. "
             "Fit: Hoffmann et al. approach 3 (Huber 1e-3 on log residuals), llmlabs/scaling_fit.py."]
-    files["fit.md"].write_text(table(points, p, intervals, budgets, head))
+    notes = warnings(p, L, intervals, budgets)
+    files["fit.md"].write_text(table(points, p, intervals, budgets, head, notes))
     atomic_write_json(files["fit.json"], {"params": p, "intervals": intervals, "points": points, "bootstrap": samples,
+                                          "warnings": notes,
                                           "compute_optimal": [dict(zip(("C", "N_opt", "D_opt", "ratio"),
                                                                        (c, *map(float, compute_optimal(p, c)))))
                                                               for c in budgets]})
@@ -277,5 +303,7 @@ def fit_sweep(spec, sweep_dir, samples):
         iv = intervals.get(f"ratio@{c:.3g}")
         print(f"C {c:.3g}: N_opt {n:.3g}, D_opt {d:.3g}, D_opt/N_opt {ratio:.3g}" +
               (f" (5-95%: {iv[0]:.3g} .. {iv[1]:.3g})" if iv else ""))
+    for w in notes:
+        print(f"warning: {w}")
     print("wrote " + ", ".join(str(f) for f in files.values()))
     return 0

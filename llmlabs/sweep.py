@@ -208,7 +208,8 @@ def load_spec(path) -> Spec:
         for dest, v in zip(axes, combo):
             flag = "--" + dest.replace("_", "-")
             argv += ([flag] if v else []) if isinstance(v, bool) else [flag, repr(v) if isinstance(v, float) else str(v)]
-            parts.append(SHORT.get(dest, dest.replace("_", "-")) + _label(v))
+            key = SHORT.get(dest, dest.replace("_", "-"))
+            parts.append((key if v else f"{key}-off") if isinstance(v, bool) else key + _label(v))
         for seed in seeds:
             cell = Cell("_".join(parts + [f"s{seed}"]), argv + ["--seed", str(seed)], dict(zip(axes, combo)))
             try:
@@ -360,7 +361,9 @@ def _run_local(sweep_dir, todo, slots, ended, n_total):
                     cell_dir = make_dir(sweep_dir / "cells" / cell.name, "--dir")
                     claim = _claim(cell_dir)
                     if claim is None or is_done(cell_dir):  # another runner has it, or finished it meanwhile
-                        print(f"        {cell.name}: {'done' if claim else 'run by another runner'}; skipped")
+                        print(f"skip    {cell.name}: {'done by another runner' if claim else 'another runner has it'}")
+                        if claim:
+                            claim.close()
                         continue
                     args = _command(cell_dir, cell)
                     proc = start_cell(args, cell_dir, _env(slot))
@@ -422,6 +425,10 @@ def _run_slurm(spec, sweep_dir, todo, opts):
     for i, (cell, cell_dir, job) in enumerate(jobs, 1):
         try:
             rc = job.result()
+        except KeyboardInterrupt:
+            print("\ninterrupted: the submitted jobs go on; run the same command once they have ended (done cells "
+                  "are skipped; one run again while its job is still queued would run twice)")
+            raise SystemExit(130) from None
         except Exception as e:  # the job itself died (preempted, timed out, node failure)
             rc = f"job {job.job_id}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         if rc == 0 and is_done(cell_dir):
