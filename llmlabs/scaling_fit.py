@@ -12,8 +12,9 @@ Where it starts from differs from the paper, for speed:
   ~40 ms), and the best few distinct grid points start the Huber fit.
 - Optimiser: BFGS, not L-BFGS-B. With 5 parameters L-BFGS's memory covers the whole space, so the
   two agree; but scipy's L-BFGS-B makes tiny BLAS calls every iteration, and on the 2-core machine
-  with other work on it OpenBLAS's threads made that 13 ms an iteration against BFGS's 0.6 ms (a
-  Rosenbrock problem: 0.66 s against 0.02 s).
+  with other work on it OpenBLAS's threads made that ~20 ms an iteration of this objective against
+  BFGS's ~0.8 ms (5-dimensional Rosenbrock: 0.66 s against 0.02 s; 0.013 s with
+  OPENBLAS_NUM_THREADS=1, which a library cannot set once numpy is loaded).
 Besiroglu et al. (arXiv 2404.10102) refitted Chinchilla's own points and found the paper's intervals
 far too narrow: intervals here come from a bootstrap over the runs (resample them with replacement,
 refit from scratch, seeding included), percentiles 5 and 95.

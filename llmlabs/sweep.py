@@ -23,8 +23,8 @@ runner down; a cell is done when its summary.json exists. On a re-run done cells
 an unfinished cell with a checkpoint continues with `train --resume` (which tests/test_train.py shows
 lands on the uninterrupted run's trajectory, so a resumed cell costs only what was lost), one
 without a checkpoint starts again in its directory. Each runner takes a cell's claim (an flock on
-CELL/.claim) before running it, so several runners on one sweep directory (say one per node of a
-shared filesystem) share the cells as a queue. --gpus runs one cell per GPU at a time; --slurm
+CELL/.claim) before running it, so several runners on one sweep directory share its cells as a
+queue (across nodes only where the shared filesystem honours flock; tested on one machine). --gpus runs one cell per GPU at a time; --slurm
 submits the cells as a SLURM job array through submitit."""
 import argparse
 import fcntl

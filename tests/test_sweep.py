@@ -177,6 +177,22 @@ def test_a_half_done_sweep_resumes(tmp_path, capsys):
     assert (third / "summary.json").exists() and (third / "train.log").read_text().count("== ") == 1
 
 
+def test_a_cell_another_runner_holds_is_left_to_it(tmp_path, capsys):
+    """Runners on one sweep directory share it as a queue: a claimed cell is skipped, not run twice."""
+    path = write(tmp_path, spec_text())
+    s = sweep.load_spec(path)
+    cells = sweep.open_sweep(s, tmp_path / "sw") / "cells"
+    (cells / "d1_tok512_s0").mkdir()
+    (cells / "d1_tok512_s0" / "summary.json").write_text("{}")
+    (cells / "d1_tok1024_s0").mkdir()
+    held = sweep._claim(cells / "d1_tok1024_s0")  # as another runner would hold it
+    assert cli.main(["sweep", "run", str(path), "--dir", str(tmp_path / "sw")]) == 0
+    out = capsys.readouterr().out
+    assert "skip    d1_tok1024_s0: another runner has it" in out and "1 of 2 cells done" in out
+    assert not (cells / "d1_tok1024_s0" / "train.log").exists()
+    held.close()
+
+
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
     path = write(tmp_path, spec_text())
