@@ -385,6 +385,9 @@ def _run_local(sweep_dir, todo, slots, ended, n_total):
                     eta = sum(took) / len(took) * left / len(slots)
                     print(f"[{ended}/{n_total}] {cell.name}: val_bpb {bpb if bpb is None else f'{bpb:.4f}'}, "
                           f"{took[-1]:.0f} s" + (f" | {left} to go, ETA {_duration(eta)}" if left else ""), flush=True)
+                elif proc.returncode == 130:  # train's exit on Ctrl-C, checkpoint saved: one reached the cell only
+                    print(f"        {cell.name}: interrupted ({_last_line(cell_dir)})", flush=True)
+                    raise KeyboardInterrupt
                 else:
                     failed.append(cell.name)
                     print(f"[{ended}/{n_total}] {cell.name}: FAILED (exit {proc.returncode}): {_last_line(cell_dir)}",
