@@ -12,6 +12,7 @@ COMMANDS = {
     "train": ("llmlabs.train", "train a GPT and report val_bpb"),
     "eval": ("llmlabs.evaluate", "print val_bpb of a run's checkpoint"),
     "sample": ("llmlabs.engine", "generate text from a run's checkpoint"),
+    "sweep": ("llmlabs.sweep", "preregistered sweeps: run a spec's grid of train runs, fit L(N, D) to them"),
     "auto": ("llmlabs.auto.cli", "autoresearch: agent-driven fixed-budget experiments"),
 }
 

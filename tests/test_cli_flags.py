@@ -11,12 +11,13 @@ import pytest
 
 from llmlabs import cli, flags
 from llmlabs.evaluate import _tasks
+from llmlabs.sweep import gpu_list
 from llmlabs.train import _depth, _layers
 
 # a value each checked type refuses
 BAD = {int: "x1", float: "one", flags.positive_int: "0", flags.positive_float: "-1", flags.count: "-1",
        flags.nonnegative: "-0.5", flags.fraction: "1.5", _depth: "0",
-       _layers: "1:x", _tasks: "nope"}
+       _layers: "1:x", _tasks: "nope", gpu_list: "0,x"}
 # free-text flags whose every value is legal: what they take
 FREE = {
     ("sample", "--prompt"): "any text",
@@ -72,6 +73,7 @@ def world(tmp_path_factory):
                      "--aspect-ratio", "32", "--head-dim", "16", "--seq-len", "64", "--device-batch-size", "4",
                      "--total-batch-size", "256", "--eval-tokens", "256", "--device", "cpu", "--eval-split", "none"]) == 0
     (tmp / "file").write_text("not a directory")
+    (tmp / "spec.toml").write_text('[sweep]\nname = "f"\nhypotheses = ["h"]\nsuccess = "s"\n[grid]\ndepth = [1]\n')
     repo = copy_lab(tmp / "lab")
     mp = pytest.MonkeyPatch()
     mp.setenv("LLMLABS_HOME", str(tmp / "home"))
@@ -102,6 +104,11 @@ RUNTIME = [
     (["sample", "{run}", "--device", "tpu"], ("sample", "--device"), "unknown device 'tpu'"),
     (["sample", "{run}", "--prompts-file", "{tmp}/none"], ("sample", "--prompts-file"), "none: cannot read it"),
     (["sample", "{run}", "--prompts-file", "{tmp}"], ("sample", "--prompts-file"), "cannot read it \\(IsADirectoryError"),
+    (["sweep", "run", "{tmp}/none.toml"], ("sweep run", "spec"), r"spec .*none.toml: cannot read it"),
+    (["sweep", "run", "{tmp}/spec.toml", "--dir", "{file}"], ("sweep run", "--dir"), "cannot make that directory"),
+    (["sweep", "run", "{tmp}/spec.toml", "--partition", "gpu"], ("sweep run", "--partition"), "--partition is for --slurm"),
+    (["sweep", "fit", "{file}"], ("sweep fit", "spec"), r"spec .*file is not valid TOML"),
+    (["sweep", "fit", "{tmp}/spec.toml", "--dir", "{tmp}/none"], ("sweep fit", "--dir"), r"none holds no sweep"),
     (["auto", "init", "--tag", "a/b"], ("auto init", "--tag"), "cannot name a git branch"),
     (["auto", "init", "--tag", "t2", "--data", "{tmp}/none"], ("auto init", "--data"), r"none.*llmlabs prepare"),
     (["auto", "init", "--tag", "t3", "--data", "{data}", "--train-args", "--seed 3"], ("auto init", "--train-args"), "may not set --seed"),
