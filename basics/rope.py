@@ -4,7 +4,7 @@ Shows:
 1. RoPE (Su et al., arXiv 2104.09864): channel pair (j, j + D/2) of q and k is rotated by angle
    pos * base^(-2j/D). A rotation by a and one by b leave a dot product depending on a - b only, so
    q_m . k_n = f(q, k, m - n): the model sees how far apart two tokens are, not where they are. Checked
-   in float64 over many (m, n) with the same m - n (max abs diff ~1e-13), and shown to break down in
+   in float64 over many (m, n) with the same m - n (max abs diff ~2e-12), and shown to break down in
    float32 at large positions (why llmlabs rotates in float32 at least, and why long contexts want care).
 2. MRoPE (Qwen2-VL, arXiv 2409.12191): a position is 3-D, (t, h, w). The D/2 frequency channels are
    split into three sections; channels in the first turn by t, the second by h, the third by w. An
