@@ -135,39 +135,45 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _adamw_step(self, group):
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            hp = self._fill(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                            eps=group["eps"], weight_decay=group["weight_decay"])
-            _kernel(_adamw_update, p.device)(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *hp)
+            if p.grad is not None:
+                self._adamw_apply(group, self.state[p], p, p.grad)
+
+    def _adamw_apply(self, group, state, p, grad):
+        """One AdamW step of p (a tensor, or one rank's slice of it) with its state, in place."""
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        hp = self._fill(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                        eps=group["eps"], weight_decay=group["weight_decay"])
+        _kernel(_adamw_update, p.device)(p, grad, state["exp_avg"], state["exp_avg_sq"], *hp)
 
     def _muon_step(self, group):
         params = group["params"]
         if all(p.grad is None for p in params):
             return
-        shape = params[0].shape
-        state = self.state[params[0]]  # the group's stacked buffers live with its first matrix
-        reduce_dim = -1 if shape[-2] >= shape[-1] else -2
-        if not state:
-            state["momentum_buffer"] = torch.zeros(len(params), *shape, dtype=params[0].dtype, device=params[0].device)
-            factored = list(shape)
-            factored[reduce_dim] = 1
-            state["second_moment"] = torch.zeros(len(params), *factored, dtype=torch.float32, device=params[0].device)
         grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         stacked = torch.stack(params)
+        self._muon_apply(group, self.state[params[0]], grads, stacked)  # the group's buffers live with its first matrix
+        torch._foreach_copy_(params, list(stacked.unbind(0)))
+
+    def _muon_apply(self, group, state, grads, stacked):
+        """One Muon step of a stack of same-shape matrices [n, ..., m, k] (a group, or one rank's share
+        of it) with its stacked state, in place on `stacked`."""
+        shape = stacked.shape[1:]
+        reduce_dim = -1 if shape[-2] >= shape[-1] else -2
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(stacked)
+            factored = list(stacked.shape)
+            factored[reduce_dim] = 1
+            state["second_moment"] = torch.zeros(factored, dtype=torch.float32, device=stacked.device)
         momentum, lr, weight_decay, beta2 = self._fill(
             momentum=group["momentum"], lr=group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5,
             weight_decay=group["weight_decay"], beta2=group["beta2"])
-        device = params[0].device
+        device = stacked.device
         _kernel(_muon_update, device)(grads, stacked, state["momentum_buffer"], state["second_moment"], momentum, lr,
                                       weight_decay, beta2, group["ns_steps"], reduce_dim, device.type == "cuda")
-        torch._foreach_copy_(params, list(stacked.unbind(0)))
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -254,23 +260,11 @@ class DistMuonAdamW(MuonAdamW):
         params = group["params"]
         if all(p.grad is None for p in params):
             return
-        n, shape = len(params), params[0].shape
+        n = len(params)
         grads = self._padded(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]), n)
         mine = self._reduce_scatter_mean(grads)  # [c, *shape]: this rank's matrices
         stacked = self._padded(torch.stack(params), n).chunk(self.world)[self.rank].clone()
-        state = self.state[params[0]]
-        reduce_dim = -1 if shape[-2] >= shape[-1] else -2
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(mine)
-            factored = list(mine.shape)
-            factored[reduce_dim] = 1
-            state["second_moment"] = torch.zeros(factored, dtype=torch.float32, device=mine.device)
-        momentum, lr, weight_decay, beta2 = self._fill(
-            momentum=group["momentum"], lr=group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5,
-            weight_decay=group["weight_decay"], beta2=group["beta2"])
-        device = params[0].device
-        _kernel(_muon_update, device)(mine, stacked, state["momentum_buffer"], state["second_moment"], momentum, lr,
-                                      weight_decay, beta2, group["ns_steps"], reduce_dim, device.type == "cuda")
+        self._muon_apply(group, self.state[params[0]], mine, stacked)
         torch._foreach_copy_(params, list(self._all_gather(stacked)[:n].unbind(0)))
 
     def _adamw_step(self, group):
@@ -280,15 +274,7 @@ class DistMuonAdamW(MuonAdamW):
             n = p.numel()
             grad = self._reduce_scatter_mean(self._padded(p.grad.reshape(-1), n))
             mine = self._padded(p.detach().reshape(-1), n).chunk(self.world)[self.rank].clone()
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(mine)
-                state["exp_avg_sq"] = torch.zeros_like(mine)
-            state["step"] += 1
-            hp = self._fill(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                            eps=group["eps"], weight_decay=group["weight_decay"])
-            _kernel(_adamw_update, p.device)(mine, grad, state["exp_avg"], state["exp_avg_sq"], *hp)
+            self._adamw_apply(group, self.state[p], mine, grad)
             p.detach().copy_(self._all_gather(mine)[:n].view_as(p))
 
     # ---- checkpoints in the single-process layout
