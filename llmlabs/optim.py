@@ -216,11 +216,19 @@ class DistMuonAdamW(MuonAdamW):
     does not depend on the number of ranks. NCCL reduce-scatters; gloo (CPU) has no reduce-scatter,
     so there it is an all-reduce of which each rank keeps its slice: the same numbers, more bytes."""
 
-    def __init__(self, param_groups):
-        super().__init__(param_groups)
-        dist = torch.distributed
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self._nccl = dist.get_backend() == "nccl"
+    # the process group is read when the optimizer steps, not when it is built: train.setup builds
+    # one per rank, and a test (or a tool) may build it without joining a group
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank()
+
+    @property
+    def world(self) -> int:
+        return torch.distributed.get_world_size()
+
+    @property
+    def _nccl(self) -> bool:
+        return torch.distributed.get_backend() == "nccl"
 
     # ---- communication: tensors whose first dimension is a multiple of the world size
     def _reduce_scatter_mean(self, full):
