@@ -95,7 +95,7 @@ RUNTIME = [
     (["train", "--data", "{data}", "--run-dir", "{file}"], ("train", "--run-dir"), "cannot make that directory"),
     (["train", "--data", "{data}", "--device", "tpu"], ("train", "--device"), "unknown device 'tpu'"),
     (["train", "--resume", "{tmp}/none"], ("train", "--resume"), "no config.json there"),
-    (["train", "--data", "{data}", "--moe-experts", "4", "--moe-layers", "9:"], ("train", "--moe-layers"),
+    (["train", "--data", "{data}", "--depth", "4", "--moe-experts", "4", "--moe-layers", "9:"], ("train", "--moe-layers"),
      "moe_layers='9:' names none of the 4 layers"),
     (["eval", "{tmp}/none"], ("eval", "run"), "has no checkpoint"),
     (["eval", "{run}", "--data", "{tmp}/none"], ("eval", "--data"), "is not a data directory"),
