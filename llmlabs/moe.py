@@ -130,10 +130,10 @@ class MoE(nn.Module):
         token = order // k
         buf = x.new_zeros(N * k + E * (ALIGN_ROWS - 1), x.shape[1], dtype=dtype).index_copy(0, row, x[token].to(dtype))
         offs = ends.to(torch.int32)
-        # under autocast, torch 2.11's grouped_mm on CUDA returned float32 from bfloat16 operands (H200,
-        # 2026-12-03) and the next call refused the mixed pair: each output is brought back to the compute dtype
-        h = grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs).to(dtype)
-        y = grouped_mm(F.relu(h).square(), self.w_proj.to(dtype).transpose(1, 2), offs=offs).to(dtype)
+        h = grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
+        # CUDA autocast runs square (as pow) in float32, and grouped_mm, not an autocast op, refuses a
+        # float32 operand beside a bfloat16 one (H200, torch 2.11): the activation goes back to `dtype`
+        y = grouped_mm(F.relu(h).square().to(dtype), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
         y = y[row] * gates.flatten()[order, None].to(dtype)
         return torch.zeros_like(x, dtype=dtype).index_add(0, token, y)
 

@@ -76,6 +76,16 @@ def attack(sdir, edits: dict, message: str) -> dict:
     return row
 
 
+def allowance(sdir, phase) -> float:
+    """The seconds the harness allows a run's `phase`, from the session's baselines (runs.allowances):
+    a load that slowed the baselines raises it (an 18 s sleep hidden in the evaluation was allowed on a
+    loaded 16-core machine, 2026-12-03), so the attacks below sleep past it, not a fixed time."""
+    from llmlabs.auto.runs import allowances
+
+    return allowances([json.loads((sdir / "runs" / r["run"] / "result.json").read_text())
+                       for r in rows(sdir) if r["status"] == "baseline" and r["run"]])[phase]
+
+
 def refused_before_training(sdir, row):
     assert row["status"] == "invalid" and row["run"] == "" and row["val_bpb"] == ""
     assert not list((sdir / "runs").glob(f"{row['commit'][:8]}-*"))  # nothing was trained
@@ -224,7 +234,8 @@ def test_clocks_slowed_four_times(session):
 
 def test_work_hidden_in_the_warm_up(session):
     sdir, _ = session
-    row = attack(sdir, {MODEL: "\nimport time as _t\n_t.sleep(18)  # e.g. training before the timed steps\n"},
+    nap = allowance(sdir, "warm_s") + 1
+    row = attack(sdir, {MODEL: f"\nimport time as _t\n_t.sleep({nap})  # e.g. training before the timed steps\n"},
                  "pretrain at import")
     assert row["status"] == "invalid" and row["reason"].startswith("warm-up (start-up, compilation, untimed steps) took")
 
@@ -233,7 +244,7 @@ def test_work_hidden_in_the_evaluation(session):
     sdir, _ = session
     row = attack(sdir, {MODEL: "\nimport sys as _s, time as _t\n_fwd = GPT.forward\n\n\ndef _slow_eval(self, idx, targets=None, **kw):\n"
                                "    if 'llmlabs.auto.evaluator' in _s.modules and not getattr(self, '_done', False):\n"
-                               "        self._done = True\n        _t.sleep(18)  # e.g. an ensemble at test time\n"
+                               f"        self._done = True\n        _t.sleep({allowance(sdir, 'eval_s') + 1})  # e.g. an ensemble at test time\n"
                                "    return _fwd(self, idx, targets, **kw)\n\n\nGPT.forward = _slow_eval\n"},
                  "test-time compute")
     assert row["status"] == "invalid" and row["reason"].startswith("evaluation took"), row["reason"]
