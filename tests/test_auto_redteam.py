@@ -180,6 +180,37 @@ def test_a_model_that_adapts_to_the_evaluation_data(session):
     assert row["status"] == "invalid" and row["reason"].startswith("the model's output depends on what it evaluated")
 
 
+def test_a_cache_too_weak_for_a_summed_score_check(session):
+    """A fiftieth of the cache above: its first batch moves by less than 1e-4 of its summed score when
+    scored again (the check until 2026-12-03), so only a per-token comparison sees it."""
+    sdir, _ = session
+    row = attack(sdir, {MODEL: "\n_fwd = GPT.forward\n_seen = []\n\n\ndef _cache(self, idx, targets=None, **kw):\n"
+                               "    out = _fwd(self, idx, targets, **kw)\n"
+                               "    if targets is None and not self.training:\n"
+                               "        _seen.append(torch.bincount(idx.flatten(), minlength=out.size(-1)).float())\n"
+                               "        out = out + 0.01 * torch.log1p(sum(_seen))\n"
+                               "    return out\n\n\nGPT.forward = _cache\n"}, "a faint cache")
+    assert row["status"] == "invalid" and row["reason"].startswith("the model's output depends on what it evaluated")
+
+
+def test_a_cache_that_replays_its_answers_to_an_input_seen_before(session):
+    """Scoring the first batch again as it was finds the answer memorised; the copy with random tokens
+    after a random cut is new to the model, and its scores before the cut betray the cache."""
+    sdir, _ = session
+    row = attack(sdir, {MODEL: "\n_fwd = GPT.forward\n_seen, _memo = [], {}\n\n\n"
+                               "def _replay(self, idx, targets=None, **kw):\n"
+                               "    if targets is not None or self.training:\n"
+                               "        return _fwd(self, idx, targets, **kw)\n"
+                               "    key = idx.cpu().numpy().tobytes()\n"
+                               "    if key not in _memo:\n"
+                               "        out = _fwd(self, idx, targets, **kw)\n"
+                               "        _seen.append(torch.bincount(idx.flatten(), minlength=out.size(-1)).float())\n"
+                               "        _memo[key] = out + 0.5 * torch.log1p(sum(_seen))\n"
+                               "    return _memo[key]\n\n\nGPT.forward = _replay\n"}, "a replaying cache")
+    assert row["status"] == "invalid" and row["reason"].startswith("the model's output depends on what it evaluated "
+                                                                   "before, or on later tokens: the first batch with")
+
+
 def test_weights_changed_during_evaluation(session):
     sdir, _ = session
     row = attack(sdir, {MODEL: "\n_fwd = GPT.forward\n\n\ndef _tta(self, idx, targets=None, **kw):\n"
