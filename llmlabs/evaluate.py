@@ -43,17 +43,18 @@ def evaluate_bpb(model, data, split="val", *, batch_size, seq_len, max_tokens, d
 # which runs the model in a process of its own and does the accounting in the harness's process.
 
 def eval_batches(data, split, batch_size, seq_len, max_tokens, device="cpu", rank=0, world=1):
-    """(x, y) batches of the first max_tokens target tokens of `split` (this rank's share)."""
+    """(x, y) batches of the first max_tokens target tokens of `split`, rounded up to whole rows: this
+    rank's rows of each global batch (the loader's), so the rows scored are the same on any rank count."""
     from llmlabs.data.loader import BestFitLoader
 
     loader = BestFitLoader(data, split, batch_size, seq_len, seed=0, rank=rank, world_size=world,
                            device=device, loop=False)
-    budget, seen = max(1, max_tokens // world), 0
-    for x, y in loader:
-        if seen >= budget:
+    rows = max(1, -(-max_tokens // seq_len))
+    for k, (x, y) in enumerate(loader):
+        keep = min(len(x), rows - (k * world + rank) * batch_size)  # rows before this rank's: k*world+rank batches
+        if keep <= 0:
             return
-        seen += y.numel()
-        yield x, y
+        yield x[:keep], y[:keep]
 
 
 def token_nats(logits, y):

@@ -490,7 +490,9 @@ def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
     optimizer.step()  # with several ranks DistMuonAdamW, which averages the gradients over them
     model.zero_grad(set_to_none=True)
     loader.prefetch()  # the next step's first batch, packed while the GPU runs the queued step
-    return loss_sum / accum, model.balance_experts()
+    if world > 1:  # the loss of the whole batch, as one process would log it (gloo has no AVG)
+        torch.distributed.all_reduce(loss_sum)
+    return loss_sum / (accum * world), model.balance_experts()
 
 
 def _event_pipe():

@@ -28,10 +28,15 @@ from llmlabs.data.shards import DataDir
 class BestFitLoader:
     """Iterating yields (inputs, targets): int64 [B, T] on `device`, from rows of T+1 packed tokens
     (inputs = row[:-1], targets = row[1:]). Each epoch visits the split's documents in a permutation
-    seeded by (seed, epoch); rank r of world_size takes every world_size-th one, so ranks never share a
-    document. loop=False stops at the end of the split: the last batch may have fewer rows, and an
-    unfinished last row is dropped rather than padded. buffer_docs is how many segments best-fit
-    chooses from (a bigger choice crops less). keep_tails: see the module docstring."""
+    seeded by (seed, epoch). Every rank packs the same stream of rows, world_size x batch_size at a
+    time, and keeps rows [rank x batch_size, (rank + 1) x batch_size) of them: a step's global batch is
+    the same rows however many ranks share it, so 1, 2 or 4 ranks follow one loss trajectory, and the
+    state (the same on every rank) resumes on any rank count. The price: each rank packs world_size
+    times its own rows (a d8 micro-batch's rows take ~1.5 ms, bench/results/loader_speed-cpu2.json),
+    off the GPU's path (prefetch). loop=False stops at the end of the split: the last batch may have
+    fewer rows (or none, for a rank past them), and an unfinished last row is dropped rather than
+    padded. buffer_docs is how many segments best-fit chooses from (a bigger choice crops less).
+    keep_tails: see the module docstring."""
 
     def __init__(self, data, split: str, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, device="cpu", buffer_docs: int = 1000, loop: bool = True,
@@ -53,18 +58,15 @@ class BestFitLoader:
         self._doc_shard = np.concatenate([np.full(len(o) - 1, i, np.int64) for i, (_, o) in enumerate(shards)])
         self._doc_start = np.concatenate([o[:-1] for _, o in shards])
         self._doc_len = np.concatenate([np.diff(o) for _, o in shards])
-        if len(self._doc_len) < world_size:
-            raise LabError(f"split {split!r} of {self.data.path} has {len(self._doc_len)} documents, fewer than "
-                           f"world_size {world_size}: use fewer processes or more data")
-        self._rows = np.empty((batch_size, seq_len + 1), dtype=self._tokens[0].dtype)
+        self._rows = np.empty((world_size * batch_size, seq_len + 1), dtype=self._tokens[0].dtype)
         if self.device.type == "cuda":
             # two pinned host buffers: we fill one while the async copy from the other may still run
             self._pinned = [torch.empty((2, batch_size, seq_len), dtype=torch.int64, pin_memory=True) for _ in range(2)]
             self._copied = [None, None]
             self._flip = 0
-        self._fingerprint = {"split": split, "seed": seed, "rank": rank, "world_size": world_size,
-                             "tokenizer": self.data.tokenizer.hash, "documents": len(self._doc_len),
-                             "keep_tails": keep_tails}
+        # no rank or world size: every rank holds the same state, which resumes on any rank count
+        self._fingerprint = {"split": split, "seed": seed, "tokenizer": self.data.tokenizer.hash,
+                             "documents": len(self._doc_len), "keep_tails": keep_tails}
         self._reset()
 
     def _reset(self):
@@ -77,15 +79,14 @@ class BestFitLoader:
         self._ahead = None  # (state before it, batch or None at the end) from prefetch()
 
     def _epoch_order(self) -> np.ndarray:
-        """This rank's documents for the current epoch: a seeded permutation, strided by rank."""
+        """The documents of the current epoch: a seeded permutation."""
         if self._order is None:
-            perm = np.random.default_rng([self.seed, self._epoch]).permutation(len(self._doc_len))
-            self._order = perm[self.rank::self.world_size]
+            self._order = np.random.default_rng([self.seed, self._epoch]).permutation(len(self._doc_len))
         return self._order
 
     def _refill(self):
-        # never more buffered than this rank has documents: a small split would otherwise fill the
-        # buffer across epochs, and every rank would end up holding (and packing) the same documents
+        # never more buffered than the split has documents: a small split would otherwise fill the
+        # buffer with one document several times, from several epochs
         while len(self._buf_ids) < min(self.buffer_docs, len(self._epoch_order())):
             order = self._epoch_order()
             if self._cursor == len(order):
@@ -162,14 +163,17 @@ class BestFitLoader:
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._done:
             raise StopIteration
-        n = 0
-        while n < self.B and self._fill_row(self._rows[n]):
+        n, total = 0, len(self._rows)
+        while n < total and self._fill_row(self._rows[n]):
             n += 1
-        if n < self.B:
+        if n < total:
             self._done = True
-            if n == 0:
-                raise StopIteration
-        rows = self._rows[:n]  # fewer than B rows only for the last batch of a loop=False pass
+        mine = self._rows[self.rank * self.B:min((self.rank + 1) * self.B, n)]
+        n = len(mine)
+        if n == 0:  # the split ended before this rank's rows (loop=False)
+            self._done = True
+            raise StopIteration
+        rows = mine  # fewer than B rows only for the last batch of a loop=False pass
         if self.device.type != "cuda":
             return (torch.from_numpy(rows[:, :-1].astype(np.int64)).to(self.device),
                     torch.from_numpy(rows[:, 1:].astype(np.int64)).to(self.device))
@@ -206,7 +210,7 @@ class BestFitLoader:
         if mismatch:
             raise LabError("loader state does not fit this loader (" + ", ".join(
                 f"{k}: state {a!r} vs loader {b!r}" for k, (a, b) in mismatch.items()) +
-                "): resume with the same data directory, split, seed, rank and world size")
+                "): resume with the same data directory, split and seed")
         self._reset()
         self._epoch, self._cursor = state["epoch"], state["cursor"]
         for doc, offset in state["buffer"]:  # saved in buffer order: re-inserting keeps ties in order
