@@ -13,8 +13,7 @@ saved with save_pretrained), frozen unless asked; `VisionTower.from_config` buil
 of the same family to train with the LM when no weights are available offline.
 
 transformers is the optional `vision` extra: imported only here, and only when a tower is built."""
-import math
-
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -214,3 +213,36 @@ def mrope_positions(idx: torch.Tensor, patch_id: int, grid: tuple[int, int]) -> 
             out[b, 2, t:t + n] = pos + jj
             pos, t = pos + max(gh, gw), t + n
     return out.to(idx.device)
+
+
+def caption_batch(data, split: str, docs, grid: tuple[int, int], device="cpu") -> dict:
+    """A batch of captioned images from a caption data directory (data/captions.py), one document per
+    row: BOS, <|image_start|>, h*w patch tokens, <|image_end|>, the caption; rows padded to the
+    longest with BOS inputs and -1 targets. Returns the model's keyword arguments (idx, targets with
+    patches and padding ignored, positions, patch_mask) and `pixels` uint8 [B, S, S, 3] for the
+    encoder. No packing: an image is never cropped, and its caption always follows it."""
+    tok = data.tokenizer
+    images = data.images(split)
+    (tokens, offsets), = data.shards(split)  # captions are small: one shard per split
+    rows = [[tok.bos_id, *image_tokens(tok.special_ids, grid), *tokens[offsets[d] + 1:offsets[d + 1]].tolist()]
+            for d in docs]
+    T = max(map(len, rows))
+    idx = torch.full((len(rows), T + 1), tok.bos_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        idx[b, :len(row)] = torch.tensor(row)
+        targets[b, :len(row) - 1] = idx[b, 1:len(row)]
+    idx = idx[:, :T]
+    patch_id = tok.special_ids["image_patch"]
+    return {"idx": idx.to(device), "targets": mask_patch_targets(targets, patch_id).to(device),
+            "positions": mrope_positions(idx, patch_id, grid).to(device), "patch_mask": (idx == patch_id).to(device),
+            "pixels": torch.from_numpy(np.stack([images[d] for d in docs])).to(device)}
+
+
+def fused_forward(model, encoder: VisionEncoder, batch: dict, **kw):
+    """The LM over a caption batch with the encoder's tokens at the patch positions: logits, or the
+    loss with batch["targets"] (loss_reduction etc. through kw). Each row holds one whole image, so
+    the encoder's [B, n, C] output flattened is the patch slots' row-major order."""
+    feats = encoder(batch["pixels"]).flatten(0, 1)
+    return model(batch["idx"], batch.get("targets"), positions=batch["positions"], patch_mask=batch["patch_mask"],
+                 patch_embeds=feats, **kw)

@@ -287,3 +287,61 @@ def test_bad_image_is_one_line_naming_the_file(tmp_path, case, said):
         load_image(path, 16)
     msg = str(e.value)
     assert said in msg and str(path) in msg and "\n" not in msg
+
+
+# ---- caption batches through the encoder and the LM ----
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from llmlabs.data import captions
+    from llmlabs.data.prepare import prepare
+    from llmlabs.data.shards import DataDir
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(captions, "SHAPES_IMAGES", 200)
+    out = prepare("shapes", tmp_path_factory.mktemp("mm") / "shapes", 300, image_size=16, val_frac=0.1,
+                  test_frac=0.0)
+    mp.undo()
+    return DataDir.open(out)
+
+
+def test_caption_batch_rows_hold_a_whole_image_then_its_caption(shapes_dir):
+    from llmlabs.vision import caption_batch
+
+    tok, docs = shapes_dir.tokenizer, [0, 3, 5]
+    batch = caption_batch(shapes_dir, "train", docs, grid=(2, 2))
+    sp = tok.special_ids
+    (tokens, offsets), = shapes_dir.shards("train")
+    for b, d in enumerate(docs):
+        caption = tokens[offsets[d] + 1:offsets[d + 1]].tolist()
+        row = [tok.bos_id, sp["image_start"], *[sp["image_patch"]] * 4, sp["image_end"], *caption]
+        n = len(row)
+        assert batch["idx"][b, :n].tolist() == row and (batch["idx"][b, n:] == tok.bos_id).all()
+        # targets: the next token, except at patches and after the row's end
+        want = [t if t != sp["image_patch"] else -1 for t in row[1:]] + [-1] * (batch["idx"].size(1) - n + 1)
+        assert batch["targets"][b].tolist() == want
+        assert torch.equal(batch["positions"][b], mrope_positions(batch["idx"][b:b + 1], sp["image_patch"], (2, 2))[0])
+        assert np.array_equal(batch["pixels"][b].numpy(), shapes_dir.images("train")[d])
+    assert batch["patch_mask"].sum() == 3 * 4
+
+
+def test_fused_forward_puts_each_image_before_its_own_caption(shapes_dir):
+    from llmlabs.vision import caption_batch, fused_forward
+
+    torch.manual_seed(16)
+    config = tiny_config(vocab_size=shapes_dir.tokenizer.vocab_size, sequence_len=128)
+    model = randomized(build_model(config, "cpu"))
+    enc = VisionEncoder(VisionTower.from_config(**TINY), config.n_embd, image_size=16)
+    batch = caption_batch(shapes_dir, "train", [1, 2, 4, 7], grid=enc.merged_grid)
+    loss = fused_forward(model, enc, batch)
+    # reference: the same forward with the features computed and placed by hand, image by image
+    feats = torch.cat([enc(batch["pixels"][b:b + 1])[0] for b in range(4)])
+    ref = model(batch["idx"], batch["targets"], positions=batch["positions"], patch_mask=batch["patch_mask"],
+                patch_embeds=feats)
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    # the images matter: the same captions after other images score differently
+    shuffled = dict(batch, pixels=batch["pixels"][[1, 2, 3, 0]])
+    assert abs(fused_forward(model, enc, shuffled).item() - loss.item()) > 1e-4
+    loss.backward()
+    assert enc.merger.fc2.weight.grad.abs().sum() > 0
+    assert enc.tower.model.embeddings.patch_embedding.weight.grad.abs().sum() > 0  # a random tower trains
