@@ -14,7 +14,8 @@ Shows:
    image leaves every patch-to-patch score unchanged.
 The lab's fast version of RoPE is llmlabs/kernels/ops.py (apply_rope, rope_norm; tables from
 llmlabs/model.py: rope_tables) and llmlabs/kernels/triton_rope_norm.py (RoPE + QK-norm as Triton
-kernels). MRoPE is not in the lab yet.
+kernels); MRoPE is llmlabs/model.py's mrope_tables (a gather from the RoPE tables) with positions
+from llmlabs/vision.py's mrope_positions.
 
     python basics/rope.py"""
 import argparse

@@ -1,7 +1,8 @@
 """GPT decoder: the lab's research surface. Small, flat, compile-friendly (no graph breaks, no
 host syncs in forward). Choices follow nanochat (karpathy/nanochat, nanochat/gpt.py, early 2026):
 
-- RoPE (arXiv 2104.09864), base 100k; QK-norm (arXiv 2010.04245) with q and k each scaled by 1.2
+- RoPE (arXiv 2104.09864), base 100k, or 3D MRoPE (Qwen2-VL, arXiv 2409.12191) when the forward is
+  given (t, h, w) positions (multimodal: vision.py); QK-norm (arXiv 2010.04245) with q and k each scaled by 1.2
 - parameter-free RMSNorm (arXiv 1910.07467) before attention, MLP and lm_head, and on the embedding
 - untied token embedding and lm_head; no biases
 - ReLU^2 MLP (Primer, arXiv 2109.08668) in a slot any nn.Module can fill: GPTConfig.moe_experts > 0 puts
@@ -54,6 +55,26 @@ def rope_tables(seq_len: int, head_dim: int, base: float, device=None):
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def mrope_sections(head_dim: int) -> tuple[int, int, int]:
+    """How many of the D/2 frequency pairs turn by t, by h and by w. Qwen2-VL splits 64 pairs (head_dim
+    128) as 16, 24, 24: the highest frequencies to time, the rest shared by the two image axes."""
+    hw = 3 * (head_dim // 2) // 8
+    return head_dim // 2 - 2 * hw, hw, hw
+
+
+def mrope_tables(cos, sin, positions):
+    """3D MRoPE (Qwen2-VL, arXiv 2409.12191): positions [B, 3, T] (t, h, w) -> cos/sin [B, T, D/2].
+    Frequency pair j reads the RoPE table's row at the position of its section's axis: a gather, not
+    a recomputation, so text tokens at (t, t, t) get exactly plain RoPE's values, bit for bit. The
+    positions must lie below sequence_len (vision.mrope_positions keeps them below the token index)."""
+    half = cos.size(1)
+    axis = torch.repeat_interleave(torch.arange(3, device=cos.device),
+                                   torch.tensor(mrope_sections(2 * half), device=cos.device))  # [D/2]
+    rows = positions.index_select(1, axis).transpose(1, 2)  # [B, T, D/2]: the row pair j reads
+    cols = torch.arange(half, device=cos.device)
+    return cos[rows, cols], sin[rows, cols]
 
 
 class MLP(nn.Module):
@@ -174,18 +195,33 @@ class GPT(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, positions=None, patch_mask=None,
+                patch_embeds=None):
         """idx [B, T] token ids. No targets: soft-capped logits [B, T, vocab] in float32 (float64 for
         a float64 model). With targets [B, T] (-1 = ignore): the cross-entropy, mean over the counted
         tokens or per token [B, T] with loss_reduction="none". With a KVCache: idx holds the tokens at
-        cache.pos.., which the cache appends; returns their logits."""
+        cache.pos.., which the cache appends; returns their logits.
+
+        Multimodal (vision.py): positions [B, 3, T] turns on 3D MRoPE (None: plain RoPE at index
+        cache.pos + t, today's path unchanged); patch_mask [B, T] bool with patch_embeds [N, n_embd],
+        N = patch_mask.sum(), puts those vectors in place of the token embeddings at the masked
+        positions, in row-major order (the image's merged patch features)."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         if t0 + T > self.config.sequence_len:
             raise LabError(f"{t0 + T} positions exceed the model's context (sequence_len="
                            f"{self.config.sequence_len}): feed at most that many tokens")
-        cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
-        x = x0 = norm(self.wte(idx))
+        if positions is None:
+            cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
+        else:
+            cos, sin = mrope_tables(self.rope_cos, self.rope_sin, positions)
+        x = self.wte(idx)
+        if (patch_mask is None) != (patch_embeds is None):
+            raise LabError("patch_mask and patch_embeds go together: give both (an image's patches) or neither")
+        if patch_mask is not None:
+            # no host sync: masked_scatter fills the masked slots in order from patch_embeds
+            x = x.masked_scatter(patch_mask.unsqueeze(-1), patch_embeds.to(x.dtype))
+        x = x0 = norm(x)
         if torch.compiler.is_compiling() and torch.is_autocast_enabled(idx.device.type):
             # The residual stream stored in the matmuls' dtype (bf16): every block reads and writes
             # it several times, so float32 would double most of the step's memory traffic. Only when

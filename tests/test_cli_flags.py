@@ -90,6 +90,8 @@ RUNTIME = [
     (["prepare", "pystdlib", "--out", "{file}"], ("prepare", "--out"), r"--out .*file is a file: give a directory"),
     (["prepare", "pystdlib", "--out", "{file}/x"], ("prepare", "--out"), "cannot make that directory"),
     (["prepare", "pystdlib", "--glob", "nomatch*", "--out", "{tmp}/b"], ("prepare", "--glob"), "matching --glob"),
+    (["prepare", "pystdlib", "--image-size", "32", "--out", "{tmp}/c"], ("prepare", "--image-size"),
+     "--image-size applies to caption sources"),
     (["train", "--data", "{tmp}/none"], ("train", "--data"), "is not a data directory: it does not exist"),
     (["train", "--data", "{data}", "--window-pattern", "SXL"], ("train", "--window-pattern"), "letters S and L"),
     (["train", "--data", "{data}", "--run-dir", "{file}"], ("train", "--run-dir"), "cannot make that directory"),

@@ -18,10 +18,12 @@ from tqdm import tqdm
 
 from llmlabs import flags
 from llmlabs.common import LabError, llmlabs_home, make_dir, print0
+from llmlabs.data.captions import CAPTION_SOURCES, build_captions
 from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
 from llmlabs.data.tokenizer import Tokenizer
 
+IMAGE_SIZE = 32  # caption sources: pixels per side, stored (a 2x2-merged patch-4 tower: 16 tokens)
 VAL_FRAC = 0.05  # pystdlib: ~300K val tokens, ~140K test tokens
 TEST_FRAC = 0.02
 # BPE trains on at most this many characters of the train split (the first documents in source order).
@@ -32,23 +34,35 @@ BATCH_CHARS = 8 << 20  # documents per encode_batch call: enough work for every 
 
 def default_data_dir(source: str, vocab_size: int) -> Path:
     """$LLMLABS_HOME/data/<source>-v<vocab>; a local path is named by its base name plus a path hash."""
-    name = source if source in ("pystdlib", "pysrc", *HUB_CORPORA) else resolve_source(source).name
+    name = source if source in ("pystdlib", "pysrc", *HUB_CORPORA, *CAPTION_SOURCES) else resolve_source(source).name
     return llmlabs_home() / "data" / f"{name}-v{vocab_size}"
 
 
 def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob: str | None = None,
             shards: int | None = None, workers: int | None = None, val_frac: float = VAL_FRAC,
-            test_frac: float = TEST_FRAC, tokenizer_chars: int = TOKENIZER_CHARS, force: bool = False) -> Path:
-    """Build (or find, when already built with the same settings) a data directory; returns its path."""
+            test_frac: float = TEST_FRAC, tokenizer_chars: int = TOKENIZER_CHARS, image_size: int | None = None,
+            force: bool = False) -> Path:
+    """Build (or find, when already built with the same settings) a data directory; returns its path.
+    Caption sources (shapes, digits: captions.py) store images at image_size px beside the tokens."""
     t0 = time.time()
-    src = resolve_source(source, glob=glob, shards=shards)
+    if source in CAPTION_SOURCES:
+        if glob is not None or shards is not None:
+            raise LabError(f"--glob and --shards apply to text sources, not to caption source {source!r}: drop them")
+        src = None
+        source_settings = {"source": source, "image_size": image_size or IMAGE_SIZE}
+    else:
+        if image_size is not None:
+            raise LabError(f"--image-size applies to caption sources ({', '.join(CAPTION_SOURCES)}), not to "
+                           f"{source!r}: drop it")
+        src = resolve_source(source, glob=glob, shards=shards)
+        source_settings = src.settings
     if not (0 < val_frac and 0 <= test_frac and val_frac + test_frac < 1):
         raise LabError(f"split fractions val {val_frac} / test {test_frac} must satisfy 0 < val, 0 <= test, "
                        f"val + test < 1")
     if tokenizer_chars < 1:
         raise LabError(f"--tokenizer-chars {tokenizer_chars} must be positive")
     out = Path(out).expanduser().resolve() if out else default_data_dir(source, vocab_size)
-    settings = {**src.settings, "vocab_size": vocab_size, "val_frac": val_frac, "test_frac": test_frac,
+    settings = {**source_settings, "vocab_size": vocab_size, "val_frac": val_frac, "test_frac": test_frac,
                 "tokenizer_chars": tokenizer_chars}
     if (out / MANIFEST).is_file() and not force:
         try:
@@ -69,7 +83,9 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
     _remove_stale_builds(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        summary = _build(src, tmp, settings, workers or os.cpu_count() or 1, _command(source, out, settings))
+        command = _command(source, out, settings)
+        summary = (build_captions(tmp, settings, command) if src is None else
+                   _build(src, tmp, settings, workers or os.cpu_count() or 1, command))
         if out.exists():  # --force: swap the old directory out only once the new one is complete
             retired = out.with_name(f"{out.name}.old-{os.getpid()}")
             os.replace(out, retired)
@@ -80,7 +96,7 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _print_summary(out, src, summary, time.time() - t0)
+    _print_summary(out, summary, time.time() - t0)
     return out
 
 
@@ -146,7 +162,7 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
 def _command(source: str, out: Path, settings: dict) -> str:
     """The `llmlabs prepare` line that rebuilds this directory (quoted in error messages)."""
     parts = ["llmlabs prepare", source, f"--vocab-size {settings['vocab_size']}", f"--out {out}"]
-    for key, flag in (("glob", "--glob"), ("shards", "--shards")):
+    for key, flag in (("glob", "--glob"), ("shards", "--shards"), ("image_size", "--image-size")):
         if settings.get(key) is not None:
             parts.append(f"{flag} '{settings[key]}'")
     for key, default in (("val_frac", VAL_FRAC), ("test_frac", TEST_FRAC), ("tokenizer_chars", TOKENIZER_CHARS)):
@@ -173,11 +189,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _print_summary(out: Path, src, m: dict, seconds: float):
+def _print_summary(out: Path, m: dict, seconds: float):
     st, tk, tt = m["stats"], m["tokenizer"], m["tokenizer_training"]
     dropped = ", ".join(f"{v:,} {k}" for k, v in sorted(st.items()) if k not in ("files", "documents") and v)
-    lines = [f"data: {out}", f"source: {src.description}",
-             f"  {st.get('files', 0):,} files, {st.get('documents', 0):,} documents read; dropped: {dropped or 'none'}",
+    files = f"{st['files']:,} files, " if "files" in st else ""  # a caption source reads no files
+    lines = [f"data: {out}", f"source: {m['source']}",
+             f"  {files}{st.get('documents', 0):,} documents read; dropped: {dropped or 'none'}",
              f"tokenizer: {tk['vocab_size']:,} ids ({len(tk['special_ids'])} special), BPE trained on "
              f"{tt['chars'] / 1e6:.1f}M chars of train in {tt['seconds']:.1f} s",
              f"{'split':<6} {'documents':>10} {'tokens':>13} {'bytes/token':>12}"]
@@ -193,7 +210,7 @@ def _print_summary(out: Path, src, m: dict, seconds: float):
 def add_args(parser):
     parser.add_argument("source", nargs="?", default="pystdlib",
                         help="pystdlib (default) | pysrc | a file or folder of .txt/.md/.py/.jsonl/.parquet | "
-                             + " | ".join(HUB_CORPORA))
+                             + " | ".join(HUB_CORPORA) + " | captioned images: " + " | ".join(CAPTION_SOURCES))
     parser.add_argument("--out", help="data directory (default $LLMLABS_HOME/data/<source>-v<vocab>)")
     parser.add_argument("--vocab-size", type=flags.positive_int, default=8192, help="total ids, special tokens included (8192)")
     parser.add_argument("--glob", help="fnmatch pattern on paths relative to the folder, e.g. '*.md' or 'json/*'")
@@ -204,6 +221,8 @@ def add_args(parser):
     parser.add_argument("--test-frac", type=flags.fraction, default=TEST_FRAC, help=f"share of documents in test ({TEST_FRAC})")
     parser.add_argument("--tokenizer-chars", type=flags.positive_int, default=TOKENIZER_CHARS,
                         help=f"train BPE on at most this many characters of the train split ({TOKENIZER_CHARS:.0e})")
+    parser.add_argument("--image-size", type=flags.positive_int,
+                        help=f"caption sources: image side in pixels, stored resized ({IMAGE_SIZE})")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")
 
 
@@ -211,6 +230,6 @@ def run(args):
     try:
         prepare(args.source, args.out, args.vocab_size, glob=args.glob, shards=args.shards, workers=args.workers,
                 val_frac=args.val_frac, test_frac=args.test_frac, tokenizer_chars=args.tokenizer_chars,
-                force=args.force)
+                image_size=args.image_size, force=args.force)
     except KeyboardInterrupt:
         raise LabError("interrupted: no data directory was written (downloads so far are kept and resume)") from None

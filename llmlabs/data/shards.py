@@ -2,7 +2,8 @@
 
 A data directory holds tokenizer.json, per split a few shard pairs (`<split>-NNNN.tokens.npy`: every
 document as BOS + its tokens, concatenated, uint16 when the vocab fits; `<split>-NNNN.docs.npy`: int64
-offsets where each document starts, plus the end) and manifest.json, written last. .npy is plain data
+offsets where each document starts, plus the end), for a caption source `<split>.images.npy` (captions.py)
+and manifest.json, written last. .npy is plain data
 with a header (dtype, shape): it memory-maps without copying and loads without pickle.
 """
 import hashlib
@@ -83,10 +84,10 @@ def finish_data_dir(directory: Path, tokenizer: Tokenizer, splits: dict, **info)
     """Save the tokenizer, checksum every shard and write manifest.json, last: a directory becomes a data
     directory only when the manifest lands (`info` adds command, settings, source, stats...)."""
     tokenizer.save(directory / TOKENIZER_FILE)
-    files = {}
-    for entry in (s for sp in splits.values() for s in sp["shards"]):
-        for name in (entry["tokens"], entry["docs"]):
-            files[name] = {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+    names = [n for sp in splits.values() for s in sp["shards"] for n in (s["tokens"], s["docs"])]
+    names += [sp["images"] for sp in splits.values() if "images" in sp]  # captions.py: the split's images
+    files = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)}
+             for name in names}
     manifest = {"format": FORMAT, "splits": splits, "files": files, "dtype": token_dtype(tokenizer.vocab_size).name,
                 "tokenizer": {"file": TOKENIZER_FILE, "hash": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
                               "bos_id": tokenizer.bos_id, "special_ids": tokenizer.special_ids},
@@ -158,6 +159,14 @@ class DataDir:
 
     def num_documents(self, split: str) -> int:
         return self._split(split)["documents"]
+
+    def images(self, split: str) -> np.ndarray:
+        """uint8 [documents, S, S, 3] memmap: image i belongs to the split's document i (captions.py)."""
+        entry = self._split(split)
+        if "images" not in entry:
+            raise LabError(f"{self.path} holds text only, no images: prepare a caption source (shapes, digits) "
+                           f"for the multimodal path")
+        return np.load(self.path / entry["images"], mmap_mode="r", allow_pickle=False)
 
     def shards(self, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """(tokens memmap, document offsets) per shard of the split."""

@@ -27,11 +27,15 @@ def softcap(logits, cap: float):
 
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (j, j + D/2) of x [B, T, H, D] by each position's angle (RoPE, arXiv
-    2104.09864; cos/sin [T, D/2] from model.rope_tables). Done in at least float32 (bf16 rotations
-    drift at long positions) and cast back; compile fuses it."""
+    2104.09864; cos/sin [T, D/2] from model.rope_tables, or [B, T, D/2] per row from
+    model.mrope_tables). Done in at least float32 (bf16 rotations drift at long positions) and cast
+    back; compile fuses it."""
     d, dtype = x.size(-1) // 2, torch.promote_types(x.dtype, torch.float32)
     x1, x2 = x[..., :d].to(dtype), x[..., d:].to(dtype)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
@@ -51,8 +55,9 @@ def relu2_mlp(x, w_fc, w_proj):
 def rope_norm(x, cos, sin):
     """QK-norm (arXiv 2010.04245) after RoPE, in x's dtype (rms_norm runs in float32 under autocast:
     cast back so the attention kernel gets bf16 q/k). Compiled on a GPU: triton_rope_norm.py's two
-    kernels, whose backward needs only the output and one rstd per row."""
-    if torch.compiler.is_compiling() and triton_rope_norm.usable(x):
+    kernels, whose backward needs only the output and one rstd per row. Per-row (MRoPE) tables run the
+    reference: the kernels read one [T, D/2] table."""
+    if torch.compiler.is_compiling() and cos.dim() == 2 and triton_rope_norm.usable(x):
         return triton_rope_norm.rope_norm(x, cos, sin)
     return norm(apply_rope(x, cos, sin)).to(x.dtype)
 
