@@ -2,9 +2,9 @@
 
 A data directory holds tokenizer.json, per split a few shard pairs (`<split>-NNNN.tokens.npy`: every
 document as BOS + its tokens, concatenated, uint16 when the vocab fits; `<split>-NNNN.docs.npy`: int64
-offsets where each document starts, plus the end), for a caption source `<split>.images.npy` (captions.py)
-and manifest.json, written last. .npy is plain data
-with a header (dtype, shape): it memory-maps without copying and loads without pickle.
+offsets where each document starts, plus the end), for a caption source `<split>.images.npy`
+(captions.py), and manifest.json, written last. .npy is plain data with a header (dtype, shape): it
+memory-maps without copying and loads without pickle.
 """
 import hashlib
 import itertools
