@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, flags, plots, preflight
+from llmlabs import checkpoint, flags, plots, preflight, tracking
 from llmlabs.common import LabError, atomic_write_json, compute_init, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -60,7 +60,6 @@ EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"
 MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
 MOE_KEYS = ("moe_experts", "moe_top_k", "moe_shared", "moe_layers", "moe_expert_width", "moe_raw_gates",
             "moe_routed_scale", "moe_bias_rate", "moe_aux_loss")  # flags that are GPTConfig fields
-MOE_SCALARS = ("moe_load_cv", "moe_load_max", "moe_load_min", "moe_bias_spread", "moe_routed")  # also to TensorBoard
 SAMPLE_PROMPT_TOKENS = 8  # samples.txt continues the first tokens of the first validation documents
 
 
@@ -124,6 +123,8 @@ def add_args(p):
                    help="also checkpoint every N steps (0: only at the end and on Ctrl-C); the newest "
                         f"{checkpoint.KEEP} are kept, so --resume can fall back if the newest is damaged")
     g.add_argument("--tensorboard", action="store_true", help="also log metrics to TensorBoard in RUN/tb")
+    g.add_argument("--wandb", action="store_true",
+                   help="also log metrics to Weights & Biases in RUN/wandb ($WANDB_PROJECT; WANDB_MODE=offline: no network)")
     g = p.add_argument_group("system")
     g.add_argument("--device", help="cpu | cuda | mps (default: best available)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA (slower; quicker start)")
@@ -283,9 +284,7 @@ def _train(args, held):
         atomic_write_json(run_dir / "config.json", cfg)
         data.tokenizer.save(run_dir / "tokenizer.json")  # sample/eval work even if the data dir moves
     metrics_path = run_dir / "metrics.jsonl"
-    if rank == 0:  # the other ranks never write it
-        _truncate_metrics(metrics_path, step)
-    tb = _tensorboard(run_dir) if cfg.get("tensorboard") and rank == 0 else None
+    log = tracking.Metrics(run_dir, cfg, step if args.resume else None) if rank == 0 else None  # rank 0 writes
 
     use_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
@@ -356,22 +355,16 @@ def _train(args, held):
             row = {"step": step, "loss": loss_val, "lr_mult": optimizer.param_groups[0]["lr"] /
                    optimizer.param_groups[0]["initial_lr"], "tok_per_sec": tok_s, "mfu": mfu,
                    "progress": progress(), "train_time": train_time, "tokens": tokens_done, **moe_stats}
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if tb:
-                    for k in ("loss", "lr_mult", "tok_per_sec", "mfu", *MOE_SCALARS):
-                        if row.get(k) is not None:  # mfu on a CPU; the moe ones of a dense model
-                            tb.add_scalar(k, row[k], step)
+            if log:
+                log.write(row)
             if time.time() - last_status > (0.5 if sys.stdout.isatty() else 10) or progress() >= 1:
                 last_status = time.time()
                 _status(step, row)
             if cfg.get("eval_every") and step % cfg["eval_every"] == 0:
                 eval_bpb = _evaluate(model, data, "val", cfg, device, autocast)["bpb"]
                 print0(f"\nstep {step}: val_bpb {eval_bpb:.4f}")
-                if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, "val_bpb": eval_bpb}) + "\n")
+                if log:
+                    log.write({"step": step, "val_bpb": eval_bpb})
             if world > 1:  # Ctrl-C reaches the ranks at different steps: stop together, or the save's collectives hang
                 flag = torch.tensor([float(stop["sigint"])], device=device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -432,8 +425,7 @@ def _train(args, held):
             plots.expert_load(metrics_path, run_dir / "expert_load.png")
     if rank == 0:
         atomic_write_json(run_dir / "summary.json", summary)
-        if tb:
-            tb.close()
+        log.close(summary)
     print0("---")
     for k, v in summary.items():
         print0(f"{k + ':':<18}{'n/a' if v is None else v}")
@@ -569,37 +561,6 @@ def _status(step, row):
     line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
             f"MFU {'   n/a' if row['mfu'] is None else format(row['mfu'], '5.1f') + '%'} | ETA {eta}")
     print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
-
-
-def _truncate_metrics(path, step):
-    """On resume, drop rows written after the checkpoint, so metrics.jsonl reads as one clean run. A
-    last line cut off by a kill mid-write is dropped too; a broken line before it is an error."""
-    if not path.exists():
-        return
-    lines = path.read_text().rstrip("\n").splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise LabError(f"{path} line {i + 1} is not JSON ({line[:60]!r}): delete that line, then resume "
-                               "again") from None
-            print0(f"{path}: dropped its torn last line ({line[:60]!r}), written when the run was killed")
-            break
-        if row["step"] <= step:
-            rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows))
-
-
-def _tensorboard(run_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise LabError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 def _sample_prompts(data, n=4) -> list[str]:

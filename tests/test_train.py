@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlabs import checkpoint, cli, common, preflight, train
+from llmlabs import checkpoint, cli, common, preflight, tracking, train
 from llmlabs.common import LabError
 from llmlabs.data.shards import DataDir
 
@@ -345,6 +345,51 @@ def test_tensorboard_logging(data_dir, tmp_path):
     assert losses == pytest.approx([r["loss"] for r in metrics(tmp_path / "run")], rel=1e-6)
 
 
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of a wandb run file (offline mode writes it): a LevelDB-style log (7-byte file
+    header; records of crc32, uint16 length, type in 32 KiB blocks) of wandb's Record protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, chunk, rows = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            chunk = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return rows
+
+
+def test_wandb_logging_offline_and_resumed(data_dir, tmp_path, monkeypatch):
+    """--wandb with no network (WANDB_MODE=offline): wandb's own run file holds the losses of
+    metrics.jsonl, and a resumed run goes on in the same wandb run (RUN/wandb-id)."""
+    pytest.importorskip("wandb", reason="the wandb package (an optional extra) is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    run_train(data_dir, run, "--tokens", "2048", "--wandb", "--save-every", "2")
+    run_id = (run / "wandb-id").read_text()
+    first = wandb_history(next((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")))
+    assert [r["loss"] for r in first] == pytest.approx([r["loss"] for r in metrics(run)], rel=1e-7)
+    assert [r["_step"] for r in first] == [1, 2, 3, 4]
+    (run / "checkpoints" / "LATEST").write_text("step_000002")  # as if stopped at step 2, then resumed
+    time.sleep(1.1)  # wandb names a process's folder by the second it started
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    assert train.main(["--resume", str(run)]) == 0
+    files = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))  # one per process, by time
+    assert (run / "wandb-id").read_text() == run_id and len(files) == 2
+    again = wandb_history(files[1])
+    assert [r["_step"] for r in again] == [3, 4]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in metrics(run)][2:], rel=1e-7)
+
+
 def test_existing_run_dir_is_refused(data_dir, tmp_path):
     run_train(data_dir, tmp_path / "run", "--tokens", "2048")
     with pytest.raises(LabError, match="--resume"):
@@ -592,12 +637,12 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
     path.write_text("\n".join(rows) + '\n{"step": 4, "lo')  # killed mid-write
-    train._truncate_metrics(path, 2)
+    tracking.truncate(path, 2)
     assert path.read_text() == rows[0] + "\n" + rows[1] + "\n"
     assert "torn" in capsys.readouterr().out
     path.write_text(rows[0] + "\n\n{\"step\": 2, \"lo\n" + rows[2] + "\n")
     with pytest.raises(LabError, match=r"line 3 is not JSON"):
-        train._truncate_metrics(path, 3)
+        tracking.truncate(path, 3)
 
 
 def test_ctrl_c_in_the_final_evaluation_keeps_the_run(data_dir, tmp_path, monkeypatch, capsys):
