@@ -7,9 +7,9 @@ group["lr"], group["momentum"] and group["weight_decay"] every step (each group 
 whose hyperparameters arrive as 0-d CPU tensors: new values every step never recompile, and no
 step reads a value back to the host.
 
-The single-process version. The distributed one (a later issue) keeps these kernels and adds the
-communication around _muon_step: reduce-scatter the stacked gradients of a shape group, let each
-rank orthogonalise its share, all-gather the updated matrices.
+MuonAdamW is the single-process version. DistMuonAdamW (below) keeps its kernels (_muon_apply,
+_adamw_apply) and adds the communication: reduce-scatter the gradients, update this rank's share,
+all-gather the updated weights.
 
 Sources: Muon (Keller Jordan, kellerjordan.github.io/posts/muon; modded-nanogpt); nanochat's
 nanochat/optim.py for the structure (stacked same-shape matrices, fused step, 0-d tensors)."""
@@ -230,23 +230,30 @@ class DistMuonAdamW(MuonAdamW):
     def _nccl(self) -> bool:
         return torch.distributed.get_backend() == "nccl"
 
-    # ---- communication: tensors whose first dimension is a multiple of the world size
-    def _reduce_scatter_mean(self, full):
+    # ---- communication: tensors whose first dimension is a multiple of the world size. Each op is
+    # started (async) and finished apart, so step() can keep many in flight.
+    def _reduce_scatter_start(self, full):
         dist = torch.distributed
         if self._nccl:
             mine = torch.empty_like(full[:full.size(0) // self.world])
-            dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM)
-        else:
-            dist.all_reduce(full)
-            mine = full.chunk(self.world)[self.rank].clone()
+            return dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM, async_op=True), mine
+        return dist.all_reduce(full, async_op=True), full  # gloo: no reduce-scatter
+
+    def _reduce_scatter_finish(self, work, buf):
+        """The mean over the ranks of this rank's share."""
+        work.wait()
+        mine = buf if self._nccl else buf.chunk(self.world)[self.rank].clone()
         return mine.div_(self.world)
 
-    def _all_gather(self, mine):
+    def _all_gather_start(self, mine):
         full = torch.empty((self.world * mine.size(0), *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
         if self._nccl:
-            torch.distributed.all_gather_into_tensor(full, mine)
-        else:
-            torch.distributed.all_gather(list(full.chunk(self.world)), mine)
+            return torch.distributed.all_gather_into_tensor(full, mine, async_op=True), full
+        return torch.distributed.all_gather(list(full.chunk(self.world)), mine, async_op=True), full
+
+    def _all_gather(self, mine):
+        work, full = self._all_gather_start(mine)
+        work.wait()
         return full
 
     def _padded(self, x, n):
@@ -263,27 +270,47 @@ class DistMuonAdamW(MuonAdamW):
                 total += 2 * p.numel() * p.element_size()
         return total * (self.world - 1) // self.world
 
-    # ---- the steps
-    def _muon_step(self, group):
-        params = group["params"]
-        if all(p.grad is None for p in params):
-            return
-        n = len(params)
-        grads = self._padded(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]), n)
-        mine = self._reduce_scatter_mean(grads)  # [c, *shape]: this rank's matrices
-        stacked = self._padded(torch.stack(params), n).chunk(self.world)[self.rank].clone()
-        self._muon_apply(group, self.state[params[0]], mine, stacked)
-        torch._foreach_copy_(params, list(self._all_gather(stacked)[:n].unbind(0)))
-
-    def _adamw_step(self, group):
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            n = p.numel()
-            grad = self._reduce_scatter_mean(self._padded(p.grad.reshape(-1), n))
-            mine = self._padded(p.detach().reshape(-1), n).chunk(self.world)[self.rank].clone()
-            self._adamw_apply(group, self.state[p], mine, grad)
-            p.detach().copy_(self._all_gather(mine)[:n].view_as(p))
+    # ---- the step: every gradient's reduce-scatter is started at once; each group is updated as soon
+    # as its share arrives and its weights' all-gather started at once; the weights are copied back as
+    # the gathers land. Later groups' traffic overlaps earlier groups' updates (nanochat's order), at
+    # the cost of holding every group's stacked gradients at the same time.
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        reducing = []  # (group, params, started reduce-scatter)
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                params = group["params"]
+                if all(p.grad is None for p in params):
+                    continue
+                grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                reducing.append((group, params, self._reduce_scatter_start(self._padded(grads, len(params)))))
+            else:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        flat = self._padded(p.grad.reshape(-1), p.numel())
+                        reducing.append((group, [p], self._reduce_scatter_start(flat)))
+        gathering = []
+        for group, params, started in reducing:
+            grad = self._reduce_scatter_finish(*started)
+            if group["kind"] == "muon":  # [c, *shape]: this rank's matrices, updated whole
+                mine = self._padded(torch.stack(params), len(params)).chunk(self.world)[self.rank].clone()
+                self._muon_apply(group, self.state[params[0]], grad, mine)
+            else:  # this rank's slice of the flattened tensor
+                p = params[0]
+                mine = self._padded(p.detach().reshape(-1), p.numel()).chunk(self.world)[self.rank].clone()
+                self._adamw_apply(group, self.state[p], mine, grad)
+            gathering.append((group, params, self._all_gather_start(mine)))
+        for group, params, (work, full) in gathering:
+            work.wait()
+            if group["kind"] == "muon":
+                torch._foreach_copy_(params, list(full[:len(params)].unbind(0)))
+            else:
+                params[0].detach().copy_(full[:params[0].numel()].view_as(params[0]))
+        return loss
 
     # ---- checkpoints in the single-process layout
     def state_dict(self):
