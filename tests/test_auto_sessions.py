@@ -307,3 +307,21 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     assert git(sdir / "gpu0", "rev-parse", "--short=12", "HEAD") == kept
     prompts = sorted((sdir / "agent").glob("gpu1-*.prompt.md"))
     assert len(prompts) == 2 and "Your last run crashed" in prompts[1].read_text()
+
+
+def test_slurm_workers_run_each_experiment_as_a_submitit_job(lab, data_dir, monkeypatch, tmp_path):
+    """`loop --slurm 2 --cluster local`: every run (training and the harness's evaluation) is a submitit
+    job, here a process on this machine, on a cluster a SLURM job on any node; the ledger, the seeds and
+    the keep rule work as with local workers."""
+    sdir = init(lab, monkeypatch, data_dir, "s")
+    agent = tmp_path / "agent" / "agent.py"
+    agent.parent.mkdir()
+    agent.write_text(AGENT.replace('"gpu0"', '"slurm0"').format(weak=WEAK, tiny=TINY_LR, crash=CRASH))
+    assert auto(lab, monkeypatch, "loop", "--agent", f"{sys.executable} {agent}", "--slurm", "2", "--cluster", "local",
+                "--iterations", "1", "--baseline-repeats", "3", "--agent-rw", str(agent.parent)) == 0
+    rows = ledger(sdir)
+    assert [r["status"] for r in rows[:3]] == ["baseline"] * 3 and {r["worker"] for r in rows} == {"slurm0", "slurm1"}
+    assert sorted(r["status"] for r in rows[3:]) == ["crash", "keep"]
+    assert next(r for r in rows[3:] if r["status"] == "keep")["worker"] == "slurm0"
+    assert len({r["seed"] for r in rows}) == len(rows) == 5
+    assert len(list((sdir / "slurm").glob("*_result.pkl"))) == 5  # one job per run, each returned its Run

@@ -19,6 +19,16 @@ def add_args(p):
         s = sub.add_parser(name, help=help_, description=help_)
         if name != "init":
             s.add_argument("--tag", help="the session (default: the one whose worktree you are in, or the only one)")
+        if name in ("baseline", "loop", "confirm"):
+            g = s.add_argument_group("workers as SLURM jobs (through submitit: pip install 'llmlabs[sweep]')")
+            g.add_argument("--slurm", type=flags.positive_int, metavar="N",
+                           help="N workers whose runs are SLURM jobs of one GPU each, on any node (the session "
+                                "directory must be on a shared filesystem); instead of --gpus")
+            g.add_argument("--partition", help="SLURM partition (with --slurm)")
+            g.add_argument("--slurm-minutes", type=flags.positive_int,
+                           help="a run's job time limit (default: the session's timeout + 10 minutes)")
+            g.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
+                           help="local: submitit runs the jobs on this machine (to try a setup without a cluster)")
         return s
 
     s = cmd("init", "start a session: branch auto/TAG in its own worktree, ledger, harness fingerprint")
@@ -85,7 +95,14 @@ def sandbox_line() -> str:
             "and evaluation are guarded by the harness's file guard only")
 
 
-def _workers(session, gpus, default_worker="main"):
+def _workers(session, args, default_worker="main"):
+    gpus = args.gpus
+    if args.slurm:
+        if gpus:
+            raise LabError("--gpus and --slurm both say where runs go: give one of them")
+        return _slurm_workers(session, args)
+    if args.partition or args.slurm_minutes or args.cluster != "slurm":
+        raise LabError("--partition, --slurm-minutes and --cluster are for --slurm N: add it, or drop them")
     if not gpus:
         return [session.worker(default_worker)]
     try:
@@ -95,6 +112,24 @@ def _workers(session, gpus, default_worker="main"):
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise LabError(f"--gpus {gpus!r}: each GPU once, indices >= 0 (never two experiments on one GPU)")
     return [session.worker(f"gpu{i}") for i in ids]
+
+
+def _slurm_workers(session, args):
+    """args.slurm workers sharing one submitit executor; each run is a job of one GPU (runs.train)."""
+    try:
+        import submitit
+    except ImportError:
+        raise LabError("--slurm needs submitit: pip install 'llmlabs[sweep]' (or pip install submitit)") from None
+    ex = submitit.AutoExecutor(folder=str(session.dir / "slurm"), cluster=args.cluster)
+    params = {"timeout_min": args.slurm_minutes or int(session.timeout / 60) + 10, "gpus_per_node": 1, "nodes": 1,
+              "tasks_per_node": 1, "name": f"auto-{session.tag}"}
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    ex.update_parameters(**params)
+    workers = [session.worker(f"slurm{i}") for i in range(args.slurm)]
+    for w in workers:
+        w.executor = ex
+    return workers
 
 
 def run(args):
@@ -120,7 +155,7 @@ def _run(args):
         return 0
     session, worker = locate(os.getcwd(), args.tag)
     if args.cmd == "baseline":
-        rows = runner.baseline(session, _workers(session, args.gpus, worker), args.repeats)
+        rows = runner.baseline(session, _workers(session, args, worker), args.repeats)
         vals = ", ".join(f"{r['val_bpb']:.6f}" if r["val_bpb"] is not None else r["status"] for r in rows)
         print(f"baseline {rows[0]['commit']}: val_bpb {vals}; sigma {rows[0]['sigma']:.6f} (all baseline runs so far)"
               if rows[0]["sigma"] is not None else f"baseline {rows[0]['commit']}: val_bpb {vals}")
@@ -135,10 +170,10 @@ def _run(args):
 
         agent = make_agent(args.agent, args.model, args.key_env, args.agent_timeout,
                            hide=[session.dir, session.data], rw=[os.path.expanduser(p) for p in args.agent_rw])
-        loop(session, _workers(session, args.gpus, worker), agent, args.iterations, args.baseline_repeats,
+        loop(session, _workers(session, args, worker), agent, args.iterations, args.baseline_repeats,
              hours=args.hours, plateau=args.plateau)
     elif args.cmd == "confirm":
-        res = runner.confirm(session, _workers(session, args.gpus, worker), args.seeds)
+        res = runner.confirm(session, _workers(session, args, worker), args.seeds)
         for name in ("start", "best"):
             c = res["commits"][name]
             print(f"{name:<6}{c['commit']}  test_bpb {c['mean']:.6f} +- {c['std']:.6f} over {len(c['test_bpb'])} seeds")

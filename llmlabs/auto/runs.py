@@ -93,7 +93,11 @@ def new_run(session, commit: str, seed: int, kind="") -> Run:
 @contextmanager
 def device_lock(worker):
     """Never two experiments on one GPU: an flock per device under $LLMLABS_HOME/locks, shared by
-    every session and process on the machine (released by the kernel if the holder dies)."""
+    every session and process on the machine (released by the kernel if the holder dies). A SLURM
+    worker's runs get their GPUs from SLURM."""
+    if worker.executor is not None:
+        yield
+        return
     dev = worker.gpu if worker.gpu is not None else (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     path = llmlabs_home() / "locks" / f"gpu{dev}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +135,14 @@ def child_env(session, code, worker, cache=None) -> dict:
     return env
 
 
+def train_job(session_dir, worker_name, commit, run: Run, split, allow) -> Run:
+    """What a SLURM worker's job runs: the run, on the node's GPU (SLURM sets CUDA_VISIBLE_DEVICES)."""
+    from llmlabs.auto.session import Session
+
+    session = Session(session_dir)
+    return train(session, session.worker(worker_name), commit, run, split, allow)
+
+
 def _sandboxed(session, argv, rw, ro):
     """argv inside bubblewrap where it works (hiding the data directory and the session's files,
     no network), else unchanged: the file guard still stands."""
@@ -144,7 +156,17 @@ def _sandboxed(session, argv, rw, ro):
 def train(session, worker, commit, run: Run, split="val", allow=None) -> Run:
     """Train `commit` for run `run` and score it on `split`; fills run.phases, run.result and, on
     failure, run.status / run.reason, then writes run_dir/result.json. `allow`: the baselines'
-    allowances for the untimed phases (None for the baseline runs themselves)."""
+    allowances for the untimed phases (None for the baseline runs themselves). A SLURM worker's run
+    is this same function in a job (train_job): the session directory must be on a filesystem the
+    nodes share, as it is on a cluster's home or project space."""
+    if worker.executor is not None:
+        job = worker.executor.submit(train_job, str(session.dir), worker.name, commit, run, split, allow)
+        print(f"[{worker.name}] {run.name}: SLURM job {job.job_id}", flush=True)
+        try:
+            return job.result()
+        except BaseException:
+            job.cancel(check=False)  # Ctrl-C, or the job failed: never leave it holding a GPU
+            raise
     code = gitops.export(session.repo, commit, session.code_dir / worker.name)
     cache = compile_cache(session, run)
     for d in ("inductor", "triton"):

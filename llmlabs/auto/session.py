@@ -13,7 +13,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmlabs.auto import gitops, surface
@@ -30,10 +30,13 @@ RUNNER_FLAGS = ("--data", "--time-budget", "--seed", "--run-dir", "--eval-split"
 
 @dataclass
 class Worker:
-    name: str       # "main" or "gpu<N>"
+    name: str       # "main", "gpu<N>" or "slurm<N>"
     path: Path      # its git worktree
     branch: str
     gpu: int | None  # CUDA device index, None: whatever `llmlabs train` picks
+    # slurm<N>: a submitit executor; each of the worker's runs (training and the harness's evaluation)
+    # is a job of its own, on whatever node SLURM gives it (runs.train)
+    executor: object | None = field(default=None, repr=False)
 
 
 class Session:
@@ -71,9 +74,10 @@ class Session:
     def worker(self, name: str) -> Worker:
         if name == "main":
             return Worker("main", self.dir / "main", f"auto/{self.tag}", None)
-        if not (name.startswith("gpu") and name[3:].isdigit()):
-            raise LabError(f"unknown worker {name!r}: workers are 'main' and 'gpu<N>'")
-        return Worker(name, self.dir / name, f"auto/{self.tag}-{name}", int(name[3:]))
+        kind = name.rstrip("0123456789")
+        if kind not in ("gpu", "slurm") or kind == name:
+            raise LabError(f"unknown worker {name!r}: workers are 'main', 'gpu<N>' and 'slurm<N>'")
+        return Worker(name, self.dir / name, f"auto/{self.tag}-{name}", int(name[3:]) if kind == "gpu" else None)
 
     def train_settings(self) -> dict:
         return {"data": self.data, "time_budget": self.time_budget, "timeout": self.timeout,
