@@ -261,14 +261,19 @@ class DistMuonAdamW(MuonAdamW):
         c = -(-n // self.world)
         return torch.cat([x, x.new_zeros(c * self.world - n, *x.shape[1:])]) if c * self.world > n else x
 
-    def comm_bytes_per_step(self) -> int:
-        """Bytes this rank sends per step with NCCL's ring algorithms: (N - 1) / N of every gradient
-        (reduce-scatter) and of every weight (all-gather), padding included."""
+    def comm_bytes_per_step(self, world: int | None = None) -> int:
+        """Bytes one rank sends per step at `world` ranks (default: this job's) with NCCL's ring
+        algorithms: (N - 1) / N of every gradient (reduce-scatter) and of every weight (all-gather),
+        as padded to a multiple of N (Muon: whole matrices per rank; AdamW: flat slices)."""
+        n = world or self.world
         total = 0
         for group in self.param_groups:
-            for p in group["params"]:
-                total += 2 * p.numel() * p.element_size()
-        return total * (self.world - 1) // self.world
+            ps = group["params"]
+            if group["kind"] == "muon":
+                total += 2 * -(-len(ps) // n) * n * ps[0].numel() * ps[0].element_size()
+            else:
+                total += sum(2 * -(-p.numel() // n) * n * p.element_size() for p in ps)
+        return total * (n - 1) // n
 
     # ---- the step: every gradient's reduce-scatter is started at once; each group is updated as soon
     # as its share arrives and its weights' all-gather started at once; the weights are copied back as

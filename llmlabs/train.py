@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from llmlabs import checkpoint, flags, plots, preflight, tracking
-from llmlabs.common import LabError, atomic_write_json, compute_init, make_dir, peak_flops, print0, seed_all
+from llmlabs.common import LabError, atomic_write_json, compute_init, dist_info, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
 # 2-core machine prepare + training + evaluation take under 5 minutes, and is budgeted in tokens (256
@@ -295,9 +295,10 @@ def _train(args, held):
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
            f"{world} ranks x {accum} accum; attention {attention.describe(device)}")
-    if world > 1:
-        print0(f"distributed MuonAdamW over {world} ranks: {optimizer.comm_bytes_per_step() / 2**20:.1f} MiB sent per "
-               "rank per step (gradients reduce-scattered, weights all-gathered)")
+    if run.distributed:
+        print0(f"distributed MuonAdamW over {world} rank(s): {optimizer.comm_bytes_per_step() / 2**20:.1f} MiB sent per "
+               f"rank per step, {optimizer.comm_bytes_per_step(8) / 2**20:.1f} MiB at 8 ranks (gradients reduce-scattered, "
+               "weights all-gathered)")
 
     def progress():
         fracs = [tokens_done / budget_tokens] if budget_tokens else []
@@ -429,7 +430,7 @@ def _train(args, held):
     print0("---")
     for k, v in summary.items():
         print0(f"{k + ':':<18}{'n/a' if v is None else v}")
-    if world > 1:  # leave together: a rank exiting while rank 0 still writes samples aborts in gloo
+    if run.distributed:  # leave together: a rank exiting while rank 0 still writes samples aborts in gloo
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
@@ -458,11 +459,12 @@ def setup(cfg, device, rank=0, world=1):
                        f"ranks = {B * T * world}: pick a multiple")
     preflight.check_memory(mcfg, B, device, lambda d: _model_config(cfg, mcfg.vocab_size, d))
     model = build_model(mcfg, device)
+    distributed = world > 1 or dist_info()[0]  # under torchrun even at one rank: its collectives run (NCCL check)
     optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
                                       unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
-                                      weight_decay=cfg["weight_decay"], distributed=world > 1)
+                                      weight_decay=cfg["weight_decay"], distributed=distributed)
     loader = BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world, device=device)
-    return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader,
+    return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader, distributed=distributed,
                            accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
                            flops_per_token=model.flops_per_token())
 

@@ -259,3 +259,17 @@ def test_distributed_optimizer_equals_one_process_and_its_state_moves_across_ran
         ref.zero_grad(set_to_none=True)
     close({"params": {k: v.detach() for k, v in ref.named_parameters()}, "opt": ref_opt.state_dict()}, resumed)
     assert resumed["opt"]["state"][0]["step"] == 6  # an AdamW tensor's step count went on from 3
+
+
+def test_communication_volume_counts_the_padding_by_hand():
+    """3 Muon matrices of 4x4 and a 10-element AdamW vector, float32. 2 ranks: Muon sends 4 padded
+    matrices (2 per rank), AdamW 10 elements: 2 x (4 x 16 + 10) x 4 bytes x 1/2 = 296. 4 ranks:
+    4 matrices and 12 elements: 2 x (64 + 12) x 4 x 3/4 = 456."""
+    from llmlabs.optim import DistMuonAdamW
+
+    muon = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3)]
+    vec = torch.nn.Parameter(torch.randn(10))
+    opt = DistMuonAdamW([dict(kind="muon", params=muon, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.0, ns_steps=5),
+                         dict(kind="adamw", params=[vec], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)])
+    assert opt.comm_bytes_per_step(2) == 296 and opt.comm_bytes_per_step(4) == 456
+    assert opt.comm_bytes_per_step(1) == 0
