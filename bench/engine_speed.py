@@ -1,0 +1,83 @@
+"""Generation speed of the engine (llmlabs/engine.py): new tokens per second with the KV cache, greedy,
+at several batch sizes, for a model of the GPU preset's shape at --depth (random weights: speed does
+not depend on what the weights say; greedy decoding of random weights never stops early).
+
+    PYTHONPATH=. python3 bench/engine_speed.py [--depth 12] [--batches 1,32] [--prompt 128] [--new 256]
+        [--device cuda] [--out bench/results/engine_speed-h200.jsonl]
+
+Per batch size: prefill (all prompts in one forward) and decode (one token per row per forward, one
+host sync per step to hand the ids out) timed apart, after one untimed warm-up generation. bf16
+weights on CUDA (as `llmlabs sample` runs a checkpoint there), float32 on CPU. Eager, no compile.
+"""
+import argparse
+import json
+import os
+import subprocess
+import time
+
+import torch
+
+from llmlabs import engine
+from llmlabs.config import config_for_depth
+from llmlabs.model import build_model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, batch, prompt, new, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).tolist()
+    sync(device)
+    t0 = time.perf_counter()
+    steps = engine.stream(model, prompts, new, temperature=0)
+    next(steps)  # prefill, then the first token picked
+    sync(device)
+    t1 = time.perf_counter()
+    n = 1 + sum(1 for _ in steps)
+    sync(device)
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "new_tokens": n,
+            "decode_tok_per_sec": round(batch * (n - 1) / (t2 - t1)), "total_tok_per_sec": round(batch * n / (t2 - t0))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
+    p.add_argument("--new", type=int, default=256, help="new tokens per row")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (8192: the lab's prepared corpora)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="append each result as a JSON line to this file")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cfg = config_for_depth(args.depth, vocab_size=args.vocab, sequence_len=max(2048, args.prompt + args.new + 1))
+    torch.manual_seed(0)
+    model = build_model(cfg, device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    commit = os.environ.get("LLMLABS_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {time.strftime('%Y-%m-%d')} | {name} | torch {torch.__version__} | commit {commit} | d{args.depth}, "
+          f"{sum(q.numel() for q in model.parameters()) / 1e6:.0f}M params, prompt {args.prompt}, new {args.new}")
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        measure(model, b, args.prompt, min(args.new, 8), device)  # warm-up: kernels, allocator
+        res = {"depth": args.depth, "batch": b, "prompt": args.prompt, "device": name, "commit": commit,
+               **measure(model, b, args.prompt, args.new, device)}
+        rows.append(res)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+    print(f"{'batch':>5} {'prefill ms':>10} {'decode tok/s':>13} {'total tok/s':>12} {'ms/step':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {1000 * r['prefill_s']:>10.1f} {r['decode_tok_per_sec']:>13,} {r['total_tok_per_sec']:>12,} "
+              f"{1000 * r['decode_s'] / max(r['new_tokens'] - 1, 1):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
