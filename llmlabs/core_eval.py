@@ -115,6 +115,8 @@ def load_tasks(root=None) -> list[dict]:
     except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, ValueError) as e:
         raise LabError(f"{damaged} ({type(e).__name__}: {e}): `llmlabs prepare core --force` downloads it "
                        "again") from None
+    if not tasks:
+        raise LabError(f"{damaged}: core.yaml lists no task; `llmlabs prepare core --force` downloads it again")
     for t in tasks:
         if t["type"] not in TYPES:
             raise LabError(f"{damaged}: task {t['label']} is of type {t['type']!r}, CORE has {', '.join(TYPES)}; "

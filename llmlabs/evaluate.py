@@ -193,6 +193,9 @@ def run(args):
 
     # what can fail without a model does so first: unknown names, no lm-eval, no CORE bundle
     lm_names = [t for t in args.tasks if t not in OWN_TASKS]
+    if args.include_path and not lm_names:
+        raise LabError(f"--include-path adds lm-eval tasks, and --tasks {','.join(args.tasks)} names none: name "
+                       "them, or drop --include-path")
     adapter, manager = _lm_eval(lm_names, args.include_path) if lm_names else (None, None)
     core_tasks = core_eval.load_tasks() if "core" in args.tasks else None
     device = compute_init(args.device)[0]

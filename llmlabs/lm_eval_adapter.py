@@ -57,11 +57,14 @@ class LabLM(TemplateLM):
         if "run" not in args:
             raise LabError("model_args must name the run: run=RUN (a run directory of `llmlabs train`)")
         device = torch.device(args.get("device") or autodetect_device())
-        model, _ = load_run(args["run"], device)
+        model, ckpt = load_run(args["run"], device)
+        tokenizer = Tokenizer.load(Path(args["run"]) / "tokenizer.json")
+        if tokenizer.hash != ckpt["tokenizer_hash"]:
+            raise LabError(f"{args['run']}/tokenizer.json is not the tokenizer its checkpoint was trained with: "
+                           "copy the run's tokenizer.json back from its data directory")
         size = str(args.get("batch_size", ""))  # lm-eval's "auto" sizing is not supported: the default then
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-        return cls(model, Tokenizer.load(Path(args["run"]) / "tokenizer.json"),
-                   int(size) if size.isdigit() else 16, autocast)
+        return cls(model, tokenizer, int(size) if size.isdigit() else 16, autocast)
 
     @property
     def eot_token_id(self):
@@ -70,9 +73,6 @@ class LabLM(TemplateLM):
     def tok_encode(self, string, add_special_tokens=None, **kwargs):
         """BOS first (every training document starts with it) unless add_special_tokens is False."""
         return ([] if add_special_tokens is False else [self.tok.bos_id]) + self.tok.encode(string)
-
-    def tok_decode(self, tokens, **kwargs):
-        return self.tok.decode(tokens)
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):

@@ -4,6 +4,7 @@ runs tasks defined on local jsonl files; the adapter's log-likelihoods equal the
 time; `llmlabs eval RUN --tasks` routes names the offline suite does not know to lm-eval."""
 import json
 import random
+import shutil
 import sys
 
 import pytest
@@ -167,6 +168,20 @@ def run(tmp_path_factory, model, tok):
     return d
 
 
+def test_registered_for_lm_evals_own_api(run, model, tok, tmp_path):
+    lm = lm_eval.api.registry.get_model("llmlabs").create_from_arg_string(f"run={run},device=cpu", {"batch_size": "2"})
+    assert isinstance(lm, LabLM) and lm.batch_size == 2 and lm.max_length == L
+    req = [Instance("loglikelihood", {}, ("rows data", " model"), 0)]
+    assert lm.loglikelihood(req)[0][0] == pytest.approx(LabLM(model, tok).loglikelihood(req)[0][0], rel=1e-5)  # float32
+    with pytest.raises(LabError, match="model_args must name the run: run=RUN"):
+        LabLM.create_from_arg_obj({"device": "cpu"})
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    Tokenizer.train(iter([random_text(random.Random(9), 300) for _ in range(20)]), 300).save(other / "tokenizer.json")
+    with pytest.raises(LabError, match="tokenizer.json is not the tokenizer its checkpoint was trained with"):
+        LabLM.create_from_arg_obj({"run": str(other), "device": "cpu"})
+
+
 def test_eval_command_routes_other_names_to_lm_eval(run, task_dir, capsys):
     d, _ = task_dir
     assert cli.main(["eval", str(run), "--tasks", "lab_mc,lab_gen,lab_roll", "--include-path", str(d),
@@ -187,6 +202,8 @@ def test_unknown_names_and_a_missing_lm_eval_are_one_line(run, task_dir, monkeyp
                         lambda include_path=None, **kw: TaskManager(include_path=include_path, include_defaults=False))
     with pytest.raises(LabError, match=r"unknown task 'lab_nope': not one of bpb, next_line, signature, offline, core"):
         evaluate._lm_eval(["lab_mc", "lab_nope"], str(d))
+    assert cli.main(["eval", str(run), "--tasks", "bpb", "--include-path", str(d)]) == 2
+    assert capsys.readouterr().err.startswith("error: --include-path adds lm-eval tasks, and --tasks bpb names none")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     assert cli.main(["eval", str(run), "--tasks", "hellaswag,core"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
