@@ -8,9 +8,10 @@ import sys
 from llmlabs.errors import LabError
 
 COMMANDS = {
-    "prepare": ("llmlabs.data.prepare", "build a data directory: tokenizer + token shards (the only step that may use the network)"),
+    "prepare": ("llmlabs.data.prepare", "build a data directory: tokenizer + token shards; or `prepare core`, the CORE eval "
+                                        "bundle (the only step that may use the network)"),
     "train": ("llmlabs.train", "train a GPT and report val_bpb"),
-    "eval": ("llmlabs.evaluate", "print val_bpb of a run's checkpoint"),
+    "eval": ("llmlabs.evaluate", "score a run's checkpoints: val_bpb, offline tasks, CORE, lm-eval tasks"),
     "sample": ("llmlabs.engine", "generate text from a run's checkpoint"),
     "sweep": ("llmlabs.sweep", "preregistered sweeps: run a spec's grid of train runs, fit L(N, D) to them"),
     "auto": ("llmlabs.auto.cli", "autoresearch: agent-driven fixed-budget experiments"),

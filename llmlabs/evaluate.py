@@ -1,4 +1,5 @@
-"""val_bpb, the one definition, and the `llmlabs eval RUN` command.
+"""val_bpb, the one definition, and the `llmlabs eval RUN` command (bpb, the offline tasks, CORE and
+lm-eval tasks, routed by name).
 
 bits per byte = (summed nats over target tokens) / (ln 2 x summed UTF-8 bytes of those targets).
 Special tokens (BOS, image tokens) have 0 bytes and are left out of both sums, so the number does not
@@ -8,6 +9,7 @@ to the model's loss cannot change the score.
 """
 import functools
 import math
+import os
 
 import numpy as np
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from llmlabs import flags
 from llmlabs.common import LabError
+from llmlabs.tasks import TASKS
 
 
 @torch.no_grad()
@@ -109,13 +112,24 @@ def _rank_world():
 # ---------------------------------------------------------------------------------------------
 # `llmlabs eval RUN`
 
+OWN_TASKS = ("bpb", *TASKS, "offline", "core")  # every other name is an lm-eval task
+OFFLINE_ITEMS = 200
+
+
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")
-    p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split to score")
+    p.add_argument("--split", choices=["val", "test"], default="val", help="which held-out split bpb and the offline "
+                                                                         "tasks score")
     p.add_argument("--tasks", default="bpb", type=_tasks,
-                   help="comma-separated: bpb, and the offline multiple-choice tasks next_line and signature "
-                        "(llmlabs/tasks.py; 'offline' = both); default bpb")
-    p.add_argument("--items", type=flags.positive_int, default=200, help="items per multiple-choice task (default 200)")
+                   help="comma-separated: bpb; the offline multiple-choice tasks next_line and signature "
+                        "(llmlabs/tasks.py; 'offline' = both); core (DCLM's CORE, after `llmlabs prepare core`); any "
+                        "other name is an lm-evaluation-harness task, e.g. hellaswag,arc_easy (pip install "
+                        "'llmlabs[eval]'); default bpb")
+    p.add_argument("--items", type=flags.positive_int,
+                   help=f"items per task (default: {OFFLINE_ITEMS} for the offline tasks, all for CORE and lm-eval, "
+                        "where it is lm-eval's --limit)")
+    p.add_argument("--include-path", help="a folder of extra lm-eval task YAML files (lm-eval's --include_path), e.g. "
+                                          "a task on local jsonl files")
     p.add_argument("--checkpoints", choices=["latest", "all"], default="latest",
                    help="score the newest checkpoint that loads, or every checkpoint the run kept (for evals.png)")
     p.add_argument("--tokens", type=flags.positive_int, help="target tokens to score (default: the run's --eval-tokens)")
@@ -126,15 +140,46 @@ def add_args(p):
 def _tasks(s):
     import argparse
 
-    from llmlabs.tasks import TASKS
-
     names = [t for t in s.replace(" ", "").split(",") if t]
-    names = [x for t in names for x in (TASKS if t == "offline" else [t])]
-    unknown = [t for t in names if t != "bpb" and t not in TASKS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{s!r}: unknown task {', '.join(unknown) or '(none)'}; choose from bpb, "
-                                         f"{', '.join(TASKS)}, offline")
-    return list(dict.fromkeys(names))
+    if not names:
+        raise argparse.ArgumentTypeError(f"{s!r} names no task: give e.g. bpb,offline,core or lm-eval task names")
+    return list(dict.fromkeys(x for t in names for x in (TASKS if t == "offline" else [t])))
+
+
+def _lm_eval(names, include_path):
+    """The adapter module and an lm-eval TaskManager that knows every name, or one line saying what is wrong."""
+    if include_path and not os.path.isdir(include_path):
+        raise LabError(f"--include-path {include_path} is not a folder: give the folder of your task YAML files")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise LabError(f"{', '.join(names)}: not one of {', '.join(OWN_TASKS)}, so lm-eval tasks, and lm-eval is not "
+                       "installed: pip install 'llmlabs[eval]'") from None
+    from lm_eval.tasks import TaskManager
+
+    from llmlabs import lm_eval_adapter
+
+    # indexing lm-eval's own ~15k task files takes ~10 s: tasks that are all under --include-path skip it
+    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or set(names) - set(manager.all_tasks):
+        manager = TaskManager(include_path=include_path)
+    if unknown := [n for n in names if n not in manager.all_tasks]:
+        raise LabError(f"unknown task {', '.join(map(repr, unknown))}: not one of {', '.join(OWN_TASKS)}, nor an lm-eval "
+                       "task (`lm-eval ls tasks` lists them; --include-path adds your own)")
+    return lm_eval_adapter, manager
+
+
+def _lm_eval_rows(out) -> list[dict]:
+    """One row per task lm-eval reports (a group's subtasks too), headed by acc_norm, acc or exact_match."""
+    rows = []
+    for name, metrics in out["results"].items():
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scores = [k for k in numbers if "_stderr" not in k]
+        if scores:
+            head = next((m for m in ("acc_norm,none", "acc,none", "exact_match,none") if m in numbers), scores[0])
+            rows.append({"task": name, "split": "-", "score": numbers[head], "metric": head, "metrics": numbers,
+                         "items": out["n-samples"].get(name, {}).get("effective")})
+    return rows
 
 
 def run(args):
@@ -142,11 +187,20 @@ def run(args):
     import time
     from pathlib import Path
 
-    from llmlabs import checkpoint, plots, tasks
+    from llmlabs import checkpoint, core_eval, plots, tasks
     from llmlabs.common import compute_init
     from llmlabs.data.shards import DataDir
+    from llmlabs.data.tokenizer import Tokenizer
 
+    # what can fail without a model does so first: unknown names, no lm-eval, no CORE bundle
+    lm_names = [t for t in args.tasks if t not in OWN_TASKS]
+    if args.include_path and not lm_names:
+        raise LabError(f"--include-path adds lm-eval tasks, and --tasks {','.join(args.tasks)} names none: name "
+                       "them, or drop --include-path")
+    adapter, manager = _lm_eval(lm_names, args.include_path) if lm_names else (None, None)
+    core_tasks = core_eval.load_tasks() if "core" in args.tasks else None
     device = compute_init(args.device)[0]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     paths = [None] if args.checkpoints == "latest" else sorted(checkpoint.candidates(args.run), key=lambda p: int(p.name.split('_')[-1]))
     if not paths:
         raise LabError(f"{args.run} has no checkpoint (checkpoints/ is empty or missing): is it a run directory "
@@ -155,31 +209,50 @@ def run(args):
     for path in paths:
         model, ckpt = checkpoint.load_run(args.run, device, path)
         cfg = ckpt["run_config"]
-        if data is None:
+        if data is None and {"bpb", *TASKS} & set(args.tasks):
             data = DataDir.open(args.data or cfg["data"])
-            if data.tokenizer.hash != ckpt["tokenizer_hash"]:
-                raise LabError(f"tokenizer of {data.path} ({data.tokenizer.hash[:12]}) differs from the one {args.run} "
-                               f"was trained with ({ckpt['tokenizer_hash'][:12]}): pass --data with the run's data directory")
-        for task in args.tasks:
+        tokenizer = data.tokenizer if data else Tokenizer.load(Path(args.run) / "tokenizer.json")
+        if tokenizer.hash != ckpt["tokenizer_hash"]:
+            raise LabError(f"tokenizer of {data.path if data else args.run} ({tokenizer.hash[:12]}) differs from the one "
+                           f"{args.run} was trained with ({ckpt['tokenizer_hash'][:12]}): pass --data with the run's data "
+                           "directory")
+        for task in (t for t in args.tasks if t not in lm_names):
             if task == "bpb":
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
                 res = evaluate_bpb(model, data, args.split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
                                    max_tokens=args.tokens or cfg["eval_tokens"], device=device, autocast=autocast)
-                res = {"bpb": res["bpb"], "unigram_bpb": res["unigram_bpb"], "tokens": res["tokens"]}
+                res = {"split": args.split, "bpb": res["bpb"], "unigram_bpb": res["unigram_bpb"], "tokens": res["tokens"]}
                 # the lines scripts grep, as `llmlabs train`'s summary block has them
                 print(f"{args.split}_bpb: {res['bpb']:.6f}\nunigram_bpb: {res['unigram_bpb']:.6f}\n"
                       f"eval_tokens: {res['tokens']}")
+            elif task == "core":
+                res = core_eval.evaluate_core(model, tokenizer, device, core_tasks, max_items=args.items,
+                                              autocast=autocast, log=True)
+                res = {"split": "-", "score": res["core"], "metric": "core", **res,
+                       "items": sum(t["items"] for t in res["tasks"].values())}
+                print(f"core: {res['core']:.6f}")
             else:
                 if task not in items:
-                    items[task] = tasks.build(data, task, args.split, n=args.items)
-                res = tasks.evaluate(model, data.tokenizer, items[task], device)
-            rows.append({"step": ckpt["step"], "split": args.split, "task": task, **res})
-    print(f"{'step':>7}  {'task':<10} {'split':<5} {'score':>9}  baseline")
+                    items[task] = tasks.build(data, task, args.split, n=args.items or OFFLINE_ITEMS)
+                res = tasks.evaluate(model, tokenizer, items[task], device)
+                res = {"split": args.split, "score": res["acc_norm"], "metric": "acc_norm", **res}
+            rows.append({"step": ckpt["step"], "task": task, **res})
+        if lm_names:
+            from lm_eval import simple_evaluate
+
+            lm = adapter.LabLM(model, tokenizer, cfg["device_batch_size"], autocast)
+            out = simple_evaluate(model=lm, tasks=lm_names, task_manager=manager, limit=args.items, log_samples=False)
+            rows += [{"step": ckpt["step"], **r} for r in _lm_eval_rows(out)]
+    print(f"{'step':>7}  {'task':<12} {'split':<5} {'score':>9}  baseline")
     for r in rows:
-        score, base = ((f"{r['bpb']:.6f}", f"unigram {r['unigram_bpb']:.4f} bpb ({r['tokens']:,} tokens)")
-                       if r["task"] == "bpb" else
-                       (f"{r['acc_norm']:.4f}", f"chance {r['chance']:.2f} (acc_norm; acc {r['acc']:.4f}, {r['items']} items)"))
-        print(f"{r['step']:>7}  {r['task']:<10} {r['split']:<5} {score:>9}  {base}")
+        if r["task"] == "bpb":
+            score, base = f"{r['bpb']:.6f}", f"unigram {r['unigram_bpb']:.4f} bpb ({r['tokens']:,} tokens)"
+        elif r["task"] == "core":
+            score, base = f"{r['core']:.4f}", f"chance 0 (centered; {len(r['tasks'])} tasks, {r['items']:,} items)"
+        elif r["task"] in TASKS:
+            score, base = f"{r['score']:.4f}", f"chance {r['chance']:.2f} (acc_norm; acc {r['acc']:.4f}, {r['items']} items)"
+        else:
+            score, base = f"{r['score']:.4f}", f"lm-eval {r['metric']} ({r['items']} items)"
+        print(f"{r['step']:>7}  {r['task']:<12} {r['split']:<5} {score:>9}  {base}")
     out = Path(args.run) / "evals.jsonl"
     with open(out, "a") as f:  # every eval adds its rows: the plot shows scores over the run's checkpoints
         for r in rows:

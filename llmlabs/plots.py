@@ -68,7 +68,8 @@ def expert_load(metrics_path, png_path):
 
 def evals(evals_path, png_path):
     """Each task's score over the checkpoints' steps, from every `llmlabs eval` of the run (the latest
-    score where a step was scored twice): bpb on the left, multiple-choice acc_norm on the right."""
+    score where a step was scored twice): bpb on the left, downstream scores on the right (offline
+    tasks' acc_norm, CORE, each lm-eval task's headline metric)."""
     latest = {}
     for r in _rows(evals_path):
         latest[(r["task"], r["split"], r["step"])] = r
@@ -78,11 +79,12 @@ def evals(evals_path, png_path):
         steps = [step for step, _ in pts]
         if task == "bpb":
             ax.plot(steps, [r["bpb"] for _, r in pts], "o-", label=f"{split}_bpb")
-        else:
-            ax2.plot(steps, [r["acc_norm"] for _, r in pts], "o-", label=f"{task} ({split})")
+        else:  # rows written before rows had a score: offline tasks, scored by acc_norm
+            ax2.plot(steps, [r.get("score", r.get("acc_norm")) for _, r in pts], "o-",
+                     label=task if split == "-" else f"{task} ({split})")
     ax.set_title("bits per byte (lower is better)")
-    ax2.axhline(0.25, color="k", ls=":", lw=1, label="chance")
-    ax2.set_title("multiple choice acc_norm")
+    ax2.axhline(0.25, color="k", ls=":", lw=1, label="chance (offline tasks; CORE's is 0)")
+    ax2.set_title("downstream (higher is better)")
     for a in (ax, ax2):
         a.set_xlabel("step")
         if a.get_legend_handles_labels()[0]:

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, flags, plots, preflight, tracking
+from llmlabs import checkpoint, core_eval, flags, plots, preflight, tracking
 from llmlabs.common import LabError, atomic_write_json, compute_init, dist_info, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -114,6 +114,9 @@ def add_args(p):
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-tokens", type=flags.positive_int, help="validation target tokens scored for val_bpb")
     g.add_argument("--eval-every", type=flags.count, default=0, help="also evaluate every N steps (0: only at the end)")
+    g.add_argument("--eval-core-every", type=flags.count, default=0,
+                   help="CORE every N steps and after the last (0: never): the first "
+                        f"{core_eval.TRAIN_ITEMS} items of each task; needs `llmlabs prepare core` first")
     g.add_argument("--eval-split", choices=["val", "test", "none"], default="val",
                    help="split of the final evaluation (test: held-out confirmation runs only; none: no final "
                         "evaluation, samples or plot: the autoresearch runner scores the checkpoint in a process of "
@@ -241,6 +244,8 @@ def _train(args, held):
         device, rank, _, world = compute_init(args.device)
         cfg = resolve_config(args, device)
         run_dir = Path(cfg.get("run_dir") or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-d{cfg['depth']}")
+    core_tasks = core_eval.load_tasks() if cfg.get("eval_core_every") else None  # no bundle: refused before any write
+    core = None
     if rank == 0:  # two runs writing one directory would interleave their checkpoints and metrics
         make_dir(run_dir, "--resume" if args.resume else "--run-dir")
         held.enter_context(checkpoint.lock_run(run_dir))
@@ -366,6 +371,12 @@ def _train(args, held):
                 print0(f"\nstep {step}: val_bpb {eval_bpb:.4f}")
                 if log:
                     log.write({"step": step, "val_bpb": eval_bpb})
+            if core_tasks and (step % cfg["eval_core_every"] == 0 or progress() >= 1):
+                core = core_eval.evaluate_core(model, data.tokenizer, device, core_tasks, autocast=autocast,
+                                               max_items=core_eval.TRAIN_ITEMS)["core"]
+                print0(f"\nstep {step}: CORE {core:.4f}")
+                if log:
+                    log.write({"step": step, "core": core})
             if world > 1:  # Ctrl-C reaches the ranks at different steps: stop together, or the save's collectives hang
                 flag = torch.tensor([float(stop["sigint"])], device=device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -413,6 +424,7 @@ def _train(args, held):
         "depth": cfg["depth"],
         "tok_per_sec": round(tok_per_sec),
         **({"eval_tokens": res["tokens"]} if res else {}),
+        **({"core": round(core, 6)} if core is not None else {}),
         "attention": ",".join(f"{k}={v}" for k, v in attention.describe().items()),
         "device": torch.cuda.get_device_name(device) if use_cuda else device.type,
         "seed": cfg["seed"],

@@ -17,7 +17,7 @@ from llmlabs.train import _depth, _layers
 # a value each checked type refuses
 BAD = {int: "x1", float: "one", flags.positive_int: "0", flags.positive_float: "-1", flags.count: "-1",
        flags.nonnegative: "-0.5", flags.fraction: "1.5", _depth: "0",
-       _layers: "1:x", _tasks: "nope", gpu_list: "0,x"}
+       _layers: "1:x", _tasks: ",", gpu_list: "0,x"}
 # free-text flags whose every value is legal: what they take
 FREE = {
     ("sample", "--prompt"): "any text",
@@ -103,7 +103,12 @@ RUNTIME = [
     (["train", "--resume", "{tmp}/none"], ("train", "--resume"), "no config.json there"),
     (["train", "--data", "{data}", "--depth", "4", "--moe-experts", "4", "--moe-layers", "9:"], ("train", "--moe-layers"),
      "moe_layers='9:' names none of the 4 layers"),
+    (["train", "--data", "{data}", "--eval-core-every", "1"], ("train", "--eval-core-every"),
+     "no CORE bundle in .*: run `llmlabs prepare core`"),
     (["eval", "{tmp}/none"], ("eval", "run"), "has no checkpoint"),
+    (["eval", "{run}", "--tasks", "core"], ("eval", "--tasks"), "no CORE bundle in .*: run `llmlabs prepare core`"),
+    (["eval", "{run}", "--tasks", "hellaswag", "--include-path", "{tmp}/none"], ("eval", "--include-path"),
+     "--include-path .*none is not a folder"),
     (["eval", "{run}", "--data", "{tmp}/none"], ("eval", "--data"), "is not a data directory"),
     (["eval", "{run}", "--device", "tpu"], ("eval", "--device"), "unknown device 'tpu'"),
     (["sample", "{tmp}/none"], ("sample", "run"), "has no checkpoint"),

@@ -1,4 +1,5 @@
-"""Hugging Face hub corpora: which files make each corpus, and a resumable parallel downloader.
+"""Hugging Face hub corpora: which files make each corpus, and a resumable parallel downloader
+(`fetch` takes one file from any URL the same way: the CORE bundle, llmlabs/core_eval.py).
 
 Plain HTTPS against `{HF_ENDPOINT}/datasets/{repo}/resolve/main/{file}` (HF_ENDPOINT points at a
 mirror), so no hub client library is needed; the corpora are public, so no token is sent. A file is
@@ -48,6 +49,10 @@ HUB_CORPORA = {
 }
 
 
+# the corpora's advice for fetch's error lines: (what to check on a 4xx, how to reach another copy)
+HF_ADVICE = ("the corpus name, --shards and HF_ENDPOINT", "set HF_ENDPOINT to a mirror")
+
+
 def hub_url(repo: str, file: str) -> str:
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     return f"{endpoint}/datasets/{repo}/resolve/main/{file}"
@@ -65,7 +70,7 @@ def download(repo: str, files, dest_dir, *, threads: int = DOWNLOAD_THREADS, ret
     bar = tqdm(desc=f"download {repo} ({len(todo)} files)", unit="B", unit_scale=True, unit_divisor=1024)
     pool = ThreadPoolExecutor(max(1, min(threads, len(todo))))
     try:
-        futures = [pool.submit(_fetch, url, path, bar, stop, retries, backoff) for url, path in todo]
+        futures = [pool.submit(_fetch, url, path, bar, stop, retries, backoff, HF_ADVICE) for url, path in todo]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             f.result()  # re-raise the first failure here, in the caller's thread
@@ -76,7 +81,17 @@ def download(repo: str, files, dest_dir, *, threads: int = DOWNLOAD_THREADS, ret
     return paths
 
 
-def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backoff: float):
+def fetch(url: str, path, advice: tuple[str, str], *, retries: int = 5, backoff: float = 1.0) -> Path:
+    """One file from any URL into `path`, resumed and retried as the corpora are. `advice`: what to check
+    when the server refuses the file, and how to reach another copy (the two hints of the error lines)."""
+    path = Path(path)
+    if not path.exists():
+        with tqdm(desc=f"download {path.name}", unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            _fetch(url, path, bar, threading.Event(), retries, backoff, advice)
+    return path
+
+
+def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backoff: float, advice: tuple[str, str]):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     error = None
@@ -110,8 +125,7 @@ def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backo
                 error = e
                 continue
             if e.code in (401, 403, 404):
-                raise LabError(f"{url}: HTTP {e.code} {e.reason}: check the corpus name, --shards and "
-                               f"HF_ENDPOINT") from None
+                raise LabError(f"{url}: HTTP {e.code} {e.reason}: check {advice[0]}") from None
             error = e
             continue
         except (urllib.error.URLError, OSError, HTTPException) as e:  # refused, reset, timed out, cut short
@@ -123,5 +137,5 @@ def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backo
             continue
         os.replace(tmp, path)
         return
-    raise LabError(f"downloading {url} failed {retries + 1} times (last: {error}): check the network or set "
-                   f"HF_ENDPOINT to a mirror, then re-run; finished files are kept and {tmp.name} is resumed")
+    raise LabError(f"downloading {url} failed {retries + 1} times (last: {error}): check the network or "
+                   f"{advice[1]}, then re-run; finished files are kept and {tmp.name} is resumed")

@@ -210,7 +210,9 @@ def _print_summary(out: Path, m: dict, seconds: float):
 def add_args(parser):
     parser.add_argument("source", nargs="?", default="pystdlib",
                         help="pystdlib (default) | pysrc | a file or folder of .txt/.md/.py/.jsonl/.parquet | "
-                             + " | ".join(HUB_CORPORA) + " | captioned images: " + " | ".join(CAPTION_SOURCES))
+                             + " | ".join(HUB_CORPORA) + " | captioned images: " + " | ".join(CAPTION_SOURCES)
+                             + " | core (not a corpus: the CORE eval bundle, for `llmlabs eval --tasks core`; takes "
+                             "only --force)")
     parser.add_argument("--out", help="data directory (default $LLMLABS_HOME/data/<source>-v<vocab>)")
     parser.add_argument("--vocab-size", type=flags.positive_int, default=8192, help="total ids, special tokens included (8192)")
     parser.add_argument("--glob", help="fnmatch pattern on paths relative to the folder, e.g. '*.md' or 'json/*'")
@@ -227,6 +229,11 @@ def add_args(parser):
 
 
 def run(args):
+    if args.source == "core":  # the one eval download, under the one command that may use the network
+        from llmlabs import core_eval
+
+        core_eval.prepare(force=args.force)
+        return
     try:
         prepare(args.source, args.out, args.vocab_size, glob=args.glob, shards=args.shards, workers=args.workers,
                 val_frac=args.val_frac, test_frac=args.test_frac, tokenizer_chars=args.tokenizer_chars,
