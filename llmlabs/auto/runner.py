@@ -25,6 +25,11 @@ from llmlabs.auto.session import Session, Worker
 from llmlabs.common import LabError, atomic_write_json
 
 
+# Seeds of the held-out runs (confirm, promote's ablations), apart from those experiments use; every
+# commit measured on the test split gets the same ones.
+TEST_SEED0 = 10_000
+
+
 class RunFailed(Exception):
     def __init__(self, run: Run):
         super().__init__(run.reason)
@@ -202,7 +207,7 @@ def confirm(session: Session, workers: list[Worker], seeds: int) -> dict:
         raise LabError("nothing kept yet: `llmlabs auto confirm` compares the best kept commit with the start")
     if seeds < 2:
         raise LabError(f"--seeds {seeds}: an uncertainty needs at least 2 seeds per commit")
-    seed_list = [10_000 + i for i in range(seeds)]  # apart from the seeds experiments used
+    seed_list = [TEST_SEED0 + i for i in range(seeds)]
     result = {"split": "test", "seeds": seed_list, "commits": {}}
     for name, commit in (("start", start), ("best", best)):
         runs = measure(session, workers, commit, seed_list, split="test", kind="-test",
