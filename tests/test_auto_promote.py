@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from test_auto_loop import git, make_session
+from test_auto_sessions import BUDGET, TINY, WEAK, append, auto, data_dir, lab, ledger  # noqa: F401 (fixtures)
 
-from llmlabs import cli, sweep
+from llmlabs import sweep
 from llmlabs.auto import promote as promote_mod, runner
 from llmlabs.auto.promote import Change, attribute, markdown, promote, spec_text, without_flags
 from llmlabs.auto.runs import Run
@@ -185,3 +186,57 @@ def test_without_flags_and_the_spec_of_an_empty_branch():
     assert "branch: none (no change is load-bearing)" in md and "sweep spec: none" in md
     assert "[sweep]" in spec_text({**res, "branch": "promote/x", "depth": 2, "train_args": [], "data": "d"})
 
+
+
+def test_promote_a_real_session_on_cpu(lab, data_dir, monkeypatch, capsys):
+    """Two kept changes through the real `auto run` path: a no-op (a comment) kept first, by
+    construction: a loose alpha (0.45) and the seed of the best baseline run, so its one run
+    scores that baseline's val_bpb below the baseline mean; then restoring the tuned learning
+    rates (a real gain, ~10 sigma). Runs are capped at 30 steps, so a seed gives one val_bpb: the
+    frontier without the comment trains exactly as the frontier (delta 0, share 0), the frontier
+    without the restore exactly as the start (share 1)."""
+    assert auto(lab, monkeypatch, "init", "--tag", "s", "--data", str(data_dir), "--time-budget", BUDGET,
+                "--train-args", TINY, "--repeat-near", "0", "--baselines", "3", "--alpha", "0.45") == 0
+    sdir, wt = lab / ".auto" / "s", lab / ".auto" / "s" / "main"
+    # two workers on the CPU (--gpus only names device locks here: the runs train on --device cpu)
+    assert auto(lab, monkeypatch, "baseline", "--gpus", "0,1") == 0
+    best_seed = min(ledger(sdir), key=lambda r: float(r["val_bpb"]))["seed"]
+    append(wt / "llmlabs/config.py", "\n# a comment: changes nothing the model computes\n")
+    assert auto(wt, monkeypatch, "run", "-m", "a comment", "--seed", best_seed) == 0
+    cfg = wt / "llmlabs/scaling.py"
+    cfg.write_text(cfg.read_text().replace(WEAK, ""))
+    assert auto(wt, monkeypatch, "run", "-m", "restore the tuned learning rates") == 0
+    rows = ledger(sdir)
+    assert [r["status"] for r in rows] == ["baseline"] * 3 + ["keep", "keep"]
+    start, noop, lr = rows[0]["commit"], rows[3]["commit"], rows[4]["commit"]
+
+    capsys.readouterr()
+    assert auto(lab, monkeypatch, "promote", "--seeds", "2") == 2
+    assert "run `llmlabs auto confirm` first" in capsys.readouterr().err
+    assert auto(lab, monkeypatch, "confirm", "--seeds", "2", "--gpus", "0,1") == 0
+    assert auto(lab, monkeypatch, "promote", "--seeds", "2", "--gpus", "0,1", "--out", str(lab / "promo")) == 0
+    out = capsys.readouterr().out
+
+    rows = ledger(sdir)
+    test = {c: [float(r["val_bpb"]) for r in rows if r["status"] == "test" and r["commit"] == c] for c in (start, lr)}
+    abl = [r for r in rows if r["status"] == "ablate"]
+    assert len(abl) == 4 and {r["parent"] for r in abl} == {lr} and {r["seed"] for r in abl} == {"10000", "10001"}
+    assert all(r["run"].endswith("-ablate") and r["result_sha"] for r in abl)
+    without_noop = [float(r["val_bpb"]) for r in abl if f"without {noop}" in r["description"]]
+    without_lr = [float(r["val_bpb"]) for r in abl if f"without {lr}" in r["description"]]
+    assert sorted(without_noop) == sorted(test[lr]) and sorted(without_lr) == sorted(test[start])
+
+    md = (lab / "promo" / "promote.md").read_text()
+    assert md in out
+    assert re.search(rf"\| a comment \| {noop} \| \+0.0000 \| [0-9.]+ \| 0% \+- [0-9]+% \| no \| no \| - \|", md), md
+    assert re.search(rf"\| restore the tuned learning rates \| {lr} \| \+0.[1-9][0-9]+ \| [0-9.]+ \| 100% \+- [0-9]+% \| "
+                     r"yes \| no \| [0-9a-f]{12} \|", md), md
+    # the branch: the restore alone on top of the start, with its measurement in the message
+    assert git(lab, "rev-list", "--count", f"{start}..promote/s") == "1"
+    assert git(lab, "diff", start, "promote/s") == git(lab, "diff", noop, lr)
+    assert "100% +-" in git(lab, "log", "-1", "--format=%B", "promote/s")
+    spec = sweep.load_spec(lab / "promo" / "promote-s.toml")
+    assert spec.grid == {"depth": [2, 4]} and spec.seeds == [0, 1]
+    assert "--tokens" not in spec.train_args and "--depth" not in spec.train_args
+    assert spec.train_args[-4:] == ["--data", str(data_dir.resolve()), "--param-data-ratio", "20"]
+    assert "restore the tuned learning rates" in spec.hypotheses[1] and "100%" in spec.hypotheses[1]
