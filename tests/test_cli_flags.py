@@ -134,6 +134,9 @@ RUNTIME = [
     (["auto", "loop", "--agent", "true", "--gpus", "0,0"], ("auto loop", "--gpus"), "each GPU once"),
     (["auto", "confirm", "--tag", "nope"], ("auto confirm", "--tag"), "no session 'nope'"),
     (["auto", "confirm", "--gpus", "-1"], ("auto confirm", "--gpus"), "indices >= 0"),
+    (["auto", "promote", "--tag", "nope"], ("auto promote", "--tag"), "no session 'nope'"),
+    (["auto", "promote", "--gpus", "0,x"], ("auto promote", "--gpus"), "--gpus '0,x': give GPU indices"),
+    (["auto", "promote", "--out", "{file}"], ("auto promote", "--out"), "cannot make that directory"),
     (["auto", "report", "--tag", "nope"], ("auto report", "--tag"), "no session 'nope'"),
     (["auto", "report", "--out", "{file}"], ("auto report", "--out"), "cannot make that directory"),
 ]
