@@ -45,8 +45,8 @@ def commit(repo, old, new, message):
 
 @pytest.fixture
 def chain(tmp_path, monkeypatch):
-    """A session at the start commit, four kept changes A..D (C and D edit the same line), and the
-    ledger rows of baselines, keeps and a confirmation on the test split."""
+    """A session at the start commit, kept changes A, B, C, S, D (C and D edit the same line; S is
+    not in D's history), and the ledger rows of baselines and keeps."""
     repo = tmp_path / "lab"
     (repo / "llmlabs").mkdir(parents=True)
     (repo / "llmlabs" / "config.py").write_text(START)
@@ -58,7 +58,12 @@ def chain(tmp_path, monkeypatch):
     s.ledger.path.unlink()  # make_session's two baseline rows: ours are below
     start = git(repo, "rev-parse", "--short=12", "HEAD")
     kept = {"A": commit(repo, "x = 0", "x = 1", "x up"), "B": commit(repo, "y = 0", "y = 1", "y up"),
-            "C": commit(repo, "z = 0", "z = 1", "z up"), "D": commit(repo, "z = 1", "z = 2", "z further")}
+            "C": commit(repo, "z = 0", "z = 1", "z up")}
+    # S: kept by a second worker that branched from C, then overtaken by D, which does not contain it
+    git(repo, "checkout", "-qb", "side")
+    kept["S"] = commit(repo, "y = 1", "y = 3", "y on the side")
+    git(repo, "checkout", "-q", "main")
+    kept["D"] = commit(repo, "z = 1", "z = 2", "z further")
     rows = [{"commit": start, "val_bpb": v, "status": "baseline", "seed": i, "parent": start, "worker": "main"}
             for i, v in enumerate(BASELINES)]
     prev = start
@@ -109,7 +114,7 @@ def test_leave_one_out_shares_entangled_branch_and_spec(chain, tmp_path):
     confirm_rows(chain)
     res = promote(s, [s.worker("main")], 3, tmp_path)
     by = {c.description[-1]: c for c in res["changes"]}
-    assert [c.commit for c in res["changes"]] == list(k.values())
+    assert [c.commit for c in res["changes"]] == [k[n] for n in "ABCD"] and res["superseded"] == [k["S"]]
     # gain 0.30 + 0.18 = 0.48 (z = 2 replaces z = 1's 0.10); removing D leaves z = 1: 0.18 - 0.10 = 0.08
     assert res["gain"] == pytest.approx(0.48)
     assert by["A"].delta == pytest.approx(0.30) and by["A"].share == pytest.approx(0.30 / 0.48)
@@ -148,6 +153,7 @@ def test_leave_one_out_shares_entangled_branch_and_spec(chain, tmp_path):
     assert f"| change D | {k['D']} | +0.0800 | 0.0129 | 17% +- 3% | yes | no | - |" in md
     assert "t = 3.75 sigma_d" in md and "branch: promote/t" in md
     assert f"- {k['C']}: entangled: its revert does not apply" in md
+    assert f"- {k['S']}: kept, but not in the frontier's code" in md
 
     spec = sweep.load_spec(res["spec"])  # the sweep's own parser accepts it
     assert res["spec"].name == "promote-t.toml" and spec.name == "promote-t"
@@ -176,15 +182,22 @@ def test_attribute_arithmetic_by_hand():
     assert a.load_bearing and not b.load_bearing  # 0.03 < 0.0362
 
 
-def test_without_flags_and_the_spec_of_an_empty_branch():
+def test_without_flags_an_empty_branch_and_odd_text_in_the_spec(tmp_path):
     args = ["--depth", "8", "--tokens=3e5", "--device", "cpu", "--target-flops", "1e15", "--seq-len", "64"]
     assert without_flags(args, promote_mod.BUDGET_FLAGS) == ["--device", "cpu", "--seq-len", "64"]
     res = {"tag": "x", "seeds": [10_000], "time_budget": 5.0, "start": "s", "best": "b", "start_bpb": 2.0,
            "best_bpb": 1.9, "gain": 0.1, "sigma": 0.01, "dof": 2, "alpha": 0.01, "t_crit": 6.96,
-           "changes": [Change("c", "s", "no-op", "c1", [1.9], 0.0, 0.01, 0.0, 0.1)], "branch": None, "spec": None}
+           "changes": [Change("c", "s", "no-op", "c1", [1.9], 0.0, 0.01, 0.0, 0.1)], "superseded": [],
+           "branch": None, "spec": None}
     md = markdown(res)
     assert "branch: none (no change is load-bearing)" in md and "sweep spec: none" in md
-    assert "[sweep]" in spec_text({**res, "branch": "promote/x", "depth": 2, "train_args": [], "data": "d"})
+    # a description with quotes, a backslash, DEL and a character outside the BMP still makes a valid spec
+    odd = 'use "beta2" = 0.95 \\ \x7f \U0001F600'
+    c = Change("c", "s", odd, "c1", [1.8], 0.1, 0.01, 1.0, 0.1, True, "b1")
+    path = tmp_path / "x.toml"
+    path.write_text(spec_text({**res, "changes": [c], "branch": "promote/x", "depth": 2, "train_args": [],
+                               "data": "d"}))
+    assert f"'{odd}' (promote/x commit b1)" in sweep.load_spec(path).hypotheses[1]
 
 
 

@@ -61,11 +61,11 @@ class Change:
 # ---------------------------------------------------------------------------------------------
 # the chain and its confirmation
 
-def kept_chain(session: Session, rows, best: str) -> list[Change]:
-    """The kept changes the frontier's code is made of, in order. With several workers a kept
-    commit may not be an ancestor of the frontier (two workers branched from one commit), so the
-    chain is read from git, the frontier's history back to the start, and each kept commit on it is
-    one change: its diff from the kept commit (or start) before it."""
+def kept_chain(session: Session, rows, best: str) -> tuple[list[Change], list[str]]:
+    """The kept changes the frontier's code is made of, in order, and the kept commits it is not.
+    With several workers a kept commit may not be an ancestor of the frontier (two workers branched
+    from one commit, both kept), so the chain is read from git, the frontier's history back to the
+    start, and each kept commit on it is one change: its diff from the kept commit (or start) before it."""
     kept = {r["commit"]: r["description"] for r in rows if r["status"] == "keep"}
     history = gitops.git(session.repo, "rev-list", "--reverse", "--first-parent", f"{session.base}..{best}").split()
     changes, prev = [], gitops.short(session.repo, session.base)
@@ -74,7 +74,7 @@ def kept_chain(session: Session, rows, best: str) -> list[Change]:
         if c in kept:
             changes.append(Change(c, prev, kept[c]))
             prev = c
-    return changes
+    return changes, [c for c in kept if c not in {ch.commit for ch in changes}]
 
 
 def require_confirmed(rows, best: str):
@@ -202,7 +202,7 @@ def measure_ablations(session: Session, workers: list[Worker], best: str, change
             runs = runner.measure(session, workers, c.ablated, todo, split="test", kind="-ablate",
                                   allow=runner.allowed_overheads(session, rows))
             for r in runs:
-                runner._drop_checkpoints(r)
+                runner.drop_checkpoints(r)
             session.ledger.append([runner.row(c.ablated, r, r.status or "ablate", f"ablate: without {c.commit} "
                                               f"({c.description})", workers[0], best, reason=r.reason) for r in runs])
             failed = next((r for r in runs if r.status), None)
@@ -248,6 +248,8 @@ def markdown(res: dict) -> str:
                      f"{'yes' if c.load_bearing else 'no'} | {'yes' if c.entangled else 'no'} | "
                      f"{c.on_branch or '-'} |")
     notes = [f"- {c.commit}: {c.note}" for c in r["changes"] if c.note]
+    notes += [f"- {c}: kept, but not in the frontier's code (another worker's line, overtaken): not measured"
+              for c in r["superseded"]]
     lines += ["", *notes] if notes else []
     lines += ["", f"branch: {r['branch']}" if r["branch"] else "branch: none (no change is load-bearing)",
               f"sweep spec: {r['spec']}" if r["spec"] else "sweep spec: none"]
@@ -259,7 +261,9 @@ def _cell(text):
 
 
 def _toml(v) -> str:
-    return json.dumps(v)  # JSON strings, numbers and lists of them are TOML values as they are
+    """JSON strings, numbers and lists of them are TOML values as they are, with non-ASCII text left
+    raw (TOML refuses the surrogate pairs JSON would write for it) and DEL escaped (JSON leaves it)."""
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def spec_text(res: dict) -> str:
@@ -327,7 +331,7 @@ def promote(session: Session, workers: list[Worker], seeds: int, out: Path) -> d
     if gitops.git(repo, "branch", "--list", f"promote/{tag}"):
         raise LabError(f"branch promote/{tag} exists (an earlier promote): delete it with "
                        f"`git branch -D promote/{tag}` to write it again (measured seeds are re-used)")
-    changes = kept_chain(session, rows, best)
+    changes, superseded = kept_chain(session, rows, best)
     for c in changes:
         c.ablated = ablate_commit(session, best, c)
     seed_list = [runner.TEST_SEED0 + i for i in range(seeds)]
@@ -341,7 +345,8 @@ def promote(session: Session, workers: list[Worker], seeds: int, out: Path) -> d
            "best_bpb": statistics.fmean(full_vals), "gain": gain, "sigma": sigma, "dof": dof,
            "alpha": session.alpha, "t_crit": stats.threshold(dof, session.alpha), "seeds": seed_list,
            "time_budget": session.time_budget, "train_args": session.train_args, "data": session.data,
-           "depth": run_depth(session, rows, best), "changes": changes, "branch": branch, "spec": None}
+           "depth": run_depth(session, rows, best), "changes": changes, "superseded": superseded,
+           "branch": branch, "spec": None}
     if branch:
         res["spec"] = out / f"{spec_name(tag)}.toml"
         atomic_write_bytes(res["spec"], spec_text(res).encode())

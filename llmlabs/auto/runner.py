@@ -89,7 +89,7 @@ def _gb(mb):
     return None if not mb else round(mb / 1024, 2)
 
 
-def _drop_checkpoints(run: Run):
+def drop_checkpoints(run: Run):
     """Checkpoints are large (weights + optimizer) and only kept commits need them (to sample from
     or evaluate later); result, summary, metrics, samples and log stay for every run."""
     shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
@@ -164,7 +164,7 @@ def _measure_and_decide(session, worker, commit, message, seed):
         session.ledger.append(new_rows)
     if status != "keep":
         for r in runs:
-            _drop_checkpoints(r)
+            drop_checkpoints(r)
     return new_rows[-1]
 
 
@@ -181,7 +181,7 @@ def baseline(session: Session, workers: list[Worker], repeats: int | None = None
         raise LabError(f"commit {commit} does not match the session ({reason}): it cannot be measured")
     runs = measure(session, workers, commit, session.claim_seeds(repeats))
     for r in runs:
-        _drop_checkpoints(r)
+        drop_checkpoints(r)
     new = [row(commit, r, r.status or "baseline", "baseline: unchanged code, new seed", workers[0], commit,
                reason=r.reason) for r in runs]
     sigma, _ = noise(rows + [{c: clean(n.get(c)) for c in COLUMNS} for n in new])
@@ -213,7 +213,7 @@ def confirm(session: Session, workers: list[Worker], seeds: int) -> dict:
         runs = measure(session, workers, commit, seed_list, split="test", kind="-test",
                        allow=allowed_overheads(session, rows))
         for r in runs:
-            _drop_checkpoints(r)
+            drop_checkpoints(r)
         session.ledger.append([row(commit, r, "test" if not r.status else r.status, f"confirm: {name} on the test split",
                                    workers[0], commit, reason=r.reason) for r in runs])
         failed = [r for r in runs if r.status]
