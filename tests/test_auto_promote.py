@@ -8,16 +8,24 @@ a session with two kept changes, a real improvement and a no-op, confirmed, then
 import json
 import re
 import statistics
-import subprocess
 from pathlib import Path
 
 import pytest
+import test_auto_sessions as sessions
 from test_auto_loop import git, make_session
-from test_auto_sessions import BUDGET, TINY, WEAK, append, auto, data_dir, lab, ledger  # noqa: F401 (fixtures)
+from test_auto_sessions import BUDGET, TINY, WEAK, append, auto, ledger
 
 from llmlabs import sweep
-from llmlabs.auto import promote as promote_mod, runner
-from llmlabs.auto.promote import Change, attribute, markdown, promote, spec_text, without_flags
+from llmlabs.auto import promote as promote_mod
+from llmlabs.auto import runner
+from llmlabs.auto.promote import (
+    Change,
+    attribute,
+    markdown,
+    promote,
+    spec_text,
+    without_flags,
+)
 from llmlabs.auto.runs import Run
 from llmlabs.common import LabError
 
@@ -199,6 +207,9 @@ def test_without_flags_an_empty_branch_and_odd_text_in_the_spec(tmp_path):
                                "data": "d"}))
     assert f"'{odd}' (promote/x commit b1)" in sweep.load_spec(path).hypotheses[1]
 
+
+
+data_dir, lab = sessions.data_dir, sessions.lab  # the session tests' fixtures: tiny data, a copy of the lab
 
 
 def test_promote_a_real_session_on_cpu(lab, data_dir, monkeypatch, capsys):

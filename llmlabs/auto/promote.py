@@ -87,7 +87,7 @@ def require_confirmed(rows, best: str):
                        f"({verdicts[-1]['reason']}): nothing to promote; keep experimenting, or confirm with more --seeds")
 
 
-def test_values(rows, commit, status="test") -> dict[int, float]:
+def held_out_values(rows, commit, status="test") -> dict[int, float]:
     """seed -> test_bpb of a commit's held-out runs (confirm's `test` rows, or promote's `ablate`)."""
     return {int(r["seed"]): float(r["val_bpb"]) for r in rows
             if r["status"] == status and r["commit"] == commit and r["val_bpb"]}
@@ -106,7 +106,7 @@ def _scratch(session, name) -> Path:
 
 def _applies(wt, *args) -> bool:
     """Run a git revert / cherry-pick; False when it stops on a conflict (its edits are thrown away)."""
-    if subprocess.run(["git", *args], cwd=wt, capture_output=True).returncode == 0:
+    if subprocess.run(["git", *args], cwd=wt, capture_output=True, check=False).returncode == 0:
         return True
     gitops.reset_to(wt, "HEAD")
     return False
@@ -196,7 +196,7 @@ def measure_ablations(session: Session, workers: list[Worker], best: str, change
             raise LabError(f"the frontier without {c.commit} ({c.ablated}) does not match the session ({reason}): "
                            "it cannot be measured")
         rows = session.ledger.read()
-        have = test_values(rows, c.ablated, "ablate")
+        have = held_out_values(rows, c.ablated, "ablate")
         todo = [s for s in seeds if s not in have]
         if todo:
             runs = runner.measure(session, workers, c.ablated, todo, split="test", kind="-ablate",
@@ -208,7 +208,7 @@ def measure_ablations(session: Session, workers: list[Worker], best: str, change
             failed = next((r for r in runs if r.status), None)
             if failed:
                 raise LabError(f"ablation run {failed.name} of {c.ablated} failed: {failed.reason} (log {failed.log})")
-            have.update({r.seed: r.bpb() for r in runs})
+            have = held_out_values(session.ledger.read(), c.ablated, "ablate")  # as recorded: 6 decimals, as confirm's
         c.values = [have[s] for s in seeds]
 
 
@@ -285,13 +285,14 @@ def spec_text(res: dict) -> str:
                f"{r['branch']} is below that of the same spec run from a checkout of the start {r['start']} (with "
                f"--dir sweeps/{name}-start) by more than 2 standard errors of the difference; a gain at depth {2 * d} "
                f"under half the one at depth {d} counts as not transferring.")
+    hyp_lines = "".join(f"    {_toml(h)},\n" for h in hyp)
     return "\n".join([
         f"# Draft from `llmlabs auto promote` for auto/{r['tag']}: edit it before its first run (a spec is frozen",
-        f"# once it runs). Cells run the llmlabs of the checkout `llmlabs sweep run` starts from: run it once from",
+        "# once it runs). Cells run the llmlabs of the checkout `llmlabs sweep run` starts from: run it once from",
         f"# {r['branch']} and once from the start {r['start']} (--dir sweeps/{name}-start) to compare.",
         "[sweep]",
         f"name = {_toml(name)}",
-        f"hypotheses = [\n{''.join(f'    {_toml(h)},' + chr(10) for h in hyp)}]",
+        f"hypotheses = [\n{hyp_lines}]",
         f"success = {_toml(success)}",
         f"seeds = {_toml(list(range(len(r['seeds']))))}",
         f"train_args = {_toml(args)}",
@@ -338,7 +339,7 @@ def promote(session: Session, workers: list[Worker], seeds: int, out: Path) -> d
     measure_ablations(session, workers, best, changes, seed_list)
     rows = session.ledger.read()
     sigma, dof = runner.noise(rows)
-    start_vals, full_vals = list(test_values(rows, start).values()), list(test_values(rows, best).values())
+    start_vals, full_vals = list(held_out_values(rows, start).values()), list(held_out_values(rows, best).values())
     gain = attribute(changes, start_vals, full_vals, sigma, dof, session.alpha)
     branch = write_branch(session, start, changes, gain, seeds)
     res = {"tag": tag, "start": start, "best": best, "start_bpb": statistics.fmean(start_vals),

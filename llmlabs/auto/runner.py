@@ -24,7 +24,6 @@ from llmlabs.auto.runs import STOP, Run, allowances, device_lock, new_run, train
 from llmlabs.auto.session import Session, Worker
 from llmlabs.common import LabError, atomic_write_json
 
-
 # Seeds of the held-out runs (confirm, promote's ablations), apart from those experiments use; every
 # commit measured on the test split gets the same ones.
 TEST_SEED0 = 10_000
