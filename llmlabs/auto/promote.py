@@ -223,11 +223,12 @@ def run_depth(session: Session, rows, best: str) -> int:
 # the outputs
 
 def _f(x, digits=4, sign=False):
-    return "-" if x is None else f"{x:{'+' if sign else ''}.{digits}f}"
+    # rounded, + 0.0: a no-op's delta of -1e-17 (two means summed in another order) prints as +0.0000
+    return "-" if x is None else f"{round(x, digits) + 0.0:{'+' if sign else ''}.{digits}f}"
 
 
 def _pct(x):
-    return "-" if x is None else f"{x:.0%}"
+    return "-" if x is None else f"{round(x, 2) + 0.0:.0%}"
 
 
 def markdown(res: dict) -> str:
