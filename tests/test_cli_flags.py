@@ -89,6 +89,7 @@ RUNTIME = [
     (["auto", "baseline", "--partition", "gpu"], ("auto baseline", "--partition"), "are for --slurm N: add it"),
     (["auto", "loop", "--agent", "true", "--partition", "gpu"], ("auto loop", "--partition"), "are for --slurm N"),
     (["auto", "confirm", "--partition", "gpu"], ("auto confirm", "--partition"), "are for --slurm N: add it"),
+    (["auto", "promote", "--partition", "gpu"], ("auto promote", "--partition"), "are for --slurm N: add it"),
     (["auto", "baseline", "--gpus", "0", "--slurm", "1"], ("auto baseline", "--gpus"), "--gpus and --slurm both say"),
     (["prepare", "climbmx", "--out", "{tmp}/a"], ("prepare", "source"), "unknown source 'climbmx'"),
     (["prepare", "pystdlib", "--out", "{file}"], ("prepare", "--out"), r"--out .*file is a file: give a directory"),

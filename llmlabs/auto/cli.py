@@ -19,7 +19,7 @@ def add_args(p):
         s = sub.add_parser(name, help=help_, description=help_)
         if name != "init":
             s.add_argument("--tag", help="the session (default: the one whose worktree you are in, or the only one)")
-        if name in ("baseline", "loop", "confirm"):
+        if name in ("baseline", "loop", "confirm", "promote"):
             g = s.add_argument_group("workers as SLURM jobs (through submitit: pip install 'llmlabs[sweep]')")
             g.add_argument("--slurm", type=flags.positive_int, metavar="N",
                            help="N workers whose runs are SLURM jobs of one GPU each, on any node (the session "
@@ -188,7 +188,7 @@ def _run(args):
     elif args.cmd == "promote":
         from llmlabs.auto.promote import promote
 
-        workers = _workers(session, args.gpus, worker)
+        workers = _workers(session, args, worker)
         res = promote(session, workers, args.seeds, make_dir(args.out or session.dir, "--out"))
         print(res["md"].read_text() + f"\ntable: {res['md']}")
     elif args.cmd == "report":
