@@ -89,6 +89,7 @@ RUNTIME = [
     (["auto", "baseline", "--partition", "gpu"], ("auto baseline", "--partition"), "are for --slurm N: add it"),
     (["auto", "loop", "--agent", "true", "--partition", "gpu"], ("auto loop", "--partition"), "are for --slurm N"),
     (["auto", "confirm", "--partition", "gpu"], ("auto confirm", "--partition"), "are for --slurm N: add it"),
+    (["auto", "promote", "--partition", "gpu"], ("auto promote", "--partition"), "are for --slurm N: add it"),
     (["auto", "baseline", "--gpus", "0", "--slurm", "1"], ("auto baseline", "--gpus"), "--gpus and --slurm both say"),
     (["prepare", "climbmx", "--out", "{tmp}/a"], ("prepare", "source"), "unknown source 'climbmx'"),
     (["prepare", "pystdlib", "--out", "{file}"], ("prepare", "--out"), r"--out .*file is a file: give a directory"),
@@ -134,6 +135,9 @@ RUNTIME = [
     (["auto", "loop", "--agent", "true", "--gpus", "0,0"], ("auto loop", "--gpus"), "each GPU once"),
     (["auto", "confirm", "--tag", "nope"], ("auto confirm", "--tag"), "no session 'nope'"),
     (["auto", "confirm", "--gpus", "-1"], ("auto confirm", "--gpus"), "indices >= 0"),
+    (["auto", "promote", "--tag", "nope"], ("auto promote", "--tag"), "no session 'nope'"),
+    (["auto", "promote", "--gpus", "0,x"], ("auto promote", "--gpus"), "--gpus '0,x': give GPU indices"),
+    (["auto", "promote", "--out", "{file}"], ("auto promote", "--out"), "cannot make that directory"),
     (["auto", "report", "--tag", "nope"], ("auto report", "--tag"), "no session 'nope'"),
     (["auto", "report", "--out", "{file}"], ("auto report", "--out"), "cannot make that directory"),
 ]

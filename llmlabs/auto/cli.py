@@ -1,4 +1,4 @@
-"""`llmlabs auto <init|baseline|run|loop|confirm|report>`: the autoresearch commands (program.md
+"""`llmlabs auto <init|baseline|run|loop|confirm|promote|report>`: the autoresearch commands (program.md
 tells an agent how to use them)."""
 import json
 import os
@@ -9,17 +9,17 @@ from llmlabs.auto.surface import RESEARCH_SURFACE
 from llmlabs.auto.ledger import clean
 from llmlabs.auto.session import init_session, locate
 from llmlabs.auto.stats import DEFAULT_ALPHA, DEFAULT_BASELINES, MIN_BASELINES
-from llmlabs.common import LabError
+from llmlabs.common import LabError, make_dir
 
 
 def add_args(p):
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{init,baseline,run,loop,confirm,report}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{init,baseline,run,loop,confirm,promote,report}")
 
     def cmd(name, help_):
         s = sub.add_parser(name, help=help_, description=help_)
         if name != "init":
             s.add_argument("--tag", help="the session (default: the one whose worktree you are in, or the only one)")
-        if name in ("baseline", "loop", "confirm"):
+        if name in ("baseline", "loop", "confirm", "promote"):
             g = s.add_argument_group("workers as SLURM jobs (through submitit: pip install 'llmlabs[sweep]')")
             g.add_argument("--slurm", type=flags.positive_int, metavar="N",
                            help="N workers whose runs are SLURM jobs of one GPU each, on any node (the session "
@@ -80,6 +80,12 @@ def add_args(p):
     s = cmd("confirm", "re-run the best kept commit and the start on the held-out test split")
     s.add_argument("--seeds", type=flags.positive_int, default=3, help="runs per commit")
     s.add_argument("--gpus", help="spread the runs over these GPUs")
+
+    s = cmd("promote", "after confirm: each kept change removed in turn on the test split (its share of the gain), "
+                       "then branch promote/TAG of the load-bearing ones and a draft sweep spec")
+    s.add_argument("--seeds", type=flags.positive_int, default=3, help="runs per change removed (on the seeds confirm uses)")
+    s.add_argument("--gpus", help="spread the runs over these GPUs")
+    s.add_argument("--out", help="directory for promote.md and promote-TAG.toml (default: the session directory)")
 
     s = cmd("report", "progress plot, kept changes, crashes and time, findings.md; --json for agents")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -179,6 +185,12 @@ def _run(args):
             print(f"{name:<6}{c['commit']}  test_bpb {c['mean']:.6f} +- {c['std']:.6f} over {len(c['test_bpb'])} seeds")
         print(f"difference {res['diff']:+.6f} +- {res['se']:.6f} (standard error), Welch t = {res['t']:.2f}, "
               f"one-sided p = {res['p']:.3g}: {res['verdict']} (alpha {res['alpha']:g})")
+    elif args.cmd == "promote":
+        from llmlabs.auto.promote import promote
+
+        workers = _workers(session, args, worker)
+        res = promote(session, workers, args.seeds, make_dir(args.out or session.dir, "--out"))
+        print(res["md"].read_text() + f"\ntable: {res['md']}")
     elif args.cmd == "report":
         from llmlabs.auto.report import write_report
 

@@ -41,7 +41,8 @@ COLUMNS = [
     "result_sha", "chain",                                      # integrity: the run's result file, the row's HMAC
 ]
 STATUSES = ("baseline", "keep", "discard", "crash", "invalid",  # experiments
-            "test", "confirmed", "failed")                      # confirmation runs on the test split, their verdicts
+            "test", "confirmed", "failed",                      # confirmation runs on the test split, their verdicts
+            "ablate")                                           # promote's leave-one-out runs on the test split
 KEY_BYTES = 32
 TAIL_BYTES = 16384  # more than the longest row (two 300-character cells of up to 4 bytes each, two digests)
 

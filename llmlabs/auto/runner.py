@@ -24,6 +24,10 @@ from llmlabs.auto.runs import STOP, Run, allowances, device_lock, new_run, train
 from llmlabs.auto.session import Session, Worker
 from llmlabs.common import LabError, atomic_write_json
 
+# Seeds of the held-out runs (confirm, promote's ablations), apart from those experiments use; every
+# commit measured on the test split gets the same ones.
+TEST_SEED0 = 10_000
+
 
 class RunFailed(Exception):
     def __init__(self, run: Run):
@@ -84,7 +88,7 @@ def _gb(mb):
     return None if not mb else round(mb / 1024, 2)
 
 
-def _drop_checkpoints(run: Run):
+def drop_checkpoints(run: Run):
     """Checkpoints are large (weights + optimizer) and only kept commits need them (to sample from
     or evaluate later); result, summary, metrics, samples and log stay for every run."""
     shutil.rmtree(run.run_dir / "checkpoints", ignore_errors=True)
@@ -159,7 +163,7 @@ def _measure_and_decide(session, worker, commit, message, seed):
         session.ledger.append(new_rows)
     if status != "keep":
         for r in runs:
-            _drop_checkpoints(r)
+            drop_checkpoints(r)
     return new_rows[-1]
 
 
@@ -176,7 +180,7 @@ def baseline(session: Session, workers: list[Worker], repeats: int | None = None
         raise LabError(f"commit {commit} does not match the session ({reason}): it cannot be measured")
     runs = measure(session, workers, commit, session.claim_seeds(repeats))
     for r in runs:
-        _drop_checkpoints(r)
+        drop_checkpoints(r)
     new = [row(commit, r, r.status or "baseline", "baseline: unchanged code, new seed", workers[0], commit,
                reason=r.reason) for r in runs]
     sigma, _ = noise(rows + [{c: clean(n.get(c)) for c in COLUMNS} for n in new])
@@ -202,13 +206,13 @@ def confirm(session: Session, workers: list[Worker], seeds: int) -> dict:
         raise LabError("nothing kept yet: `llmlabs auto confirm` compares the best kept commit with the start")
     if seeds < 2:
         raise LabError(f"--seeds {seeds}: an uncertainty needs at least 2 seeds per commit")
-    seed_list = [10_000 + i for i in range(seeds)]  # apart from the seeds experiments used
+    seed_list = [TEST_SEED0 + i for i in range(seeds)]
     result = {"split": "test", "seeds": seed_list, "commits": {}}
     for name, commit in (("start", start), ("best", best)):
         runs = measure(session, workers, commit, seed_list, split="test", kind="-test",
                        allow=allowed_overheads(session, rows))
         for r in runs:
-            _drop_checkpoints(r)
+            drop_checkpoints(r)
         session.ledger.append([row(commit, r, "test" if not r.status else r.status, f"confirm: {name} on the test split",
                                    workers[0], commit, reason=r.reason) for r in runs])
         failed = [r for r in runs if r.status]
