@@ -166,7 +166,7 @@ def test_leave_one_out_shares_entangled_branch_and_spec(chain, tmp_path):
     spec = sweep.load_spec(res["spec"])  # the sweep's own parser accepts it
     assert res["spec"].name == "promote-t.toml" and spec.name == "promote-t"
     assert spec.grid == {"depth": [3, 6]} and spec.seeds == [0, 1, 2]
-    assert spec.train_args == ["--data", "unused", "--param-data-ratio", "20"]  # the session's --depth is the grid's
+    assert spec.train_args == ["--data", "unused", "--param-data-ratio", "12"]  # the session's --depth is the grid's
     assert len(spec.hypotheses) == 2 and "-0.4800 bpb, confirmed" in spec.hypotheses[0]
     assert "'change A'" in spec.hypotheses[1] and "62% +- 3%" in spec.hypotheses[1]
     assert "at depth 6" in spec.success and f"start {start}" in spec.success
@@ -262,5 +262,5 @@ def test_promote_a_real_session_on_cpu(lab, data_dir, monkeypatch, capsys):
     spec = sweep.load_spec(lab / "promo" / "promote-s.toml")
     assert spec.grid == {"depth": [2, 4]} and spec.seeds == [0, 1]
     assert "--tokens" not in spec.train_args and "--depth" not in spec.train_args
-    assert spec.train_args[-4:] == ["--data", str(data_dir.resolve()), "--param-data-ratio", "20"]
+    assert spec.train_args[-4:] == ["--data", str(data_dir.resolve()), "--param-data-ratio", "12"]
     assert "restore the tuned learning rates" in spec.hypotheses[1] and "100%" in spec.hypotheses[1]

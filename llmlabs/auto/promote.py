@@ -32,9 +32,10 @@ from llmlabs.auto import gitops, runner, stats
 from llmlabs.auto.session import Session, Worker
 from llmlabs.common import LabError, atomic_write_bytes
 
-# The draft sweep's budget: Chinchilla's compute-optimal 20 tokens per parameter (Hoffmann et al.,
-# arXiv 2203.15556), so each depth gets the budget its size calls for, not the session's seconds.
-TOKENS_PER_PARAM = 20
+# The draft sweep's budget: the lab's compute-optimal ratio, 12 tokens per scaling parameter (nanochat's
+# measurement, llmlabs/scaling.py's TOKENS_PER_PARAM; Chinchilla's arXiv 2203.15556 is ~20), so each
+# depth gets the budget its size calls for, not the session's seconds
+TOKENS_PER_PARAM = 12
 BUDGET_FLAGS = ("--depth", "--tokens", "--target-flops", "--param-data-ratio")  # the sweep sets these
 
 
