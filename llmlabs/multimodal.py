@@ -21,7 +21,7 @@ optimizer groups, the caption loader, the fused loss, its checkpoint state and p
 import numpy as np
 import torch
 
-from llmlabs.common import LabError
+from llmlabs.common import LabError, print0
 from llmlabs.data.shards import SPLITS
 from llmlabs.vision import VisionEncoder, VisionTower, caption_batch, fused_forward
 
@@ -128,6 +128,10 @@ class Fusion:
                            f"--seq-len {cfg['seq_len']}: pass --seq-len {need} or more")
         self.loader = CaptionLoader(data, "train", B, cfg["seq_len"], self.grid, seed=cfg["seed"], rank=rank,
                                     world=world, device=device)
+        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+        print0(f"vision: {cfg['vision']} tower, {count(tower):.2f}M params ({'trained' if tower.trainable else 'frozen'}), "
+               f"merger {count(self.encoder.merger):.2f}M; {self.encoder.tokens_per_image} tokens per "
+               f"{image_size}-px image")
 
     def param_groups(self, cfg) -> list[dict]:
         """Muon for the merger's and a trained tower's hidden matrices, one group per shape; AdamW for
