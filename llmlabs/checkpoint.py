@@ -211,6 +211,9 @@ def load_run(run_dir, device, path=None):
     if ck is None:
         raise LabError(f"{run_dir} has no checkpoint (checkpoints/ is empty or missing): is it a run directory "
                        "of `llmlabs train`?")
+    if ck["state"]["run_config"].get("vision"):  # its LM alone would score captions without their images
+        raise LabError(f"{run_dir} is a --vision run: eval and sample take text runs so far; its caption bpb is "
+                       "val_caption_bpb in its summary.json")
     model = build_model(GPTConfig(**ck["state"]["model_config"]), device)
     model.load_state_dict(ck["model"])
     model.eval()

@@ -322,13 +322,15 @@ class GPT(nn.Module):
         return round((6 * weights * T + per_pair * pairs) / T)
 
     def setup_optimizer(self, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
-                        weight_decay=0.28, adam_betas=None, distributed=False) -> MuonAdamW:
+                        weight_decay=0.28, adam_betas=None, distributed=False, extra_groups=()) -> MuonAdamW:
         """Muon for the block matrices (one group per shape, so they stack), AdamW for the rest,
         with nanochat's per-group settings. The embedding and unembedding LRs are given for width
         768 and scaled by (n_embd / 768) ** -0.5 here (nanochat); scalar LRs are not width-scaled.
         `weight_decay` is Muon's (cautious) decay; AdamW groups keep nanochat's small fixed ones.
         adam_betas None = nanochat's tuned betas per group; a pair sets every AdamW group.
-        distributed: DistMuonAdamW, which averages the gradients over the ranks itself."""
+        distributed: DistMuonAdamW, which averages the gradients over the ranks itself.
+        extra_groups: param groups of modules outside the GPT that train with it (a vision encoder:
+        multimodal.Fusion.param_groups), stepped by the same optimizer and schedules."""
         width_scale = (self.config.n_embd / 768) ** -0.5
 
         def adamw(params, lr, betas, weight_decay):
@@ -355,7 +357,7 @@ class GPT(nn.Module):
         for shape in sorted({tuple(p.shape) for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
                                momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5))
-        return (DistMuonAdamW if distributed else MuonAdamW)(groups)
+        return (DistMuonAdamW if distributed else MuonAdamW)(groups + list(extra_groups))
 
 
 def build_model(config: GPTConfig, device, mlp_factory=None) -> GPT:

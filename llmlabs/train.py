@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, core_eval, flags, plots, preflight, tracking
+from llmlabs import checkpoint, core_eval, flags, multimodal, plots, preflight, tracking
 from llmlabs.common import LabError, atomic_write_json, compute_init, dist_info, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -73,6 +73,9 @@ def add_args(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="a prepared data directory, or a prepared corpus's name (pysrc) (default: pystdlib "
                                   "on a CPU, pysrc on a GPU, prepared on first use)")
+    g.add_argument("--vision", metavar="TOWER", help="train on captioned images (--data from `llmlabs prepare shapes`) "
+                   "through this SigLIP/SigLIP2 tower: a hub id, a save_pretrained folder, or tiny (random, trained)")
+    g.add_argument("--vision-train", action="store_true", help="train the pretrained --vision tower too (default: frozen)")
     g = p.add_argument_group("model (the one dial is --depth; unset values come from the CPU or GPU preset)")
     g.add_argument("--depth", type=_depth, help="d4..d26 or a number: width = depth x aspect ratio")
     g.add_argument("--aspect-ratio", type=flags.positive_int, help="width per layer of depth")
@@ -253,7 +256,7 @@ def _train(args, held):
         attention.set_backend(cfg["attention"])
 
     run = setup(cfg, device, rank, world)
-    data, mcfg, model, optimizer, loader = run.data, run.mcfg, run.model, run.optimizer, run.loader
+    data, mcfg, model, optimizer, loader, mm = run.data, run.mcfg, run.model, run.optimizer, run.loader, run.mm
     counts, flops_per_token, accum = run.counts, run.flops_per_token, run.accum
     B, T = cfg["device_batch_size"], cfg["seq_len"]
     budget_tokens = _token_budget(cfg, counts, flops_per_token)
@@ -278,6 +281,8 @@ def _train(args, held):
             raise LabError(f"--resume {run_dir}: its tokenizer differs from the one of {data.path}: resume with the "
                            "run's own data directory")
         model.load_state_dict(ck["model"])
+        if mm:
+            mm.load_state_dict(ck["state"]["encoder"])
         optimizer.load_state_dict(ck["optimizer"])
         loader.load_state_dict(ck["state"]["loader"])
         checkpoint.set_rng_state(ck["rng"])
@@ -293,8 +298,8 @@ def _train(args, held):
 
     use_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-    compiled = use_cuda and not cfg.get("no_compile")
-    fwd = torch.compile(model, fullgraph=True) if compiled else model
+    compiled = use_cuda and not cfg.get("no_compile") and not mm  # the fused forward runs eager for now
+    fwd = mm.loss_fn(model) if mm else torch.compile(model, fullgraph=True) if compiled else model
     untimed_steps = UNTIMED_STEPS if compiled else EAGER_UNTIMED_STEPS
     peak = peak_flops(device)
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
@@ -313,7 +318,7 @@ def _train(args, held):
 
     def save_state():
         state = {"loader": loader.state_dict(), "tokens_done": tokens_done, "train_time": train_time,
-                 "timed_tokens": timed_tokens,
+                 "timed_tokens": timed_tokens, **({"encoder": mm.state_dict()} if mm else {}),
                  "model_config": vars(mcfg), "run_config": cfg, "tokenizer_hash": data.tokenizer.hash}
         opt_state = optimizer.state_dict()  # with several ranks a collective: every rank gathers its share
         return checkpoint.save(run_dir, step, model, opt_state, state) if rank == 0 else None
@@ -367,10 +372,10 @@ def _train(args, held):
                 last_status = time.time()
                 _status(step, row)
             if cfg.get("eval_every") and step % cfg["eval_every"] == 0:
-                eval_bpb = _evaluate(model, data, "val", cfg, device, autocast)["bpb"]
-                print0(f"\nstep {step}: val_bpb {eval_bpb:.4f}")
+                ev = _evaluate(model, data, "val", cfg, device, autocast, mm)
+                print0(f"\nstep {step}: val_bpb {ev['bpb']:.4f}")
                 if log:
-                    log.write({"step": step, "val_bpb": eval_bpb})
+                    log.write({"step": step, "val_bpb": ev["bpb"], **_modalities(ev, "val")})
             if core_tasks and (step % cfg["eval_core_every"] == 0 or progress() >= 1):
                 core = core_eval.evaluate_core(model, data.tokenizer, device, core_tasks, autocast=autocast,
                                                max_items=core_eval.TRAIN_ITEMS)["core"]
@@ -402,7 +407,7 @@ def _train(args, held):
     if cfg["eval_split"] != "none":  # the seconds after the last step, said as they come
         print0(f"saved {path}; scoring {cfg['eval_split']}_bpb on {cfg['eval_tokens']:,} tokens ...", flush=True)
     try:
-        res = None if cfg["eval_split"] == "none" else _evaluate(model, data, cfg["eval_split"], cfg, device, autocast)
+        res = None if cfg["eval_split"] == "none" else _evaluate(model, data, cfg["eval_split"], cfg, device, autocast, mm)
     except KeyboardInterrupt:  # the SIGINT handler is gone by now, but the training is already saved
         print0(f"\ninterrupted in the final evaluation: training is done and saved in {path}; "
                f"`llmlabs eval {run_dir}` gives its score")
@@ -411,12 +416,13 @@ def _train(args, held):
     summary = {
         **({f"{cfg['eval_split']}_bpb": round(res["bpb"], 6), "unigram_bpb": round(res["unigram_bpb"], 6)}
            if res else {}),
+        **(_modalities(res, cfg["eval_split"]) if res else {}),
         "training_seconds": round(train_time, 1),
         "total_seconds": round(time.time() - t_start, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if use_cuda else 0.0,
         "mfu_percent": round(100 * flops_per_token * tok_per_sec / (peak * world), 2) if peak else None,
         "total_tokens_M": round(tokens_done / 1e6, 2),
-        "data_passes": round(tokens_done / max(data.manifest["splits"]["train"]["tokens"], 1), 2),
+        "data_passes": round(mm.passes(tokens_done, T) if mm else tokens_done / max(data.num_tokens("train"), 1), 2),
         "num_steps": step,
         "num_params_M": round(counts["total"] / 1e6, 2),
         **({"active_params_M": round(model.active_params() / 1e6, 2), "moe": _describe_moe(mcfg)}
@@ -431,8 +437,10 @@ def _train(args, held):
         "run_dir": str(run_dir),  # where config, metrics, checkpoints, samples and the plot are
     }
     if rank == 0 and res:  # --eval-split none: the launcher scores the run; no time spent on extras
-        print0(f"{cfg['eval_split']}_bpb {res['bpb']:.4f}; writing samples.txt and loss.png ...", flush=True)
-        _write_samples(model, data, run_dir / "samples.txt")
+        print0(f"{cfg['eval_split']}_bpb {res['bpb']:.4f}; writing {'' if mm else 'samples.txt and '}loss.png ...",
+               flush=True)
+        if not mm:  # captioning an image is `llmlabs sample --image`'s job (not built yet)
+            _write_samples(model, data, run_dir / "samples.txt")
         plots.loss(metrics_path, run_dir / "loss.png")
         if mcfg.moe_experts:
             plots.expert_load(metrics_path, run_dir / "expert_load.png")
@@ -471,12 +479,16 @@ def setup(cfg, device, rank=0, world=1):
                        f"ranks = {B * T * world}: pick a multiple")
     preflight.check_memory(mcfg, B, device, lambda d: _model_config(cfg, mcfg.vocab_size, d))
     model = build_model(mcfg, device)
+    mm = multimodal.setup(cfg, data, model, B, device, rank, world)  # None: a text run
     distributed = world > 1 or dist_info()[0]  # under torchrun even at one rank: its collectives run (NCCL check)
     optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
                                       unembedding_lr=cfg["unembedding_lr"], scalar_lr=cfg["scalar_lr"],
-                                      weight_decay=cfg["weight_decay"], distributed=distributed)
-    loader = BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world, device=device)
-    return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader, distributed=distributed,
+                                      weight_decay=cfg["weight_decay"], distributed=distributed,
+                                      extra_groups=mm.param_groups(cfg) if mm else ())
+    loader = mm.loader if mm else BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world,
+                                                device=device)
+    return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader, mm=mm,
+                           distributed=distributed,
                            accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
                            flops_per_token=model.flops_per_token())
 
@@ -494,7 +506,7 @@ def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):
         (loss / accum).backward()
         loss_sum += loss.detach()
     optimizer.step()  # with several ranks DistMuonAdamW, which averages the gradients over them
-    model.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)  # every group's: a vision encoder's too
     loader.prefetch()  # the next step's first batch, packed while the GPU runs the queued step
     if world > 1:  # the loss of the whole batch, as one process would log it (gloo has no AVG)
         torch.distributed.all_reduce(loss_sum)
@@ -559,12 +571,20 @@ def _set_schedules(optimizer, p, cfg):
             group["weight_decay"] = cfg["weight_decay"] * (1 - p)  # decays to 0 with the budget
 
 
-def _evaluate(model, data, split, cfg, device, autocast):
+def _evaluate(model, data, split, cfg, device, autocast, mm=None):
     from llmlabs.evaluate import evaluate_bpb
 
+    autocast = autocast if device.type == "cuda" else None
+    if mm:
+        return mm.evaluate(model, split, batch_size=cfg["device_batch_size"], max_tokens=cfg["eval_tokens"],
+                           autocast=autocast)
     return evaluate_bpb(model, data, split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
-                        max_tokens=cfg["eval_tokens"], device=device,
-                        autocast=autocast if device.type == "cuda" else None)
+                        max_tokens=cfg["eval_tokens"], device=device, autocast=autocast)
+
+
+def _modalities(res, split) -> dict:
+    """Per-modality bpb for metrics and the summary (a vision run's caption_bpb), keyed by split."""
+    return {f"{split}_caption_bpb": round(res["caption_bpb"], 6)} if "caption_bpb" in res else {}
 
 
 def _status(step, row):

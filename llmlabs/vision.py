@@ -215,18 +215,22 @@ def mrope_positions(idx: torch.Tensor, patch_id: int, grid: tuple[int, int]) -> 
     return out.to(idx.device)
 
 
-def caption_batch(data, split: str, docs, grid: tuple[int, int], device="cpu") -> dict:
+def caption_batch(data, split: str, docs, grid: tuple[int, int], device="cpu", seq_len: int | None = None) -> dict:
     """A batch of captioned images from a caption data directory (data/captions.py), one document per
-    row: BOS, <|image_start|>, h*w patch tokens, <|image_end|>, the caption; rows padded to the
-    longest with BOS inputs and -1 targets. Returns the model's keyword arguments (idx, targets with
-    patches and padding ignored, positions, patch_mask) and `pixels` uint8 [B, S, S, 3] for the
-    encoder. No packing: an image is never cropped, and its caption always follows it."""
+    row: BOS, <|image_start|>, h*w patch tokens, <|image_end|>, the caption; rows padded with BOS
+    inputs and -1 targets to the longest row, or to `seq_len` positions (a fixed shape for training).
+    Returns the model's keyword arguments (idx, targets with patches and padding ignored, positions,
+    patch_mask) and `pixels` uint8 [B, S, S, 3] for the encoder. No packing: an image is never
+    cropped, and its caption always follows it."""
     tok = data.tokenizer
     images = data.images(split)
     (tokens, offsets), = data.shards(split)  # captions are small: one shard per split
     rows = [[tok.bos_id, *image_tokens(tok.special_ids, grid), *tokens[offsets[d] + 1:offsets[d + 1]].tolist()]
             for d in docs]
-    T = max(map(len, rows))
+    T = max(map(len, rows)) if seq_len is None else seq_len
+    if max(map(len, rows)) > T + 1:  # a row's last token is a target only: T + 1 tokens fill T positions
+        raise LabError(f"a caption with its image takes {max(map(len, rows)) - 1} positions, over --seq-len {T}: "
+                       f"raise --seq-len")
     idx = torch.full((len(rows), T + 1), tok.bos_id, dtype=torch.long)
     targets = torch.full((len(rows), T), -1, dtype=torch.long)
     for b, row in enumerate(rows):

@@ -98,6 +98,7 @@ RUNTIME = [
     (["prepare", "pystdlib", "--image-size", "32", "--out", "{tmp}/c"], ("prepare", "--image-size"),
      "--image-size applies to caption sources"),
     (["train", "--data", "{tmp}/none"], ("train", "--data"), "is not a data directory: it does not exist"),
+    (["train", "--data", "{data}", "--vision", "tiny"], ("train", "--vision"), "holds text only: prepare them with"),
     (["train", "--data", "{data}", "--window-pattern", "SXL"], ("train", "--window-pattern"), "letters S and L"),
     (["train", "--data", "{data}", "--run-dir", "{file}"], ("train", "--run-dir"), "cannot make that directory"),
     (["train", "--data", "{data}", "--device", "tpu"], ("train", "--device"), "unknown device 'tpu'"),

@@ -1,0 +1,206 @@
+"""`llmlabs train --vision TOWER`: the training path of multimodal early fusion (vision.py holds the
+tower, the merger and the token stream). train.py calls `setup`, which gives None for a text run and,
+for a caption data directory (`llmlabs prepare shapes|digits`), a `Fusion`: the vision encoder, its
+optimizer groups, the caption loader, the fused loss, its checkpoint state and per-modality bpb.
+
+- Rows: one captioned image per row (vision.caption_batch): BOS, <|image_start|>, the merged patch
+  tokens, <|image_end|>, the caption, padded to --seq-len (one shape every step). A step's tokens are
+  counted as rows x seq_len, the positions computed, so --tokens and --total-batch-size keep their
+  meaning (rows per step = total batch / seq len); padding and patches are never targets.
+- Tower: `tiny` is a small random SigLIP2 tower (TINY_TOWER) trained with the LM, since no pretrained
+  weights are offline; a hub id or a save_pretrained folder is loaded frozen unless --vision-train.
+- Optimizer: the encoder's groups join the LM's optimizer (GPT.setup_optimizer's extra_groups), so
+  the LR schedule, Muon's momentum ramp and weight decay reach them. Muon takes the 2-D matrices
+  of the merger (fc1, fc2) and of a trained tower's transformer layers, at the LM's matrix LR:
+  they are hidden layers, what Muon orthogonalises (Keller Jordan's Muon post). AdamW takes the
+  rest: LayerNorm gains, biases, the patch embedding (a SigLIP tower's input layer; in SigLIP a
+  4-D conv) and the position embedding, at VISION_ADAMW_LR.
+- Per-modality bpb: caption text after an image. A caption data directory holds no text-only
+  documents, so there is no text bpb to set beside it (a mixed image + text loader does not exist
+  yet); on it val_bpb and val_caption_bpb score the same tokens."""
+import numpy as np
+import torch
+
+from llmlabs.common import LabError, print0
+from llmlabs.data.shards import SPLITS
+from llmlabs.vision import VisionEncoder, VisionTower, caption_batch, fused_forward
+
+# `--vision tiny`: 2 layers of width 64 over 4-px patches. 32-px images (prepare's default) give an
+# 8 x 8 patch grid, 16 tokens after the 2x2 merge.
+TINY_TOWER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, patch_size=4)
+# AdamW for the encoder's vectors and embeddings (betas and eps as the LM's AdamW groups, no decay):
+# the common ViT-from-scratch AdamW rate at small batch; not tuned here.
+VISION_ADAMW_LR = 3e-3
+
+
+def setup(cfg, data, model, B, device, rank=0, world=1) -> "Fusion | None":
+    """None for a text run. --vision needs caption data, and caption data needs --vision."""
+    captions = "images" in data.manifest["splits"]["train"]
+    if not cfg.get("vision"):
+        if cfg.get("vision_train"):
+            raise LabError("--vision-train trains the --vision tower: give --vision TOWER too")
+        if captions:
+            raise LabError(f"{data.path} holds captioned images: train on it with --vision tiny (or --vision a SigLIP "
+                           f"checkpoint)")
+        return None
+    if not captions:
+        raise LabError(f"--vision trains on captioned images, and {data.path} holds text only: prepare them with "
+                       f"`llmlabs prepare shapes` (or digits) and pass that directory as --data")
+    return Fusion(cfg, data, model.config.n_embd, B, device, rank, world)
+
+
+def build_tower(name: str, train: bool, image_size: int) -> VisionTower:
+    if name == "tiny":  # position embeddings sized to the grid: SigLIP2 interpolates nothing
+        return VisionTower.from_config(num_patches=(image_size // TINY_TOWER["patch_size"]) ** 2, **TINY_TOWER)
+    return VisionTower.from_pretrained(name, trainable=train)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of range(n) (n >= 2) that moves every element: one random cycle through
+    all n, so document p[k] gets the image of p[k - 1] and no caption keeps its own image."""
+    p = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, np.int64)
+    out[p] = np.roll(p, 1)
+    return out
+
+
+class CaptionLoader:
+    """(batch, targets) pairs as train_step takes them: the batch holds caption_batch's idx, positions,
+    patch_mask and pixels. Each epoch visits the split's documents in a permutation seeded by (seed,
+    epoch), B x world at a time (the last partial batch is dropped), rank r keeping rows [rB, (r+1)B):
+    the same global batch on any rank count, as BestFitLoader. State: epoch and cursor."""
+
+    def __init__(self, data, split, B, T, grid, *, seed, rank=0, world=1, device="cpu"):
+        self.data, self.split, self.B, self.T, self.grid = data, split, B, T, grid
+        self.seed, self.rank, self.world, self.device = seed, rank, world, device
+        self.n = data.num_documents(split)
+        if self.n < B * world:
+            raise LabError(f"split {split!r} of {data.path} has {self.n} images, fewer than one batch of {B * world} "
+                           f"rows: lower --total-batch-size or prepare more")
+        self.epoch = self.cursor = 0
+        self._order = self._ahead = None
+
+    def _next_docs(self):
+        if self.cursor + self.B * self.world > self.n:
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        start = self.cursor + self.rank * self.B
+        self.cursor += self.B * self.world
+        return self._order[start:start + self.B]
+
+    def prefetch(self):
+        """Build the next batch now (train_step calls this once the step is queued: on a GPU the row
+        building and the pixel gather overlap it); state_dict still names the state before it."""
+        if self._ahead is None:
+            before = (self.epoch, self.cursor)
+            self._ahead = before, caption_batch(self.data, self.split, self._next_docs(), self.grid, self.device, self.T)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.prefetch()
+        (_, batch), self._ahead = self._ahead, None
+        return batch, batch.pop("targets")
+
+    def state_dict(self) -> dict:
+        epoch, cursor = self._ahead[0] if self._ahead else (self.epoch, self.cursor)
+        return {"epoch": epoch, "cursor": cursor, "documents": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        if (state["documents"], state["seed"]) != (self.n, self.seed):
+            raise LabError(f"the checkpoint's caption loader read {state['documents']} documents with seed "
+                           f"{state['seed']}, this data has {self.n} (seed {self.seed}): resume with the run's data")
+        self.epoch, self.cursor, self._order, self._ahead = state["epoch"], state["cursor"], None, None
+
+
+class Fusion:
+    def __init__(self, cfg, data, width, B, device, rank=0, world=1):
+        image_size = data.images("train").shape[1]
+        tower = build_tower(cfg["vision"], cfg.get("vision_train", False), image_size)
+        self.encoder = VisionEncoder(tower, width, image_size).to(device)
+        self.data, self.device, self.grid = data, device, self.encoder.merged_grid
+        longest = max(int(np.diff(o).max()) for s in SPLITS for _, o in data.shards(s) if len(o) > 1)
+        need = longest + 1 + self.encoder.tokens_per_image  # BOS + caption, 2 markers, patches; last: target only
+        if need > cfg["seq_len"]:
+            raise LabError(f"the longest caption of {data.path} with its image takes {need} positions, over "
+                           f"--seq-len {cfg['seq_len']}: pass --seq-len {need} or more")
+        self.loader = CaptionLoader(data, "train", B, cfg["seq_len"], self.grid, seed=cfg["seed"], rank=rank,
+                                    world=world, device=device)
+        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+        print0(f"vision: {cfg['vision']} tower, {count(tower):.2f}M params ({'trained' if tower.trainable else 'frozen'}), "
+               f"merger {count(self.encoder.merger):.2f}M; {self.encoder.tokens_per_image} tokens per "
+               f"{image_size}-px image")
+
+    def param_groups(self, cfg) -> list[dict]:
+        """Muon for the merger's and a trained tower's hidden matrices, one group per shape; AdamW for
+        the rest (the module docstring says why)."""
+        named = [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+        matrices = [p for n, p in named if p.ndim == 2 and "embeddings" not in n]
+        rest = [p for n, p in named if not (p.ndim == 2 and "embeddings" not in n)]
+        groups = [dict(kind="adamw", params=rest, lr=VISION_ADAMW_LR, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)]
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
+                               lr=cfg["matrix_lr"], momentum=0.95, beta2=0.9, weight_decay=cfg["weight_decay"],
+                               ns_steps=5))
+        return groups
+
+    def loss_fn(self, model):
+        """fwd(batch, targets) for train_step: the LM's loss with the encoder's tokens at the patches."""
+        return lambda batch, targets: fused_forward(model, self.encoder, dict(batch, targets=targets))
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs: the merger, and the tower only if it trains (a frozen one is
+        reloaded from --vision)."""
+        tower = self.encoder.tower
+        return {"merger": self.encoder.merger.state_dict(), "tower": tower.state_dict() if tower.trainable else {}}
+
+    def load_state_dict(self, state: dict):
+        self.encoder.merger.load_state_dict(state["merger"])
+        if self.encoder.tower.trainable:
+            self.encoder.tower.load_state_dict(state["tower"])
+
+    def passes(self, tokens_done: int, seq_len: int) -> float:
+        """Epochs over the training images: a step's tokens are rows x seq_len."""
+        return tokens_done / seq_len / self.loader.n
+
+    @torch.no_grad()
+    def evaluate(self, model, split, *, batch_size, max_tokens, autocast=None, shuffle_seed=None) -> dict:
+        """bpb of the captions of `split`'s first documents (in order, whole documents, until
+        max_tokens caption tokens), each after its own image, or, with shuffle_seed, after another
+        document's image (a seeded derangement: no caption keeps its image): the ablation that shows
+        the model reads the image (bench/vision_ablation.py). Under torchrun each rank scores every
+        world-th document and the sums are reduced. Returns evaluate.bpb_result's keys plus
+        caption_bpb (the same number here: caption data has no text-only documents)."""
+        from llmlabs.evaluate import _rank_world, bpb_result, token_bytes_and_unigram, token_nats
+
+        token_bytes, unigram_logp = token_bytes_and_unigram(self.data, self.device)
+        lengths = np.diff(self.data.shards(split)[0][1]) - 1  # caption tokens a document is scored on
+        n = min(len(lengths), int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1)
+        source = np.arange(n) if shuffle_seed is None else derangement(n, shuffle_seed)
+        images = self.data.images(split)
+        rank, world = _rank_world()
+        mine = np.arange(rank, n, world)
+        was_training = model.training, self.encoder.training
+        model.eval()
+        self.encoder.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for k in range(0, len(mine), batch_size):
+            docs = mine[k:k + batch_size]
+            batch = caption_batch(self.data, split, docs, self.grid, self.device)
+            batch["pixels"] = torch.from_numpy(np.stack([images[source[d]] for d in docs])).to(self.device)
+            y = batch.pop("targets")
+            with autocast or torch.autocast(self.device.type, enabled=False):
+                logits = fused_forward(model, self.encoder, batch)
+            counted = (y >= 0) & (token_bytes[y.clamp_min(0)] > 0)  # caption tokens: not patches, markers, padding
+            y = y.clamp_min(0)
+            sums += torch.stack([(token_nats(logits, y).double() * counted).sum(),
+                                 (token_bytes[y] * counted).sum(dtype=torch.float64),
+                                 (-unigram_logp[y] * counted).sum(dtype=torch.float64), counted.sum(dtype=torch.float64)])
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        model.train(was_training[0])
+        self.encoder.train(was_training[1])
+        res = bpb_result(sums, split, self.data)
+        return {**res, "caption_bpb": res["bpb"]}
