@@ -1,4 +1,5 @@
-"""Generation with a KV cache, batched, and the `llmlabs sample RUN --prompt TEXT` command.
+"""Generation with a KV cache, batched; the `llmlabs sample RUN --prompt TEXT` command; a finished
+run's samples.txt.
 
 With the cache, the prompts are run once (prefill) and each new token costs one position of compute;
 without it, every row's whole sequence is re-run for every token, one row at a time (the reference
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 
 from llmlabs import flags
 from llmlabs.common import LabError
+
+SAMPLE_PROMPT_TOKENS = 8  # samples.txt continues the first tokens of the first validation documents
 
 
 @torch.no_grad()
@@ -122,6 +125,24 @@ def _decode(tokenizer, ids):
 
 # ---------------------------------------------------------------------------------------------
 # `llmlabs sample RUN --prompt TEXT`
+
+def sample_prompts(data, n=4) -> list[str]:
+    """The first SAMPLE_PROMPT_TOKENS tokens of the first n validation documents: prompts that fit the
+    corpus, whatever it is (each shard's offsets mark where a document's BOS is)."""
+    tokens, offsets = data.shards("val")[0]
+    return [data.tokenizer.decode([int(t) for t in tokens[a + 1:min(a + 1 + SAMPLE_PROMPT_TOKENS, b)]])
+            for a, b in zip(offsets[:n], offsets[1:n + 1])]
+
+
+def write_samples(model, data, path):
+    """samples.txt of a finished run: each sample prompt continued (temperature 0.8, top-k 50, seed 0)."""
+    model.eval()
+    prompts = sample_prompts(data)
+    texts = complete(model, data.tokenizer, prompts, 64, temperature=0.8, top_k=50, seed=0)  # one batch
+    out = [p + t for p, t in zip(prompts, texts)]
+    path.write_text("\n\n-----\n\n".join(out) + "\n")
+    model.train()
+
 
 def add_args(p):
     p.add_argument("run", help="a run directory written by `llmlabs train`")

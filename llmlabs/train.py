@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, core_eval, flags, multimodal, plots, preflight, tracking
+from llmlabs import checkpoint, core_eval, engine, flags, multimodal, plots, preflight, tracking
 from llmlabs.common import LabError, atomic_write_json, compute_init, dist_info, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -60,7 +60,6 @@ EVENTS_FD_VAR = "LLMLABS_EVENTS_FD"
 MOMENTUM_RAMP = 0.3      # Muon momentum goes 0.85 -> 0.95 over this fraction of the budget
 MOE_KEYS = ("moe_experts", "moe_top_k", "moe_shared", "moe_layers", "moe_expert_width", "moe_raw_gates",
             "moe_routed_scale", "moe_bias_rate", "moe_aux_loss")  # flags that are GPTConfig fields
-SAMPLE_PROMPT_TOKENS = 8  # samples.txt continues the first tokens of the first validation documents
 
 
 def add_args(p):
@@ -440,7 +439,7 @@ def _train(args, held):
         print0(f"{cfg['eval_split']}_bpb {res['bpb']:.4f}; writing {'' if mm else 'samples.txt and '}loss.png ...",
                flush=True)
         if not mm:  # captioning an image is `llmlabs sample --image`'s job (not built yet)
-            _write_samples(model, data, run_dir / "samples.txt")
+            engine.write_samples(model, data, run_dir / "samples.txt")
         plots.loss(metrics_path, run_dir / "loss.png")
         if mcfg.moe_experts:
             plots.expert_load(metrics_path, run_dir / "expert_load.png")
@@ -595,25 +594,6 @@ def _status(step, row):
     line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
             f"MFU {'   n/a' if row['mfu'] is None else format(row['mfu'], '5.1f') + '%'} | ETA {eta}")
     print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)
-
-
-def _sample_prompts(data, n=4) -> list[str]:
-    """The first SAMPLE_PROMPT_TOKENS tokens of the first n validation documents: prompts that fit the
-    corpus, whatever it is (each shard's offsets mark where a document's BOS is)."""
-    tokens, offsets = data.shards("val")[0]
-    return [data.tokenizer.decode([int(t) for t in tokens[a + 1:min(a + 1 + SAMPLE_PROMPT_TOKENS, b)]])
-            for a, b in zip(offsets[:n], offsets[1:n + 1])]
-
-
-def _write_samples(model, data, path):
-    from llmlabs.engine import complete
-
-    model.eval()
-    prompts = _sample_prompts(data)
-    texts = complete(model, data.tokenizer, prompts, 64, temperature=0.8, top_k=50, seed=0)  # one batch
-    out = [p + t for p, t in zip(prompts, texts)]
-    path.write_text("\n\n-----\n\n".join(out) + "\n")
-    model.train()
 
 
 def _describe_moe(mcfg) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlabs import checkpoint, cli, common, preflight, tracking, train
+from llmlabs import checkpoint, cli, common, engine, preflight, tracking, train
 from llmlabs.common import LabError
 from llmlabs.data.shards import DataDir
 
@@ -60,7 +60,7 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     assert "; scoring val_bpb on " in out and "; writing samples.txt and loss.png ..." in out  # no silent tail
     # samples continue the openings of validation documents, whatever the corpus is
     data = DataDir.open(data_dir)
-    prompts = train._sample_prompts(data)
+    prompts = engine.sample_prompts(data)
     tokens, offsets = data.shards("val")[0]
     assert len(prompts) == 4 and prompts[0] == data.tokenizer.decode(tokens[offsets[0] + 1:offsets[0] + 9].tolist())
     assert (tmp_path / "run" / "samples.txt").read_text().split("\n\n-----\n\n")[1].startswith(prompts[1])
