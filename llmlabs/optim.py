@@ -99,6 +99,14 @@ _REQUIRED = {"adamw": ("lr", "betas", "eps", "weight_decay"),
              "muon": ("lr", "momentum", "beta2", "weight_decay", "ns_steps")}
 
 
+def _run_closure(closure):
+    """torch.optim's step(closure) contract: re-evaluate the loss with gradients on, if asked."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """param_groups: dicts with `params`, `kind` and, for "adamw": lr, betas, eps, weight_decay;
     for "muon": lr, momentum, beta2 (NorMuon), weight_decay (cautious), ns_steps. A muon group
@@ -186,10 +194,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._adamw_step(group)
@@ -281,10 +286,7 @@ class DistMuonAdamW(MuonAdamW):
     # the cost of holding every group's stacked gradients at the same time.
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         reducing = []  # (group, params, started reduce-scatter)
         for group in self.param_groups:
             if group["kind"] == "muon":
