@@ -60,3 +60,33 @@ def prepared_stdlib(tmp_root: Path, files: int, vocab_size: int, val_frac: float
     for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:files]:
         (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
     return prepare(str(src), out=tmp_root / "data", vocab_size=vocab_size, val_frac=val_frac, test_frac=test_frac)
+
+
+def prepared_shapes(tmp_root: Path, val_frac: float) -> Path:
+    """A small `shapes` caption directory: 200 images of 16 px, vocab 300, no test split."""
+    from llmlabs.data import captions
+    from llmlabs.data.prepare import prepare
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(captions, "SHAPES_IMAGES", 200)
+        return prepare("shapes", tmp_root / "shapes", 300, image_size=16, val_frac=val_frac, test_frac=0.0)
+
+
+def sigint_after(steps: int):
+    """A train.train_step that sends this process a real SIGINT after its `steps`-th call, as Ctrl-C
+    would: patch it over train.train_step to interrupt a run mid-way."""
+    import os
+    import signal
+
+    from llmlabs import train
+
+    real_step, calls = train.train_step, []
+
+    def step(*a, **k):
+        out = real_step(*a, **k)
+        calls.append(1)
+        if len(calls) == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    return step

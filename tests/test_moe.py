@@ -3,9 +3,9 @@ routing and gates by hand, balancing, counters that evaluation never touches, Mu
 model, generation, training, checkpoints and resume."""
 import json
 import os
-import signal
 
 import pytest
+from conftest import sigint_after
 import torch
 
 from llmlabs import checkpoint, train
@@ -287,17 +287,8 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in saved["model"].items())
 
     # a real SIGINT after step 6: the run saves and exits 130, as on Ctrl-C
-    real_step, steps = train.train_step, []
-
-    def interrupted_after_6(*a, **k):
-        out = real_step(*a, **k)
-        steps.append(1)
-        if len(steps) == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "train_step", interrupted_after_6)
+        mp.setattr(train, "train_step", sigint_after(6))
         assert train.main(args + ["--run-dir", str(tmp_path / "cut"), "--tokens", str(512 * 12)]) == 130
     assert checkpoint.load(checkpoint.latest(tmp_path / "cut"))["step"] == 6
     assert train.main(["--resume", str(tmp_path / "cut")]) == 0

@@ -3,12 +3,11 @@ a frozen tower stays frozen, the caption loader's ranks and state, caption bpb a
 the shuffled-image ablation, and one-line errors for data and flags that do not go together."""
 import argparse
 import json
-import os
 import re
-import signal
 
 import numpy as np
 import pytest
+from conftest import prepared_shapes, sigint_after
 import torch
 
 from llmlabs import checkpoint, cli, multimodal, train
@@ -23,15 +22,7 @@ TINY = ["--vision", "tiny", "--depth", "1", "--aspect-ratio", "32", "--head-dim"
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
-    from llmlabs.data import captions
-    from llmlabs.data.prepare import prepare
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(captions, "SHAPES_IMAGES", 200)
-    out = prepare("shapes", tmp_path_factory.mktemp("mm") / "shapes", 300, image_size=16, val_frac=0.15,
-                  test_frac=0.0)
-    mp.undo()
-    return out
+    return prepared_shapes(tmp_path_factory.mktemp("mm"), val_frac=0.15)
 
 
 def setup_run(shapes_dir, *extra):
@@ -57,17 +48,8 @@ def test_vision_run_resumed_after_ctrl_c_equals_uninterrupted(shapes_dir, tmp_pa
     assert float(summary["val_caption_bpb"]) == float(summary["val_bpb"])  # caption data: all scored text follows an image
     images = checkpoint.load(checkpoint.latest(tmp_path / "full"))["state"]["loader"]["documents"]
     assert summary["num_steps"] == "8" and float(summary["data_passes"]) == round(8 * 8 / images, 2)  # 8 rows a step
-    real_step, steps = train.train_step, []
-
-    def interrupted_after_4(*a, **k):
-        out = real_step(*a, **k)
-        steps.append(1)
-        if len(steps) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "train_step", interrupted_after_4)
+        mp.setattr(train, "train_step", sigint_after(4))
         assert train.main(args + ["--run-dir", str(tmp_path / "cut")]) == 130
     saved = checkpoint.load(checkpoint.latest(tmp_path / "cut"))
     assert saved["step"] == 4 and saved["state"]["loader"]["cursor"] == 4 * 8

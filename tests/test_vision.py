@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import prepared_shapes
 import torch
 import torch.nn.functional as F
 
@@ -293,16 +294,9 @@ def test_bad_image_is_one_line_naming_the_file(tmp_path, case, said):
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
-    from llmlabs.data import captions
-    from llmlabs.data.prepare import prepare
     from llmlabs.data.shards import DataDir
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(captions, "SHAPES_IMAGES", 200)
-    out = prepare("shapes", tmp_path_factory.mktemp("mm") / "shapes", 300, image_size=16, val_frac=0.1,
-                  test_frac=0.0)
-    mp.undo()
-    return DataDir.open(out)
+    return DataDir.open(prepared_shapes(tmp_path_factory.mktemp("mm"), val_frac=0.1))
 
 
 def test_caption_batch_rows_hold_a_whole_image_then_its_caption(shapes_dir):
