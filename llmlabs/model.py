@@ -90,7 +90,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return relu2_mlp(x, self.c_fc.weight, self.c_proj.weight)
+        return relu2_mlp(x, self.c_fc, self.c_proj)  # the layers, not their weights: see fp8.py
 
     @torch.no_grad()
     def init_weights(self):

@@ -100,7 +100,7 @@ class MoE(nn.Module):
         grouped = self.path == "grouped" or (self.path == "auto" and x.is_cuda)
         y = (self._experts_grouped if grouped else self._experts_loop)(flat, chosen, gates)
         if self.shared_fc is not None:
-            y = y + relu2_mlp(flat, self.shared_fc.weight, self.shared_proj.weight)
+            y = y + relu2_mlp(flat, self.shared_fc, self.shared_proj)
         return y.view(B, T, C)
 
     def _experts_loop(self, x, chosen, gates):

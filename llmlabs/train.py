@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -23,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llmlabs import checkpoint, core_eval, engine, flags, multimodal, plots, preflight, tracking
+from llmlabs import checkpoint, core_eval, engine, flags, fp8, multimodal, plots, preflight, tracking
 from llmlabs.common import LabError, atomic_write_json, compute_init, dist_info, make_dir, peak_flops, print0, seed_all
 
 # What the main job runs when no flags are given (see README). The CPU preset is sized so that on a
@@ -76,7 +75,7 @@ def add_args(p):
                    "through this SigLIP/SigLIP2 tower: a hub id, a save_pretrained folder, or tiny (random, trained)")
     g.add_argument("--vision-train", action="store_true", help="train the pretrained --vision tower too (default: frozen)")
     g = p.add_argument_group("model (the one dial is --depth; unset values come from the CPU or GPU preset)")
-    g.add_argument("--depth", type=_depth, help="d4..d26 or a number: width = depth x aspect ratio")
+    g.add_argument("--depth", type=flags.depth, help="d4..d26 or a number: width = depth x aspect ratio")
     g.add_argument("--aspect-ratio", type=flags.positive_int, help="width per layer of depth")
     g.add_argument("--head-dim", type=flags.positive_int, help="attention head size")
     g.add_argument("--n-kv-head", type=flags.positive_int, help="key/value heads for grouped-query attention (default: = heads)")
@@ -92,7 +91,7 @@ def add_args(p):
     g.add_argument("--moe-experts", type=flags.count, help="routed experts in each MoE layer (0: dense MLP, the default)")
     g.add_argument("--moe-top-k", type=flags.positive_int, help="routed experts per token (default 2)")
     g.add_argument("--moe-shared", type=flags.count, help="shared experts, seen by every token (default 1)")
-    g.add_argument("--moe-layers", type=_layers, help="which layers are MoE: a slice like 1: (the default: all but the "
+    g.add_argument("--moe-layers", type=flags.layers, help="which layers are MoE: a slice like 1: (the default: all but the "
                                                       "first) or ::2, or indices like 2,5")
     g.add_argument("--moe-expert-width", type=flags.positive_int,
                    help="hidden width of an expert (default: active parameters per token match the dense MLP's)")
@@ -132,6 +131,8 @@ def add_args(p):
                    help="also log metrics to Weights & Biases in RUN/wandb ($WANDB_PROJECT; WANDB_MODE=offline: no network)")
     g = p.add_argument_group("system")
     g.add_argument("--device", help="cpu | cuda | mps (default: best available)")
+    g.add_argument("--fp8", choices=fp8.RECIPES, help="block matmuls in float8 (torchao; GPUs of compute capability "
+                   "8.9+); evaluation and checkpoints stay bf16 (default: fp8.RECIPE, None: off)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA (slower; quicker start)")
     g.add_argument("--attention", choices=["auto", "fa3", "cudnn", "flash", "sdpa", "flex", "cpu"], help="force an attention backend")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights and the data order")
@@ -149,22 +150,6 @@ def _check_resume_flags(args):
     if given:
         raise LabError(f"--resume {args.resume} continues the run as its config.json says, so {', '.join(given)} "
                        "would be ignored: drop them, or start a new run with them")
-
-
-def _layers(s):
-    if not re.fullmatch(r"-?\d*(:-?\d*){1,2}|-?\d+(,-?\d+)*", s.replace(" ", "")):
-        raise argparse.ArgumentTypeError(f"{s!r} names no layers: use a slice like 1: or ::2, or indices like 2,5")
-    return s
-
-
-def _depth(s):
-    try:
-        depth = int(s[1:] if s.lower().startswith("d") else s)
-    except ValueError:
-        depth = 0
-    if depth < 1:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a depth: use a positive number or a preset name like d8")
-    return depth
 
 
 def run(args):
@@ -204,6 +189,9 @@ def resolve_config(args, device):
     for k, v in preset.items():
         cfg.setdefault(k, v)
     cfg["device"] = device.type  # what --resume continues on
+    cfg.setdefault("fp8", fp8.RECIPE)  # the research surface's knob, unless --fp8 says
+    if cfg["fp8"]:
+        fp8.check(cfg["fp8"], device)
     if device.type == "cuda" and not rows_given:
         width = cfg["depth"] * cfg["aspect_ratio"]
         doubled = ACT_BYTES * cfg["depth"] * 2 * cfg["device_batch_size"] * width * cfg["seq_len"]
@@ -241,6 +229,9 @@ def _train(args, held):
         device, rank, _, world = compute_init(args.device or cfg.get("device"))
         if not args.device and cfg.get("device"):
             print0(f"resuming on {device.type}, the run's own device (--device moves it)")
+        if cfg.get("fp8") and (why := fp8.unsupported(device)):  # the checkpoint's weights are bf16/fp32
+            print0(f"the run trained with --fp8 {cfg['fp8']}, but {why}: continuing in bf16")
+            cfg["fp8"] = None
         cfg["device"] = device.type
     else:
         device, rank, _, world = compute_init(args.device)
@@ -304,6 +295,8 @@ def _train(args, held):
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
            f"{world} ranks x {accum} accum; attention {attention.describe(device)}")
+    if run.fp8_layers:
+        print0(fp8.describe(peak, cfg["fp8"], run.fp8_layers))
     if run.distributed:
         print0(f"distributed MuonAdamW over {world} rank(s): {optimizer.comm_bytes_per_step() / 2**20:.1f} MiB sent per "
                f"rank per step, {optimizer.comm_bytes_per_step(8) / 2**20:.1f} MiB at 8 ranks (gradients reduce-scattered, "
@@ -478,6 +471,7 @@ def setup(cfg, device, rank=0, world=1):
                        f"ranks = {B * T * world}: pick a multiple")
     preflight.check_memory(mcfg, B, device, lambda d: _model_config(cfg, mcfg.vocab_size, d))
     model = build_model(mcfg, device)
+    fp8_layers = fp8.convert(model, cfg["fp8"]) if cfg.get("fp8") else []  # before compile and the optimizer
     mm = multimodal.setup(cfg, data, model, B, device, rank, world)  # None: a text run
     distributed = world > 1 or dist_info()[0]  # under torchrun even at one rank: its collectives run (NCCL check)
     optimizer = model.setup_optimizer(matrix_lr=cfg["matrix_lr"], embedding_lr=cfg["embedding_lr"],
@@ -487,7 +481,7 @@ def setup(cfg, device, rank=0, world=1):
     loader = mm.loader if mm else BestFitLoader(data, "train", B, T, seed=cfg["seed"], rank=rank, world_size=world,
                                                 device=device)
     return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader, mm=mm,
-                           distributed=distributed,
+                           distributed=distributed, fp8_layers=fp8_layers,
                            accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
                            flops_per_token=model.flops_per_token())
 

@@ -12,12 +12,11 @@ import pytest
 from llmlabs import cli, flags
 from llmlabs.evaluate import _tasks
 from llmlabs.sweep import gpu_list
-from llmlabs.train import _depth, _layers
 
 # a value each checked type refuses
 BAD = {int: "x1", float: "one", flags.positive_int: "0", flags.positive_float: "-1", flags.count: "-1",
-       flags.nonnegative: "-0.5", flags.fraction: "1.5", _depth: "0",
-       _layers: "1:x", _tasks: ",", gpu_list: "0,x"}
+       flags.nonnegative: "-0.5", flags.fraction: "1.5", flags.depth: "0",
+       flags.layers: "1:x", _tasks: ",", gpu_list: "0,x"}
 # free-text flags whose every value is legal: what they take
 FREE = {
     ("sample", "--prompt"): "any text",

@@ -30,9 +30,9 @@ def assert_values_and_grads_close(y, y64, ours, theirs, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=rtol, atol=atol)
 
 
-def gelu_mlp(x, w_fc, w_proj):
-    """What an experimenter writes in model.py in place of the relu2_mlp call."""
-    return F.linear(F.gelu(F.linear(x, w_fc)), w_proj)
+def gelu_mlp(x, fc, proj):
+    """What an experimenter writes in model.py in place of the relu2_mlp call (given the two layers)."""
+    return proj(F.gelu(fc(x)))
 
 
 def test_relu2_mlp_reference_equals_float64():
@@ -45,6 +45,29 @@ def test_relu2_mlp_reference_equals_float64():
     h = torch.where(a > 0, a * a, 0.0)
     y64 = (h[..., None, :] * proj64).sum(-1)
     assert_values_and_grads_close(ops.relu2_mlp(x, w_fc, w_proj), y64, (x, w_fc, w_proj), (x64, fc64, proj64))
+
+
+def test_relu2_mlp_calls_layers_and_reads_plain_ones_as_weights(monkeypatch):
+    # given nn.Linear layers it computes what it does from their weights; a subclass (fp8.py's float8
+    # layers) is called, never bypassed by the Triton kernel, which gets plain layers' weights
+    g = torch.Generator().manual_seed(38)
+    fc, proj = torch.nn.Linear(16, 64, bias=False), torch.nn.Linear(64, 16, bias=False)
+    x = torch.randn(2, 5, 16, generator=g)
+    torch.testing.assert_close(ops.relu2_mlp(x, fc, proj), ops.relu2_mlp(x, fc.weight, proj.weight), rtol=0, atol=0)
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(16, 64, bias=False)
+    doubled.weight = fc.weight
+    kernel_calls = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(triton_mlp, "usable", lambda *args: True)
+    monkeypatch.setattr(triton_mlp, "relu2_mlp", 
+                        lambda x, w1, w2: kernel_calls.append((w1, w2)) or F.linear(F.relu(F.linear(x, w1)).square(), w2))
+    torch.testing.assert_close(ops.relu2_mlp(x, doubled, proj), 4 * ops.relu2_mlp(x, fc, proj))
+    assert len(kernel_calls) == 1 and kernel_calls[0][0] is fc.weight  # the plain pair only
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,13 +3,14 @@ kernel a compiled forward runs in its place where that kernel is usable (see ker
 the contract). Eager runs the reference: evaluation, sampling, the CPU.
 
     op                                               reference                       compiled, on a GPU
-    relu2_mlp(x, w_fc, w_proj)                       relu(x w_fc^T)^2 w_proj^T       triton_mlp
+    relu2_mlp(x, fc, proj)                           relu(x fc^T)^2 proj^T           triton_mlp (bf16 layers)
     rope_norm(x, cos, sin)                           norm(apply_rope(x, cos, sin))   triton_rope_norm
     softcap_logits(h, w_head, cap)                   softcap(h w_head^T, cap)        (the reference)
     softcap_cross_entropy(h, w_head, targets, cap)   cross-entropy of the above      triton_loss
                                                      (compiled CPU, caps over 40: SoftcapCrossEntropy)
 """
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from llmlabs.kernels import triton_loss, triton_mlp, triton_rope_norm
@@ -44,12 +45,21 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
 
 
-def relu2_mlp(x, w_fc, w_proj):
-    """The ReLU^2 MLP (Primer, arXiv 2109.08668): x [..., C], w_fc [4C, C], w_proj [C, 4C]. Compiled
-    on a GPU: the activation inside two Triton matmuls' epilogues (triton_mlp.py)."""
-    if torch.compiler.is_compiling() and triton_mlp.usable(x, w_fc):
+def _linear(x, layer):
+    return F.linear(x, layer) if isinstance(layer, torch.Tensor) else layer(x)
+
+
+def relu2_mlp(x, fc, proj):
+    """The ReLU^2 MLP (Primer, arXiv 2109.08668): relu(x fc^T)^2 proj^T for x [..., C], where fc and
+    proj are weights ([4C, C], [C, 4C]) or the nn.Linear layers holding them. A layer is called, so a
+    converted one (fp8.py's float8 layers) runs its own matmul; plain weights and plain nn.Linear
+    layers compile, on a GPU, to the activation inside two Triton matmuls' epilogues (triton_mlp.py)."""
+    w_fc, w_proj = (w if isinstance(w, torch.Tensor) else w.weight if type(w) is nn.Linear else None
+                    for w in (fc, proj))
+    if (torch.compiler.is_compiling() and w_fc is not None and w_proj is not None
+            and triton_mlp.usable(x, w_fc)):
         return triton_mlp.relu2_mlp(x, w_fc, w_proj)
-    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+    return _linear(F.relu(_linear(x, fc)).square(), proj)
 
 
 def rope_norm(x, cos, sin):
