@@ -9,7 +9,6 @@ MLP's (GPTConfig.expert_width). MFU counts active-parameter FLOPs for both. The 
 is MoE >= 0.85x the dense tokens/s. Extra arguments go to both runs (e.g. --moe-expert-width 512).
 """
 import argparse
-import gc
 import sys
 
 import torch
@@ -27,27 +26,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/moe_speed.py measures a CUDA GPU: torch sees none here")
     variants = {"dense": [], "moe": ["--moe-experts", "8", "--moe-top-k", "2", "--moe-shared", "1"]}
-    rows = []
-    for depth in [int(d) for d in args.depths.split(",")]:
-        for name, flags in variants.items():
-            argv = ["--depth", str(depth), "--steps", str(args.steps), "--warmup", str(args.warmup), *flags, *extra]
-            if args.out:
-                argv += ["--out", args.out]
-            res = train_speed.measure(train_speed.parser().parse_args(argv),
-                                      "PYTHONPATH=. python3 " + " ".join(sys.argv) + f"  # {name} d{depth}")
-            rows.append((depth, name, res))
-            print(f"d{depth} {name}: {res['tok_per_sec']:,} tokens/s, MFU {res['mfu_exact']}%, "
-                  f"{res['median_step_ms']} ms a step, {res['peak_mem_gb']} GB, {res['moe'] or 'dense MLP'}", flush=True)
-            gc.collect()  # the next configuration compiles and allocates from scratch
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    print(f"\n{'depth':>5} {'variant':>7} {'step ms':>8} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>7} "
-          f"{'active M':>8} {'total M':>8} {'x dense':>7}")
-    dense = {d: r["tok_per_sec"] for d, n, r in rows if n == "dense"}
-    for depth, name, r in rows:
-        print(f"{depth:>5} {name:>7} {r['median_step_ms']:>8} {r['tok_per_sec']:>10,} {r['mfu_exact']:>6} "
-              f"{r['peak_mem_gb']:>7} {r['active_params_M']:>8} {r['params_M']:>8} {r['tok_per_sec'] / dense[depth]:>7.3f}")
+    train_speed.compare(variants, [int(d) for d in args.depths.split(",")], args.steps, args.warmup, args.out, extra)
 
 
 if __name__ == "__main__":

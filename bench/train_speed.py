@@ -82,7 +82,7 @@ def measure(args, command) -> dict:
         "mfu_nanochat": round(100 * run.model.flops_per_token("nanochat") * tok_s / peak, 2) if peak else None,
         "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_cuda else None,
         "warmup_s": round(warm_s, 1), "attention": attention.describe(),
-        "moe": train._describe_moe(run.mcfg) if run.mcfg.moe_experts else None,
+        "moe": train._describe_moe(run.mcfg) if run.mcfg.moe_experts else None, "fp8": cfg.get("fp8"),
     }
     if use_cuda:
         res.update(machine_speed())
@@ -100,6 +100,35 @@ def measure(args, command) -> dict:
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")
     return res
+
+
+def compare(variants: dict, depths, steps: int, warmup: int, out: str | None, extra=()) -> list:
+    """Each variant (name -> extra train flags) at each depth, one after another in this process, each
+    compiled from scratch; prints a line per run and a table whose last column is tokens/s relative to
+    the depth's first variant. Returns [(depth, name, result)]."""
+    import gc
+
+    rows = []
+    for depth in depths:
+        for name, flags in variants.items():
+            argv = ["--depth", str(depth), "--steps", str(steps), "--warmup", str(warmup), *flags, *extra]
+            res = measure(parser().parse_args(argv + (["--out", out] if out else [])),
+                          "PYTHONPATH=. python3 " + " ".join(sys.argv) + f"  # {name} d{depth}")
+            rows.append((depth, name, res))
+            print(f"d{depth} {name}: {res['tok_per_sec']:,} tokens/s, MFU {res['mfu_exact']}%, "
+                  f"{res['median_step_ms']} ms a step, {res['peak_mem_gb']} GB", flush=True)
+            gc.collect()  # the next configuration compiles and allocates from scratch
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    first = next(iter(variants))
+    print(f"\n{'depth':>5} {'variant':>10} {'step ms':>8} {'tokens/s':>10} {'MFU %':>6} {'peak GB':>7} "
+          f"{'active M':>8} {'total M':>8} {'x ' + first:>10}")
+    base = {d: r["tok_per_sec"] for d, n, r in rows if n == first}
+    for depth, name, r in rows:
+        print(f"{depth:>5} {name:>10} {r['median_step_ms']:>8} {r['tok_per_sec']:>10,} {r['mfu_exact']:>6} "
+              f"{r['peak_mem_gb']:>7} {r['active_params_M']:>8} {r['params_M']:>8} {r['tok_per_sec'] / base[depth]:>10.3f}")
+    return rows
 
 
 def machine_speed(reps=20):

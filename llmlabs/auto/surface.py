@@ -25,7 +25,7 @@ from llmlabs.common import LabError
 
 # What an experimenter (human or agent) is meant to change: the model's shape and the depth dial
 # (config.py), the hyperparameter knobs (scaling.hyperparams_for), the model, attention, the
-# optimizer, and MoE / FP8 once they exist. Paths are relative to the repository root.
+# optimizer, MoE and FP8. Paths are relative to the repository root.
 RESEARCH_SURFACE = (
     "llmlabs/config.py",
     "llmlabs/scaling.py",

@@ -1,0 +1,36 @@
+"""FP8 against bf16: the whole training step's tokens/s and MFU at several depths, in one process.
+
+    PYTHONPATH=. python3 bench/fp8_speed.py --data DIR [--depths 8,12,20,26] [--recipes tensorwise,rowwise]
+        [--steps 8] [--out bench/results/fp8_speed-h200.jsonl]
+
+For each depth the GPU preset's step (train.setup, the compiled model, the loop's own train_step,
+through bench/train_speed.py's measure) runs in bf16 and then with each `--fp8` recipe. MFU counts
+bf16-equivalent FLOPs against the bf16 peak for every variant (fp8.describe), so the columns compare.
+Extra arguments go to every run (e.g. --total-batch-size 262144 keeps deep models' steps short:
+tokens/s does not depend on how many micro-batches a step accumulates). Give --data: the default
+corpus for a GPU (pysrc) is prepared on first use, which takes minutes.
+"""
+import argparse
+import sys
+
+import torch
+
+import train_speed  # bench/ is the script's own directory, first on sys.path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depths", default="8,12,20,26", help="comma-separated depths")
+    p.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated --fp8 recipes")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation) per configuration")
+    p.add_argument("--out", help="append each result as a JSON line to this file")
+    args, extra = p.parse_known_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/fp8_speed.py measures a CUDA GPU: torch sees none here")
+    variants = {"bf16": [], **{r: ["--fp8", r] for r in args.recipes.split(",")}}
+    train_speed.compare(variants, [int(d) for d in args.depths.split(",")], args.steps, args.warmup, args.out, extra)
+
+
+if __name__ == "__main__":
+    main()
