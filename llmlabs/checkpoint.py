@@ -202,7 +202,8 @@ def load(path, device="cpu"):
 def load_run(run_dir, device, path=None):
     """Rebuild the model of a finished or interrupted run from its newest checkpoint that loads (or
     from the checkpoint directory `path`), for eval and sample. Returns (model in eval mode,
-    checkpoint dict with "run_config", "tokenizer_hash" and "step")."""
+    checkpoint dict with "run_config", "tokenizer_hash", "step", and for a --vision run "encoder",
+    its vision encoder in eval mode)."""
     from llmlabs.config import GPTConfig
     from llmlabs.model import build_model
 
@@ -211,14 +212,16 @@ def load_run(run_dir, device, path=None):
     if ck is None:
         raise LabError(f"{run_dir} has no checkpoint (checkpoints/ is empty or missing): is it a run directory "
                        "of `llmlabs train`?")
-    if ck["state"]["run_config"].get("vision"):  # its LM alone would score captions without their images
-        raise LabError(f"{run_dir} is a --vision run: eval and sample take text runs so far; its caption bpb is "
-                       "val_caption_bpb in its summary.json")
     model = build_model(GPTConfig(**ck["state"]["model_config"]), device)
     model.load_state_dict(ck["model"])
     model.eval()
-    return model, {"run_config": ck["state"]["run_config"], "tokenizer_hash": ck["state"]["tokenizer_hash"],
-                   "step": ck["step"]}
+    cfg = ck["state"]["run_config"]
+    info = {"run_config": cfg, "tokenizer_hash": ck["state"]["tokenizer_hash"], "step": ck["step"]}
+    if cfg.get("vision"):
+        from llmlabs.multimodal import load_encoder
+
+        info["encoder"] = load_encoder(model, cfg, ck["state"]["encoder"], device)
+    return model, info
 
 
 def _unwrap(model):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -161,6 +162,8 @@ def add_args(p):
     p.add_argument("--num-samples", type=flags.positive_int, default=1, help="samples per prompt, all in the batch")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated (one prompt and one "
                                                          "sample only)")
+    p.add_argument("--image", action="append", help="caption this image file (a --vision run); repeat for several, "
+                                                    "generated as one batch; --prompt, if given, starts each caption")
     p.add_argument("--device", help="cpu | cuda | mps (default: best available)")
 
 
@@ -186,12 +189,27 @@ def run(args):
         raise LabError(f"--stream prints one text as it is generated; this asks for {len(rows)} (prompts x "
                        "--num-samples): drop --stream to generate them as one batch, printed at the end")
     device = compute_init(args.device)[0]
-    model, _ = load_run(args.run, device)
+    model, info = load_run(args.run, device)
     tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    if ("encoder" in info) != bool(args.image):
+        raise LabError(f"{args.run} is a --vision run: give --image FILE, the image to caption" if "encoder" in info
+                       else f"--image captions an image with a --vision run, and {args.run} is a text run: drop --image")
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed,
               stop_ids=(tokenizer.bos_id,))
     start = time.perf_counter()
-    if args.stream:  # bytes through an incremental UTF-8 decoder: a character split over tokens prints whole
+    if args.image:
+        from llmlabs.multimodal import caption, read_image
+
+        if args.stream or len(prompts) > 1:
+            raise LabError("--image takes at most one --prompt (the start of every caption) and no --stream")
+        files = [f for f in args.image for _ in range(args.num_samples)]
+        pixels = torch.from_numpy(np.stack([read_image(f, info["encoder"].image_size) for f in files])).to(device)
+        out = caption(model, info["encoder"], tokenizer, pixels, args.max_tokens, prompt=rows[0],
+                      **{k: v for k, v in kw.items() if k != "stop_ids"})
+        n = sum(map(len, out))
+        for i, (f, ids) in enumerate(zip(files, out)):
+            print(f"{f}: {rows[0] + _decode(tokenizer, ids)}")
+    elif args.stream:  # bytes through an incremental UTF-8 decoder: a character split over tokens prints whole
         print(rows[0], end="", flush=True)
         utf8, n = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
         for (tok,) in stream(model, [_encode(tokenizer, rows[0])], args.max_tokens, **kw):

@@ -216,8 +216,19 @@ def run(args):
             raise LabError(f"tokenizer of {data.path if data else args.run} ({tokenizer.hash[:12]}) differs from the one "
                            f"{args.run} was trained with ({ckpt['tokenizer_hash'][:12]}): pass --data with the run's data "
                            "directory")
+        encoder = ckpt.get("encoder")
+        if encoder is not None and set(args.tasks) - {"bpb"}:  # its LM alone would read captions without images
+            raise LabError(f"{args.run} is a --vision run, scored on its captions after their images: use --tasks bpb")
         for task in (t for t in args.tasks if t not in lm_names):
-            if task == "bpb":
+            if task == "bpb" and encoder is not None:
+                from llmlabs.multimodal import evaluate_captions
+
+                res = evaluate_captions(model, encoder, data, args.split, device, batch_size=cfg["device_batch_size"],
+                                        max_tokens=args.tokens or cfg["eval_tokens"], autocast=autocast)
+                res = {"split": args.split, "bpb": res["bpb"], "unigram_bpb": res["unigram_bpb"], "tokens": res["tokens"]}
+                print(f"{args.split}_bpb: {res['bpb']:.6f}\n{args.split}_caption_bpb: {res['bpb']:.6f}\n"
+                      f"unigram_bpb: {res['unigram_bpb']:.6f}\neval_tokens: {res['tokens']}")
+            elif task == "bpb":
                 res = evaluate_bpb(model, data, args.split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
                                    max_tokens=args.tokens or cfg["eval_tokens"], device=device, autocast=autocast)
                 res = {"split": args.split, "bpb": res["bpb"], "unigram_bpb": res["unigram_bpb"], "tokens": res["tokens"]}

@@ -58,6 +58,9 @@ class LabLM(TemplateLM):
             raise LabError("model_args must name the run: run=RUN (a run directory of `llmlabs train`)")
         device = torch.device(args.get("device") or autodetect_device())
         model, ckpt = load_run(args["run"], device)
+        if "encoder" in ckpt:
+            raise LabError(f"{args['run']} is a --vision run, scored on its captions after their images: "
+                           "`llmlabs eval RUN` (caption bpb) instead of lm-eval tasks")
         tokenizer = Tokenizer.load(Path(args["run"]) / "tokenizer.json")
         if tokenizer.hash != ckpt["tokenizer_hash"]:
             raise LabError(f"{args['run']}/tokenizer.json is not the tokenizer its checkpoint was trained with: "

@@ -17,13 +17,15 @@ optimizer groups, the caption loader, the fused loss, its checkpoint state and p
   4-D conv) and the position embedding, at VISION_ADAMW_LR.
 - Per-modality bpb: caption text after an image. A caption data directory holds no text-only
   documents, so there is no text bpb to set beside it (a mixed image + text loader does not exist
-  yet); on it val_bpb and val_caption_bpb score the same tokens."""
+  yet); on it val_bpb and val_caption_bpb score the same tokens.
+- After training: `load_encoder` rebuilds a checkpoint's encoder, for `llmlabs eval` (caption bpb,
+  `evaluate_captions`) and `llmlabs sample --image` (`caption`: KV-cache generation after the image)."""
 import numpy as np
 import torch
 
 from llmlabs.common import LabError, print0
 from llmlabs.data.shards import SPLITS
-from llmlabs.vision import VisionEncoder, VisionTower, caption_batch, fused_forward
+from llmlabs.vision import VisionEncoder, VisionTower, caption_batch, fused_forward, image_tokens, mrope_positions
 
 # `--vision tiny`: 2 layers of width 64 over 4-px patches. 32-px images (prepare's default) give an
 # 8 x 8 patch grid, 16 tokens after the 2x2 merge.
@@ -154,7 +156,8 @@ class Fusion:
         """What a checkpoint needs: the merger, and the tower only if it trains (a frozen one is
         reloaded from --vision)."""
         tower = self.encoder.tower
-        return {"merger": self.encoder.merger.state_dict(), "tower": tower.state_dict() if tower.trainable else {}}
+        return {"merger": self.encoder.merger.state_dict(), "tower": tower.state_dict() if tower.trainable else {},
+                "image_size": self.encoder.image_size}
 
     def load_state_dict(self, state: dict):
         self.encoder.merger.load_state_dict(state["merger"])
@@ -165,42 +168,113 @@ class Fusion:
         """Epochs over the training images: a step's tokens are rows x seq_len."""
         return tokens_done / seq_len / self.loader.n
 
-    @torch.no_grad()
     def evaluate(self, model, split, *, batch_size, max_tokens, autocast=None, shuffle_seed=None) -> dict:
-        """bpb of the captions of `split`'s first documents (in order, whole documents, until
-        max_tokens caption tokens), each after its own image, or, with shuffle_seed, after another
-        document's image (a seeded derangement: no caption keeps its image): the ablation that shows
-        the model reads the image (bench/vision_ablation.py). Under torchrun each rank scores every
-        world-th document and the sums are reduced. Returns evaluate.bpb_result's keys plus
-        caption_bpb (the same number here: caption data has no text-only documents)."""
-        from llmlabs.evaluate import _rank_world, bpb_result, token_bytes_and_unigram, token_nats
+        return evaluate_captions(model, self.encoder, self.data, split, self.device, batch_size=batch_size,
+                                 max_tokens=max_tokens, autocast=autocast, shuffle_seed=shuffle_seed)
 
-        token_bytes, unigram_logp = token_bytes_and_unigram(self.data, self.device)
-        lengths = np.diff(self.data.shards(split)[0][1]) - 1  # caption tokens a document is scored on
-        n = min(len(lengths), int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1)
-        source = np.arange(n) if shuffle_seed is None else derangement(n, shuffle_seed)
-        images = self.data.images(split)
-        rank, world = _rank_world()
-        mine = np.arange(rank, n, world)
-        was_training = model.training, self.encoder.training
-        model.eval()
-        self.encoder.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        for k in range(0, len(mine), batch_size):
-            docs = mine[k:k + batch_size]
-            batch = caption_batch(self.data, split, docs, self.grid, self.device)
-            batch["pixels"] = torch.from_numpy(np.stack([images[source[d]] for d in docs])).to(self.device)
-            y = batch.pop("targets")
-            with autocast or torch.autocast(self.device.type, enabled=False):
-                logits = fused_forward(model, self.encoder, batch)
-            counted = (y >= 0) & (token_bytes[y.clamp_min(0)] > 0)  # caption tokens: not patches, markers, padding
-            y = y.clamp_min(0)
-            sums += torch.stack([(token_nats(logits, y).double() * counted).sum(),
-                                 (token_bytes[y] * counted).sum(dtype=torch.float64),
-                                 (-unigram_logp[y] * counted).sum(dtype=torch.float64), counted.sum(dtype=torch.float64)])
-        if world > 1:
-            torch.distributed.all_reduce(sums)
-        model.train(was_training[0])
-        self.encoder.train(was_training[1])
-        res = bpb_result(sums, split, self.data)
-        return {**res, "caption_bpb": res["bpb"]}
+
+@torch.no_grad()
+def evaluate_captions(model, encoder, data, split, device, *, batch_size, max_tokens, autocast=None,
+                      shuffle_seed=None) -> dict:
+    """bpb of the captions of `split`'s first documents (in order, whole documents, until max_tokens
+    caption tokens), each after its own image, or, with shuffle_seed, after another document's image
+    (a seeded derangement: no caption keeps its image): the ablation that shows the model reads the
+    image (bench/vision_ablation.py). Under torchrun each rank scores every world-th document and the
+    sums are reduced. Returns evaluate.bpb_result's keys plus caption_bpb (the same number here:
+    caption data has no text-only documents)."""
+    from llmlabs.evaluate import _rank_world, bpb_result, token_bytes_and_unigram, token_nats
+
+    token_bytes, unigram_logp = token_bytes_and_unigram(data, device)
+    lengths = np.diff(data.shards(split)[0][1]) - 1  # caption tokens a document is scored on
+    n = min(len(lengths), int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1)
+    source = np.arange(n) if shuffle_seed is None else derangement(n, shuffle_seed)
+    images = data.images(split)
+    rank, world = _rank_world()
+    mine = np.arange(rank, n, world)
+    was_training = model.training, encoder.training
+    model.eval()
+    encoder.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for k in range(0, len(mine), batch_size):
+        docs = mine[k:k + batch_size]
+        batch = caption_batch(data, split, docs, encoder.merged_grid, device)
+        batch["pixels"] = torch.from_numpy(np.stack([images[source[d]] for d in docs])).to(device)
+        y = batch.pop("targets")
+        with autocast or torch.autocast(device.type, enabled=False):
+            logits = fused_forward(model, encoder, batch)
+        counted = (y >= 0) & (token_bytes[y.clamp_min(0)] > 0)  # caption tokens: not patches, markers, padding
+        y = y.clamp_min(0)
+        sums += torch.stack([(token_nats(logits, y).double() * counted).sum(),
+                             (token_bytes[y] * counted).sum(dtype=torch.float64),
+                             (-unigram_logp[y] * counted).sum(dtype=torch.float64), counted.sum(dtype=torch.float64)])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training[0])
+    encoder.train(was_training[1])
+    res = bpb_result(sums, split, data)
+    return {**res, "caption_bpb": res["bpb"]}
+
+
+def load_encoder(model, cfg: dict, state: dict, device) -> VisionEncoder:
+    """A --vision run's encoder from its checkpoint state (Fusion.state_dict), in eval mode: `tiny`
+    and trained towers from the checkpoint, a frozen pretrained one from its hub id or folder again.
+    Checkpoints before image_size was saved take it from the run's data directory."""
+    from llmlabs.data.shards import DataDir
+
+    size = state.get("image_size") or DataDir.open(cfg["data"]).images("train").shape[1]
+    tower = build_tower(cfg["vision"], cfg.get("vision_train", False), size)
+    encoder = VisionEncoder(tower, model.config.n_embd, size).to(device)
+    encoder.merger.load_state_dict(state["merger"])
+    if tower.trainable:
+        tower.load_state_dict(state["tower"])
+    return encoder.eval()
+
+
+def read_image(path, size: int) -> np.ndarray:
+    """An image file as the encoder reads it: RGB uint8 [size, size, 3], resized with Pillow."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise LabError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
+
+
+@torch.no_grad()
+def caption(model, encoder, tokenizer, pixels, max_new_tokens, *, prompt="", temperature=0.8, top_k=None,
+            top_p=None, seed=0) -> list[list[int]]:
+    """Continue BOS, the image and `prompt` (text the caption starts with) for each image of pixels
+    uint8 [B, S, S, 3]: each row's new token ids, stopping after the next document's BOS. The prefill
+    is the fused forward into a KV cache; each new token then takes the text position after the last
+    one (MRoPE's (p, p, p), as in training: an image advances the text position by max(h, w), not by
+    its token count). Sampling as engine.stream's (_pick, one generator)."""
+    from llmlabs.attention import KVCache
+    from llmlabs.engine import _pick
+
+    patch_id = tokenizer.special_ids["image_patch"]
+    row = [tokenizer.bos_id, *image_tokens(tokenizer.special_ids, encoder.merged_grid), *tokenizer.encode(prompt)]
+    B, device = pixels.shape[0], pixels.device
+    steps = min(max_new_tokens, model.config.sequence_len - len(row))
+    if steps < 1:
+        raise LabError(f"the image and the prompt take {len(row)} positions, the model's whole context "
+                       f"({model.config.sequence_len}): shorten the prompt")
+    idx = torch.tensor([row] * B, device=device)
+    positions = mrope_positions(idx, patch_id, encoder.merged_grid)
+    cache = KVCache(B, len(row) + steps, model.config, device, next(model.parameters()).dtype)
+    logits = model(idx, kv_cache=cache, positions=positions, patch_mask=idx == patch_id,
+                   patch_embeds=encoder(pixels).flatten(0, 1))[:, -1]
+    pos = positions[:, 0, -1] + 1  # [B]: the next text position
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out, stopped = [[] for _ in range(B)], [False] * B
+    for step in range(steps):
+        nxt = _pick(logits.float(), temperature, top_k, top_p, gen)
+        for i, t in enumerate(nxt.tolist()):
+            if not stopped[i]:
+                out[i].append(t)
+                stopped[i] = t == tokenizer.bos_id
+        if all(stopped) or step + 1 == steps:
+            break
+        logits = model(nxt.view(B, 1), kv_cache=cache, positions=pos.view(B, 1, 1).expand(B, 3, 1))[:, -1]
+        pos = pos + 1
+    return out

@@ -114,6 +114,7 @@ RUNTIME = [
     (["eval", "{run}", "--device", "tpu"], ("eval", "--device"), "unknown device 'tpu'"),
     (["sample", "{tmp}/none"], ("sample", "run"), "has no checkpoint"),
     (["sample", "{run}", "--device", "tpu"], ("sample", "--device"), "unknown device 'tpu'"),
+    (["sample", "{run}", "--image", "{tmp}/none.png"], ("sample", "--image"), "is a text run: drop --image"),
     (["sample", "{run}", "--prompts-file", "{tmp}/none"], ("sample", "--prompts-file"), "none: cannot read it"),
     (["sample", "{run}", "--prompts-file", "{tmp}"], ("sample", "--prompts-file"), "cannot read it \\(IsADirectoryError"),
     (["sweep", "run", "{tmp}/none.toml"], ("sweep run", "spec"), r"spec .*none.toml: cannot read it"),

@@ -1,4 +1,5 @@
-"""`llmlabs train --vision` (multimodal.py): a vision run resumes exactly, the encoder's optimizer groups,
+"""`llmlabs train --vision` (multimodal.py): a vision run resumes exactly and `llmlabs eval` scores it,
+KV-cache captioning against the whole forward and `llmlabs sample --image`, the encoder's optimizer groups,
 a frozen tower stays frozen, the caption loader's ranks and state, caption bpb against a hand count,
 the shuffled-image ablation, and one-line errors for data and flags that do not go together."""
 import argparse
@@ -65,8 +66,62 @@ def test_vision_run_resumed_after_ctrl_c_equals_uninterrupted(shapes_dir, tmp_pa
     sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "cut"))
     assert sb["val_caption_bpb"] == pytest.approx(sa["val_caption_bpb"], rel=1e-6)
     capsys.readouterr()
-    assert cli.main(["eval", str(tmp_path / "full")]) == 2  # the LM alone would score captions without images
-    assert "is a --vision run: eval and sample take text runs so far" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path / "full")]) == 0  # caption bpb, from the checkpoint's encoder
+    out = capsys.readouterr().out
+    assert float(out.split("val_caption_bpb:")[1].split()[0]) == pytest.approx(sa["val_caption_bpb"], rel=1e-6)
+    assert cli.main(["eval", str(tmp_path / "full"), "--tasks", "bpb,next_line"]) == 2  # the LM alone: no images
+    assert "is a --vision run, scored on its captions after their images: use --tasks bpb" in capsys.readouterr().err
+
+
+def test_caption_with_the_kv_cache_equals_the_whole_forward_at_every_step(shapes_dir):
+    # random weights everywhere (a fresh model's output projections are zero); greedy, 3 images at once
+    from llmlabs.vision import fused_forward, image_tokens, mrope_positions
+    from test_model import randomized
+
+    run = setup_run(shapes_dir)
+    model, encoder, tok = randomized(run.model, seed=91).eval(), run.mm.encoder.eval(), run.data.tokenizer
+    pixels = torch.from_numpy(run.data.images("val")[:3].copy())
+    prompt = "two shapes:"
+    got = multimodal.caption(model, encoder, tok, pixels, 12, prompt=prompt, temperature=0)
+    start = [tok.bos_id, *image_tokens(tok.special_ids, encoder.merged_grid), *tok.encode(prompt)]
+    patch_id = tok.special_ids["image_patch"]
+    for b in range(3):
+        seq = list(start)
+        for _ in range(12):
+            idx = torch.tensor([seq])
+            batch = {"idx": idx, "positions": mrope_positions(idx, patch_id, encoder.merged_grid),
+                     "patch_mask": idx == patch_id, "pixels": pixels[b:b + 1]}
+            with torch.no_grad():
+                seq.append(int(fused_forward(model, encoder, batch)[0, -1].argmax()))
+            if seq[-1] == tok.bos_id:
+                break
+        assert got[b] == seq[len(start):], b
+    assert got[0] != got[1] or got[1] != got[2]  # the images matter
+
+
+def test_sample_captions_an_image_file(shapes_dir, tmp_path, capsys):
+    from PIL import Image
+
+    assert train.main([*TINY, "--data", str(shapes_dir), "--tokens", str(6 * 384), "--run-dir", str(tmp_path / "r")]) == 0
+    from llmlabs.data.shards import DataDir
+
+    pixels = DataDir.open(shapes_dir).images("val")[5]  # saved losslessly at its own size: read back as is
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    argv = ["sample", str(tmp_path / "r"), "--image", str(tmp_path / "a.png"), "--temperature", "0", "--max-tokens", "10"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first == second and first.startswith(f"{tmp_path / 'a.png'}: ")
+    model, info = checkpoint.load_run(tmp_path / "r", torch.device("cpu"))
+    tok = DataDir.open(shapes_dir).tokenizer
+    ids = multimodal.caption(model, info["encoder"], tok, torch.from_numpy(pixels[None].copy()), 10, temperature=0)[0]
+    assert first.split(": ", 1)[1] == tok.decode(ids[:-1] if ids[-1] == tok.bos_id else ids)
+    for extra, said in ((["--image", str(tmp_path / "bad.png")], "bad.png: cannot read it as an image"),
+                        ([], "is a --vision run: give --image FILE")):
+        assert cli.main(["sample", str(tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], err
 
 
 def test_encoder_optimizer_groups_cover_each_trained_parameter_once(shapes_dir):
