@@ -57,6 +57,19 @@ def build_tower(name: str, train: bool, image_size: int) -> VisionTower:
     return VisionTower.from_pretrained(name, trainable=train)
 
 
+def encoder_param_groups(encoder, matrix_lr: float, weight_decay: float) -> list[dict]:
+    """The encoder's optimizer groups: Muon for the merger's and a trained tower's hidden matrices,
+    one group per shape; AdamW for the rest (the module docstring says why)."""
+    named = [(n, p) for n, p in encoder.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if p.ndim == 2 and "embeddings" not in n]
+    rest = [p for n, p in named if not (p.ndim == 2 and "embeddings" not in n)]
+    groups = [dict(kind="adamw", params=rest, lr=VISION_ADAMW_LR, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)]
+    for shape in sorted({tuple(p.shape) for p in matrices}):
+        groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                           momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5))
+    return groups
+
+
 def derangement(n: int, seed: int) -> np.ndarray:
     """A seeded permutation of range(n) (n >= 2) that moves every element: one random cycle through
     all n, so document p[k] gets the image of p[k - 1] and no caption keeps its own image."""
@@ -136,17 +149,7 @@ class Fusion:
                f"{image_size}-px image")
 
     def param_groups(self, cfg) -> list[dict]:
-        """Muon for the merger's and a trained tower's hidden matrices, one group per shape; AdamW for
-        the rest (the module docstring says why)."""
-        named = [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
-        matrices = [p for n, p in named if p.ndim == 2 and "embeddings" not in n]
-        rest = [p for n, p in named if not (p.ndim == 2 and "embeddings" not in n)]
-        groups = [dict(kind="adamw", params=rest, lr=VISION_ADAMW_LR, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.0)]
-        for shape in sorted({tuple(p.shape) for p in matrices}):
-            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
-                               lr=cfg["matrix_lr"], momentum=0.95, beta2=0.9, weight_decay=cfg["weight_decay"],
-                               ns_steps=5))
-        return groups
+        return encoder_param_groups(self.encoder, cfg["matrix_lr"], cfg["weight_decay"])
 
     def loss_fn(self, model):
         """fwd(batch, targets) for train_step: the LM's loss with the encoder's tokens at the patches."""

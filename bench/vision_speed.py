@@ -1,0 +1,152 @@
+"""Multimodal training speed: a SigLIP2-so400m-shaped tower (random weights: the same FLOPs) feeding a
+d12 LM, the whole training step (tower forward, merger, LM forward + backward, optimizer), on a GPU.
+
+    PYTHONPATH=. python3 bench/vision_speed.py [--depth 12] [--images 64] [--image-size 384] [--caption 45]
+        [--vision-train] [--steps 10] [--out bench/results/vision_speed-h200.jsonl]
+
+One row per image as `llmlabs train --vision` builds them: BOS, <|image_start|>, the 2x2-merged patch
+tokens (384 px / patch 16 = 24 x 24 patches -> 144 tokens), <|image_end|>, a caption (random tokens),
+3D MRoPE positions; random pixels. Three variants, one process: eager; the LM compiled; the LM and the
+encoder compiled (train.py compiles nothing of a vision run yet: this measures what compiling gains).
+MFU counts what the step computes: the LM's training FLOPs per token (model.flops_per_token: 6 per
+weight, attention) over every position, plus the encoder's forward FLOPs per image as
+torch.utils.flop_counter counts them, times 3 where it trains (the merger always; the tower with
+--vision-train) and once where it only runs forward (a frozen tower), against the bf16 peak.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from llmlabs.common import peak_flops
+from llmlabs.config import config_for_depth
+from llmlabs.model import build_model
+from llmlabs.multimodal import encoder_param_groups
+from llmlabs.scaling import hyperparams_for
+from llmlabs.vision import VisionEncoder, VisionTower, mask_patch_targets, mrope_positions
+
+import train_speed  # bench/ is the script's own directory, first on sys.path
+from attention_speed import timed
+
+# SigLIP2 so400m/16 (google/siglip2-so400m-patch16-384's vision config); tiny: a dry run's
+TOWERS = {"so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         patch_size=16),
+          "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, patch_size=4)}
+
+
+def rows(B, grid, caption, vocab, device, seed=0):
+    """idx, targets, positions, patch_mask of B rows; ids: 0 BOS, 1 image start, 2 patch, 3 image end."""
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    text = torch.randint(4, vocab, (B, caption + 1), generator=g)
+    full = torch.cat([torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, dtype=torch.long),
+                      torch.full((B, n), 2), torch.full((B, 1), 3), text], dim=1)
+    idx, targets = full[:, :-1], mask_patch_targets(full[:, 1:], 2)
+    return {"idx": idx.to(device), "targets": targets.to(device), "positions": mrope_positions(idx, 2, grid).to(device),
+            "patch_mask": (idx == 2).to(device)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--images", type=int, default=64, help="images (rows) per step")
+    p.add_argument("--image-size", type=int, default=384)
+    p.add_argument("--caption", type=int, default=45, help="caption tokens per row")
+    p.add_argument("--vision-train", action="store_true", help="train the tower too (default frozen, as pretrained)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--variants", default="eager,lm,all", help="eager | lm (LM compiled) | all (LM and encoder compiled)")
+    p.add_argument("--tower", choices=TOWERS, default="so400m")
+    p.add_argument("--device", default="cuda", help="cuda; cpu: a dry run of the script (eager, no MFU)")
+    p.add_argument("--out")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("bench/vision_speed.py measures a CUDA GPU: torch sees none here (--device cpu: a dry run)")
+    shape = TOWERS[a.tower]
+    tower = VisionTower.from_config(num_patches=(a.image_size // shape["patch_size"]) ** 2,
+                                    trainable=a.vision_train, **shape)
+    grid_side = a.image_size // shape["patch_size"] // 2
+    T = 1 + 1 + grid_side**2 + 1 + a.caption
+    mcfg = config_for_depth(a.depth, vocab_size=8192, sequence_len=T, window_pattern="L")
+    model = build_model(mcfg, device)
+    encoder = VisionEncoder(tower, mcfg.n_embd, a.image_size).to(device)
+    hp = hyperparams_for(mcfg)
+    opt = model.setup_optimizer(matrix_lr=hp["matrix_lr"], embedding_lr=hp["embedding_lr"],
+                                unembedding_lr=hp["unembedding_lr"], scalar_lr=hp["scalar_lr"],
+                                weight_decay=hp["weight_decay"],
+                                extra_groups=encoder_param_groups(encoder, hp["matrix_lr"], hp["weight_decay"]))
+    batch = rows(a.images, encoder.merged_grid, a.caption, mcfg.vocab_size, device)
+    pixels = torch.randint(0, 256, (a.images, a.image_size, a.image_size, 3), dtype=torch.uint8, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    with torch.no_grad(), autocast, FlopCounterMode(display=False) as fc:
+        encoder.tower(pixels[:1])
+    tower_fwd = fc.get_total_flops()
+    with torch.no_grad(), autocast, FlopCounterMode(display=False) as fc:
+        encoder(pixels[:1])
+    merger_fwd = fc.get_total_flops() - tower_fwd
+    step_flops = (model.flops_per_token() * a.images * T
+                  + a.images * (tower_fwd * (3 if a.vision_train else 1) + 3 * merger_fwd))
+    peak = peak_flops(device)
+    print(f"tower {sum(q.numel() for q in tower.parameters()) / 1e6:.0f}M params, {tower_fwd / 1e9:.1f} GFLOP forward "
+          f"per image; merger {merger_fwd / 1e9:.2f} GFLOP; LM d{a.depth} {model.num_params()['total'] / 1e6:.0f}M "
+          f"params, {T} positions a row; {step_flops / 1e12:.2f} TFLOP a step", flush=True)
+
+    results = []
+    for variant in a.variants.split(","):
+        lm = torch.compile(model) if variant in ("lm", "all") and cuda else model
+        enc = torch.compile(encoder) if variant == "all" and cuda else encoder
+
+        def step():
+            with autocast:
+                feats = enc(pixels).flatten(0, 1)
+                loss = lm(batch["idx"], batch["targets"], positions=batch["positions"], patch_mask=batch["patch_mask"],
+                          patch_embeds=feats)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        t0 = time.time()
+        for _ in range(a.warmup):
+            step()
+        warm = time.time() - t0
+        times = []
+        for _ in range(a.steps):
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        with torch.no_grad(), autocast:
+            enc_ms = timed(lambda: enc(pixels), 5) if cuda else float("nan")
+        dt = statistics.median(times)
+        res = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": train_speed._commit(),
+               "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "variant": variant, "depth": a.depth,
+               "images": a.images, "image_size": a.image_size, "positions": T, "vision_train": a.vision_train,
+               "step_ms": round(1e3 * dt, 1), "images_per_s": round(a.images / dt, 1),
+               "tok_per_s": round(a.images * T / dt), "mfu": round(100 * step_flops / dt / peak, 2) if peak else None,
+               "encoder_forward_ms": round(enc_ms, 1), "warmup_s": round(warm, 1),
+               "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+        torch._dynamo.reset()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+    print(f"\n{'variant':>8} {'step ms':>8} {'images/s':>9} {'tokens/s':>10} {'MFU %':>6} {'encoder fwd ms':>14} {'peak GB':>7}")
+    for r in results:
+        print(f"{r['variant']:>8} {r['step_ms']:>8} {r['images_per_s']:>9} {r['tok_per_s']:>10,} {str(r['mfu']):>6} "
+              f"{r['encoder_forward_ms']:>14} {str(r['peak_mem_gb']):>7}")
+
+
+if __name__ == "__main__":
+    main()
