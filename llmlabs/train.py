@@ -131,8 +131,9 @@ def add_args(p):
                    help="also log metrics to Weights & Biases in RUN/wandb ($WANDB_PROJECT; WANDB_MODE=offline: no network)")
     g = p.add_argument_group("system")
     g.add_argument("--device", help="cpu | cuda | mps (default: best available)")
-    g.add_argument("--fp8", choices=fp8.RECIPES, help="block matmuls in float8 (torchao; GPUs of compute capability "
-                   "8.9+); evaluation and checkpoints stay bf16 (default: fp8.RECIPE, None: off)")
+    g.add_argument("--fp8", choices=(*fp8.RECIPES, "none"), help="block matmuls in float8 (torchao; GPUs of compute "
+                   "capability 8.9+); evaluation and checkpoints stay bf16 (default: fp8.RECIPE, which is None: off; "
+                   "none: off whatever fp8.RECIPE says, e.g. a sweep's bf16 cells)")
     g.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA (slower; quicker start)")
     g.add_argument("--attention", choices=["auto", "fa3", "cudnn", "flash", "sdpa", "flex", "cpu"], help="force an attention backend")
     g.add_argument("--seed", type=int, default=0, help="seeds the weights and the data order")
@@ -189,7 +190,8 @@ def resolve_config(args, device):
     for k, v in preset.items():
         cfg.setdefault(k, v)
     cfg["device"] = device.type  # what --resume continues on
-    cfg.setdefault("fp8", fp8.RECIPE)  # the research surface's knob, unless --fp8 says
+    recipe = cfg.get("fp8", fp8.RECIPE)  # --fp8, else the research surface's knob
+    cfg["fp8"] = None if recipe == "none" else recipe
     if cfg["fp8"]:
         fp8.check(cfg["fp8"], device)
     if device.type == "cuda" and not rows_given:

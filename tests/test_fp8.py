@@ -4,6 +4,7 @@ float64 reference, evaluation in bf16 on the same weights, the refusals, and who
 torch's CPU build has float8 matmuls (torch._scaled_mm), so the numerics and whole runs are tested
 here too, with the device check lifted; `llmlabs train --fp8` itself refuses a CPU (no speed to gain),
 and the GPU tests run the compiled path on the device."""
+import argparse
 import json
 import sys
 
@@ -146,6 +147,9 @@ def test_an_fp8_run_tracks_bf16_resumes_exactly_and_evaluates_anywhere(data_dir,
     monkeypatch.setattr(fp8, "RECIPE", "tensorwise")  # the knob an experimenter sets in fp8.py
     assert run_train(data_dir, tmp_path / "fp8", *budget) == 0
     assert json.loads((tmp_path / "fp8" / "config.json").read_text())["fp8"] == "tensorwise"
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    assert train.resolve_config(p.parse_args(TINY + ["--fp8", "none"]), torch.device("cpu"))["fp8"] is None  # beats the knob
     assert "fp8 tensorwise: 12 block matmuls in float8" in capsys.readouterr().out
     bf16, ours = metrics(tmp_path / "bf16"), metrics(tmp_path / "fp8")
     losses = [(a["loss"], b["loss"]) for a, b in zip(bf16, ours) if "loss" in a]

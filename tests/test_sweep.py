@@ -1,14 +1,19 @@
 """llmlabs sweep: the spec's checks, preregistration, a sweep interrupted and resumed, and the
 scaling-law fit on data whose parameters are known."""
+import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from llmlabs import cli, scaling_fit, sweep
 from llmlabs.common import LabError
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Chinchilla's fit (Hoffmann et al., arXiv 2203.15556, eq. 10)
 TRUE = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -206,3 +211,20 @@ def _has_submitit():
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "bench" / "specs").glob("*.toml")), ids=lambda p: p.name)
+def test_the_benchmark_specs_load_and_every_cell_parses(spec, monkeypatch):
+    # the preregistered specs the GPU sessions run (bench/specs/): a typo there would surface only on
+    # a lent machine; every cell's flags must also make a model config (the GPU's checks lifted)
+    from llmlabs import fp8, train
+
+    monkeypatch.setattr(fp8, "unsupported", lambda device: None)
+
+    s = sweep.load_spec(spec)
+    assert s.cells and s.hypotheses and s.success
+    p = argparse.ArgumentParser()
+    train.add_args(p)
+    for cell in s.cells:
+        args = p.parse_args([a for a in cell.argv if a not in ("--data", "pysrc")] + ["--device", "cpu"])
+        train._model_config(train.resolve_config(args, torch.device("cpu")), vocab_size=8192)
