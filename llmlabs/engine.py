@@ -198,12 +198,13 @@ def run(args):
               stop_ids=(tokenizer.bos_id,))
     start = time.perf_counter()
     if args.image:
-        from llmlabs.multimodal import caption, read_image
+        from llmlabs.data.images import load_image
+        from llmlabs.multimodal import caption
 
         if args.stream or len(prompts) > 1:
             raise LabError("--image takes at most one --prompt (the start of every caption) and no --stream")
         files = [f for f in args.image for _ in range(args.num_samples)]
-        pixels = torch.from_numpy(np.stack([read_image(f, info["encoder"].image_size) for f in files])).to(device)
+        pixels = torch.from_numpy(np.stack([load_image(f, info["encoder"].image_size) for f in files])).to(device)
         out = caption(model, info["encoder"], tokenizer, pixels, args.max_tokens, prompt=rows[0],
                       **{k: v for k, v in kw.items() if k != "stop_ids"})
         n = sum(map(len, out))

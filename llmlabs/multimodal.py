@@ -233,17 +233,6 @@ def load_encoder(model, cfg: dict, state: dict, device) -> VisionEncoder:
     return encoder.eval()
 
 
-def read_image(path, size: int) -> np.ndarray:
-    """An image file as the encoder reads it: RGB uint8 [size, size, 3], resized with Pillow."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise LabError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from None
-
-
 @torch.no_grad()
 def caption(model, encoder, tokenizer, pixels, max_new_tokens, *, prompt="", temperature=0.8, top_k=None,
             top_p=None, seed=0) -> list[list[int]]:

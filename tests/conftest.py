@@ -1,6 +1,8 @@
 """Shared fixtures: a seeded multilingual text corpus and one data directory prepared from it."""
 import random
+import struct
 import sysconfig
+import zlib
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,15 @@ def data_dir(corpus, tmp_path_factory):
     root, _ = corpus
     return prepare(str(root), out=tmp_path_factory.mktemp("data") / "corpus", vocab_size=600,
                    val_frac=0.15, test_frac=0.1, workers=2)
+
+
+def png_with_size(path, width, height):
+    """A PNG whose header claims width x height (a decompression bomb needs no more than that)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
 
 
 def prepared_stdlib(tmp_root: Path, files: int, vocab_size: int, val_frac: float, test_frac: float) -> Path:

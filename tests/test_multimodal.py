@@ -117,7 +117,7 @@ def test_sample_captions_an_image_file(shapes_dir, tmp_path, capsys):
     tok = DataDir.open(shapes_dir).tokenizer
     ids = multimodal.caption(model, info["encoder"], tok, torch.from_numpy(pixels[None].copy()), 10, temperature=0)[0]
     assert first.split(": ", 1)[1] == tok.decode(ids[:-1] if ids[-1] == tok.bos_id else ids)
-    for extra, said in ((["--image", str(tmp_path / "bad.png")], "bad.png: cannot read it as an image"),
+    for extra, said in ((["--image", str(tmp_path / "bad.png")], "bad.png is not an image Pillow can read"),
                         ([], "is a --vision run: give --image FILE")):
         assert cli.main(["sample", str(tmp_path / "r"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

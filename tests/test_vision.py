@@ -1,12 +1,10 @@
 """Multimodal early fusion (vision.py, data/images.py, MRoPE in model.py): MRoPE is RoPE on text,
 the 2x2 merger against a naive loop, patch embeddings and loss masks, the tower through
 save_pretrained/from_pretrained, and bad images as one line naming the file."""
-import struct
-import zlib
 
 import numpy as np
 import pytest
-from conftest import prepared_shapes
+from conftest import png_with_size, prepared_shapes
 import torch
 import torch.nn.functional as F
 
@@ -244,15 +242,6 @@ def convert_image_to_patches(image, patch_size):
 
 # ---- bad images ----
 
-def _png_with_size(path, width, height):
-    """A PNG whose header claims width x height (a decompression bomb needs no more than that)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-
-
 def test_good_image_loads_resized_rgb(tmp_path):
     from PIL import Image
     rng = np.random.default_rng(13)
@@ -283,7 +272,7 @@ def test_bad_image_is_one_line_naming_the_file(tmp_path, case, said):
         Image.fromarray(np.random.default_rng(15).random((8, 8), dtype=np.float32), "F").save(tmp_path / "f.tiff")
         path = tmp_path / "f.tiff"
     elif case in ("huge", "bomb"):
-        _png_with_size(path, *(2 * [9000 if case == "huge" else 100_000]))
+        png_with_size(path, *(2 * [9000 if case == "huge" else 100_000]))
     with pytest.raises(LabError) as e:
         load_image(path, 16)
     msg = str(e.value)

@@ -6,26 +6,46 @@
   the pixels, so a model that sees the image can drive the caption's loss far below one that cannot.
 - `digits`: scikit-learn's bundled handwritten digits (1,797 8x8 images, no download), captioned
   from their labels.
+- a local folder holding `captions.jsonl`, one {"image": "path/relative/to/the/folder.png",
+  "caption": "..."} per line; any image Pillow reads (images.py: RGB, resized without cropping).
+- `hub:OWNER/NAME --files A.parquet,B.parquet`: parquet files of a Hugging Face dataset, downloaded
+  as the text corpora are (hub.py: HF_ENDPOINT, resumed .tmp files), with an image column (the
+  `datasets` Image feature, a struct {bytes, path}, or plain bytes) and a string caption column. The
+  files are named rather than listed through the hub's API: `resolve/main/FILE` is the one endpoint
+  every mirror serves, and the dataset's Files page shows the names.
 
 A data directory of captions is a text data directory (tokenizer.json, token shards of BOS + caption,
 manifest.json) plus one `<split>.images.npy` per split: uint8 [documents, S, S, 3], image i belonging
 to document i, checksummed in the manifest like the token shards. Images are decoded and resized
-once, here; training reads the array. Where an image goes in the token stream (`<|image_start|>`,
+once, here; training reads the array.
+Each pair's split comes from a hash of its image (the folder's path, the hub row's bytes, the drawn
+pixels), so an image under several captions lands in one split and val never shows one train saw. Where an image goes in the token stream (`<|image_start|>`,
 the patch tokens, `<|image_end|>`) is decided when batches are built, since the number of patch
 tokens depends on the vision tower's patch size, not on the data."""
 import hashlib
+import io
+import json
+import posixpath
+import re
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from llmlabs.common import LabError
+from llmlabs.common import LabError, llmlabs_home
+from llmlabs.data.hub import download
+from llmlabs.data.images import load_image
 from llmlabs.data.shards import SPLITS, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import split_of
 from llmlabs.data.tokenizer import Tokenizer
 
 CAPTION_SOURCES = ("shapes", "digits")
+HUB_PREFIX = "hub:"
+CAPTIONS_FILE = "captions.jsonl"  # its presence makes a folder a caption source (is_caption_folder)
+HUB_ADVICE = ("the dataset name, --files (paths inside the dataset repo) and HF_ENDPOINT", "set HF_ENDPOINT to a mirror")
 SHAPES_IMAGES = 20_000  # documents the `shapes` source draws (the split fractions divide them)
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
@@ -81,8 +101,117 @@ def digit_images(size: int):
         yield np.asarray(rgb, dtype=np.uint8), f"a handwritten {NUMBERS[label]} ({label})."
 
 
+def is_caption_folder(path: Path) -> bool:
+    """A folder holding captions.jsonl is a caption source, unless that file's first row is a text
+    document ({"text": ...} and no "image"), which keeps a text folder with such a file as it was."""
+    listing = Path(path) / CAPTIONS_FILE
+    if not listing.is_file():
+        return False
+    with open(listing, "rb") as f:
+        first = next((raw for raw in f if raw.strip()), None)
+    if first is None:
+        return False  # empty: nothing says captions, and a text folder may hold an empty .jsonl
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return True  # named captions.jsonl and not text: folder_images reports the line
+    return not (isinstance(row, dict) and "text" in row and "image" not in row)
+
+
+def caption_settings(source: str, image_size: int, files: str | None = None, image_column: str | None = None,
+                     caption_column: str | None = None) -> dict | None:
+    """Everything that decides a caption source's pairs (a cached data directory must match it), or
+    None when `source` is text. `files`: the hub dataset's parquet paths, comma-separated."""
+    hub = source.startswith(HUB_PREFIX)
+    if not hub and (files, image_column, caption_column) != (None, None, None):
+        raise LabError(f"--files, --image-column and --caption-column apply to {HUB_PREFIX}OWNER/NAME caption datasets, "
+                       f"not to {source!r}: drop them")
+    if source in CAPTION_SOURCES:
+        return {"source": source, "image_size": image_size}
+    if hub:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", source[len(HUB_PREFIX):]):
+            raise LabError(f"{source!r} is not a hub dataset: write {HUB_PREFIX}OWNER/NAME, e.g. {HUB_PREFIX}user/captions")
+        if not files:
+            raise LabError(f"{source}: name its parquet files with --files, paths inside the dataset repo separated by "
+                           f"commas (e.g. --files data/train-00000-of-00002.parquet,data/train-00001-of-00002.parquet)")
+        names = files.split(",")
+        for name in names:  # each becomes a path under $LLMLABS_HOME/hub: nothing may climb out of it
+            if not name.endswith(".parquet") or name.startswith("/") or ".." in name.split("/"):
+                raise LabError(f"--files {name!r}: give relative paths of .parquet files inside the dataset repo, "
+                               f"without '..', separated by commas")
+        return {"source": source, "files": names, "image_column": image_column or "image",
+                "caption_column": caption_column or "caption", "image_size": image_size}
+    path = Path(source).expanduser()
+    if path.is_dir() and is_caption_folder(path):
+        return {"source": str(path.resolve()), "image_size": image_size}
+    return None
+
+
+def folder_images(folder: Path, size: int, stats: Counter):
+    """(image, caption, split key) for each line of the folder's captions.jsonl, in file order; the
+    key hashes the image's path as written (normalised), so it ignores line order and captions."""
+    listing = folder / CAPTIONS_FILE
+    with open(listing, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                image, caption = row["image"], row["caption"]
+                if not isinstance(image, str) or not isinstance(caption, str):
+                    raise TypeError(f"image is a {type(image).__name__}, caption a {type(caption).__name__}")
+            except (ValueError, KeyError, TypeError) as e:  # not UTF-8 is a ValueError too
+                raise LabError(f"{listing}:{lineno}: each line must be a JSON object with string `image` and "
+                               f"`caption` fields ({type(e).__name__}: {e}); fix or remove that line") from None
+            if not caption.strip():
+                raise LabError(f"{listing}:{lineno}: the caption of {image} is empty: write one or remove that line")
+            stats["files"] += 1
+            try:
+                pixels = load_image(folder / image, size)
+            except LabError as e:
+                raise LabError(f"{listing}:{lineno}: {e}") from None
+            key = posixpath.normpath(image.replace("\\", "/"))
+            yield pixels, caption, hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
+def hub_images(settings: dict, size: int, stats: Counter):
+    """(image, caption, split key) for each row of the hub dataset's --files, in order; the key hashes
+    the encoded image bytes. Rows with an empty caption are dropped and counted (the user cannot fix
+    the hub's data); an image that does not decode is an error naming the file and row (0-based)."""
+    repo = settings["source"][len(HUB_PREFIX):]
+    image_col, caption_col = settings["image_column"], settings["caption_column"]
+    for path in download(repo, settings["files"], llmlabs_home() / "hub" / repo, advice=HUB_ADVICE):
+        stats["files"] += 1
+        try:
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            for col, flag in ((image_col, "--image-column"), (caption_col, "--caption-column")):
+                if col not in names:
+                    raise LabError(f"{path} has no column {col!r} (columns: {', '.join(names)}): name the right one "
+                                   f"with {flag}")
+            row = 0
+            for batch in pf.iter_batches(batch_size=256, columns=[image_col, caption_col]):
+                for image, caption in zip(batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist()):
+                    where, row = f"{path} row {row}", row + 1
+                    data = image.get("bytes") if isinstance(image, dict) else image
+                    if not isinstance(data, bytes):
+                        raise LabError(f"{where}: column {image_col!r} holds no image bytes ({str(image)[:80]}): only "
+                                       f"images stored in the parquet are read; check --image-column")
+                    if caption is not None and not isinstance(caption, str):
+                        raise LabError(f"{where}: column {caption_col!r} holds a {type(caption).__name__}, not a "
+                                       f"string: name a text column with --caption-column")
+                    if not (caption or "").strip():
+                        stats["empty"] += 1
+                        continue
+                    yield (load_image(io.BytesIO(data), size, name=where), caption,
+                           hashlib.blake2b(data, digest_size=16).digest())
+        except (pa.ArrowException, OSError) as e:
+            raise LabError(f"{path} is not a readable parquet file ({e}): delete it and re-run (it is downloaded "
+                           f"again)") from None
+
+
 def caption_documents(source: str, size: int, seed: int = 0):
-    """The source's (image, caption) pairs in a fixed order."""
+    """The built-in source's (image, caption) pairs in a fixed order."""
     if source == "digits":
         yield from digit_images(size)
     elif source == "shapes":
@@ -93,22 +222,33 @@ def caption_documents(source: str, size: int, seed: int = 0):
         raise LabError(f"unknown caption source {source!r}: use one of {', '.join(CAPTION_SOURCES)}")
 
 
+def caption_pairs(settings: dict, stats: Counter):
+    """(image, caption, split key or None: the pair's own digest) of any caption source."""
+    source, size = settings["source"], settings["image_size"]
+    if source.startswith(HUB_PREFIX):
+        yield from hub_images(settings, size, stats)
+    elif source in CAPTION_SOURCES:
+        yield from ((image, caption, None) for image, caption in caption_documents(source, size))
+    else:
+        yield from folder_images(Path(source), size, stats)
+
+
 def build_captions(tmp: Path, settings: dict, command: str) -> dict:
     """Write a caption data directory into `tmp` (prepare.py renames it into place); returns the
     manifest. Exact duplicates (same pixels and caption) are dropped; each pair goes to the split its
-    digest picks (sources.split_of), so the split does not depend on the order of the source."""
+    key picks (sources.split_of), so the split does not depend on the order of the source."""
     tmp.mkdir(parents=True)
     size, fracs = settings["image_size"], (settings["val_frac"], settings["test_frac"])
     stats, seen = Counter(), set()
     pairs = {s: [] for s in SPLITS}
-    for image, caption in caption_documents(settings["source"], size):
+    for image, caption, key in caption_pairs(settings, stats):
         stats["documents"] += 1
         digest = hashlib.blake2b(image.tobytes() + caption.encode(), digest_size=16).digest()
         if digest in seen:
             stats["duplicates"] += 1
             continue
         seen.add(digest)
-        pairs[split_of(digest, *fracs)].append((image, caption))
+        pairs[split_of(key or digest, *fracs)].append((image, caption))
     if not pairs["train"] or (fracs[0] and not pairs["val"]):
         raise LabError(f"{settings['source']}: too few images for the splits ({sum(map(len, pairs.values()))} in "
                        f"all): lower --val-frac/--test-frac")

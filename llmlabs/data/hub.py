@@ -59,8 +59,9 @@ def hub_url(repo: str, file: str) -> str:
 
 
 def download(repo: str, files, dest_dir, *, threads: int = DOWNLOAD_THREADS, retries: int = 5,
-             backoff: float = 1.0) -> list[Path]:
-    """Fetch `files` of dataset `repo` into dest_dir (same relative paths); returns the local paths."""
+             backoff: float = 1.0, advice: tuple[str, str] = HF_ADVICE) -> list[Path]:
+    """Fetch `files` of dataset `repo` into dest_dir (same relative paths); returns the local paths.
+    `advice`: as for `fetch` (a caption dataset's files are named by --files, not --shards)."""
     dest_dir = Path(dest_dir)
     paths = [dest_dir / f for f in files]
     todo = [(hub_url(repo, f), p) for f, p in zip(files, paths) if not p.exists()]
@@ -70,7 +71,7 @@ def download(repo: str, files, dest_dir, *, threads: int = DOWNLOAD_THREADS, ret
     bar = tqdm(desc=f"download {repo} ({len(todo)} files)", unit="B", unit_scale=True, unit_divisor=1024)
     pool = ThreadPoolExecutor(max(1, min(threads, len(todo))))
     try:
-        futures = [pool.submit(_fetch, url, path, bar, stop, retries, backoff, HF_ADVICE) for url, path in todo]
+        futures = [pool.submit(_fetch, url, path, bar, stop, retries, backoff, advice) for url, path in todo]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             f.result()  # re-raise the first failure here, in the caller's thread

@@ -3,7 +3,6 @@ array, or refuse it with one line naming the file. Training reads the stored arr
 
 Only Pillow; nothing here imports torch or transformers, so `llmlabs prepare` stays light."""
 import struct
-from pathlib import Path
 
 import numpy as np
 
@@ -17,34 +16,37 @@ MAX_PIXELS = 64_000_000
 CONVERTIBLE_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
-def load_image(path, size: int) -> np.ndarray:
-    """The image at `path` as uint8 [size, size, 3] RGB. Resized (bicubic) to the square without
-    cropping, as SigLIP's own image processor does; alpha is dropped, a palette is expanded, and an
-    animation gives its first frame. Raises one LabError line naming the file for a missing,
-    unreadable, corrupt, truncated, huge or non-8-bit image."""
+def load_image(path, size: int, name: str | None = None) -> np.ndarray:
+    """The image at `path` (or in a binary file object, e.g. image bytes from a parquet row, which
+    error lines call `name`) as uint8 [size, size, 3] RGB. Resized (bicubic) to the square without
+    cropping, as SigLIP's own image processor does (a crop would cut off what a caption may name at
+    the edge, e.g. "at the top left"); alpha is dropped (not composited: the colour under a
+    transparent pixel stays), a palette is expanded, and an animation gives its first frame. Raises
+    one LabError line naming the file for a missing, unreadable, corrupt, truncated, huge or
+    non-8-bit image."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    name = str(path) if name is None else name
     try:
         with Image.open(path) as im:  # lazy: reads the header only
             w, h = im.size
             if w * h > MAX_PIXELS:
-                raise LabError(f"image {path} is {w} x {h} pixels, over the {MAX_PIXELS:,}-pixel limit: "
+                raise LabError(f"image {name} is {w} x {h} pixels, over the {MAX_PIXELS:,}-pixel limit: "
                                f"downscale it first (e.g. to {size} x {size})")
             if im.mode not in CONVERTIBLE_MODES:
-                raise LabError(f"image {path} has mode {im.mode} (not 8-bit colour or grey): convert it to "
+                raise LabError(f"image {name} has mode {im.mode} (not 8-bit colour or grey): convert it to "
                                f"8-bit RGB first")
             rgb = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     except FileNotFoundError:
-        raise LabError(f"image {path} does not exist: check the path") from None
+        raise LabError(f"image {name} does not exist: check the path") from None
     except UnidentifiedImageError:
-        raise LabError(f"image {path} is not an image Pillow can read (corrupt, or not an image): replace "
+        raise LabError(f"image {name} is not an image Pillow can read (corrupt, or not an image): replace "
                        f"or remove it") from None
     except Image.DecompressionBombError:  # Pillow's own check, at open, for sizes far over its limit
-        raise LabError(f"image {path} is over the {MAX_PIXELS:,}-pixel limit: downscale it first (e.g. to "
+        raise LabError(f"image {name} is over the {MAX_PIXELS:,}-pixel limit: downscale it first (e.g. to "
                        f"{size} x {size})") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
         # truncated data ("image file is truncated"), broken chunks, bad headers
         why = f"{type(e).__name__}: {e}".replace("\n", " ")
-        raise LabError(f"image {path} cannot be decoded ({why}): replace or remove it") from None
+        raise LabError(f"image {name} cannot be decoded ({why}): replace or remove it") from None
     return np.asarray(rgb, dtype=np.uint8)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from llmlabs import flags
 from llmlabs.common import LabError, llmlabs_home, make_dir, print0
-from llmlabs.data.captions import CAPTION_SOURCES, build_captions
+from llmlabs.data.captions import CAPTION_SOURCES, HUB_PREFIX, build_captions, caption_settings
 from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
 from llmlabs.data.tokenizer import Tokenizer
@@ -34,26 +34,33 @@ BATCH_CHARS = 8 << 20  # documents per encode_batch call: enough work for every 
 
 def default_data_dir(source: str, vocab_size: int) -> Path:
     """$LLMLABS_HOME/data/<source>-v<vocab>; a local path is named by its base name plus a path hash."""
-    name = source if source in ("pystdlib", "pysrc", *HUB_CORPORA, *CAPTION_SOURCES) else resolve_source(source).name
+    if source.startswith(HUB_PREFIX):  # a hub caption dataset: OWNER--NAME, as the hub's own cache names it
+        name = source[len(HUB_PREFIX):].replace("/", "--")
+    elif source in ("pystdlib", "pysrc", *HUB_CORPORA, *CAPTION_SOURCES):
+        name = source
+    else:
+        name = resolve_source(source).name
     return llmlabs_home() / "data" / f"{name}-v{vocab_size}"
 
 
 def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob: str | None = None,
             shards: int | None = None, workers: int | None = None, val_frac: float = VAL_FRAC,
             test_frac: float = TEST_FRAC, tokenizer_chars: int = TOKENIZER_CHARS, image_size: int | None = None,
+            files: str | None = None, image_column: str | None = None, caption_column: str | None = None,
             force: bool = False) -> Path:
     """Build (or find, when already built with the same settings) a data directory; returns its path.
-    Caption sources (shapes, digits: captions.py) store images at image_size px beside the tokens."""
+    Caption sources (shapes, digits, a folder with captions.jsonl, hub:OWNER/NAME with `files`:
+    captions.py) store images at image_size px beside the tokens."""
     t0 = time.time()
-    if source in CAPTION_SOURCES:
+    source_settings = caption_settings(source, image_size or IMAGE_SIZE, files, image_column, caption_column)
+    if source_settings is not None:
         if glob is not None or shards is not None:
             raise LabError(f"--glob and --shards apply to text sources, not to caption source {source!r}: drop them")
         src = None
-        source_settings = {"source": source, "image_size": image_size or IMAGE_SIZE}
     else:
         if image_size is not None:
-            raise LabError(f"--image-size applies to caption sources ({', '.join(CAPTION_SOURCES)}), not to "
-                           f"{source!r}: drop it")
+            raise LabError(f"--image-size applies to caption sources ({', '.join(CAPTION_SOURCES)}, a folder with "
+                           f"captions.jsonl, {HUB_PREFIX}OWNER/NAME), not to {source!r}: drop it")
         src = resolve_source(source, glob=glob, shards=shards)
         source_settings = src.settings
     if not (0 < val_frac and 0 <= test_frac and val_frac + test_frac < 1):
@@ -162,9 +169,10 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
 def _command(source: str, out: Path, settings: dict) -> str:
     """The `llmlabs prepare` line that rebuilds this directory (quoted in error messages)."""
     parts = ["llmlabs prepare", source, f"--vocab-size {settings['vocab_size']}", f"--out {out}"]
-    for key, flag in (("glob", "--glob"), ("shards", "--shards"), ("image_size", "--image-size")):
+    for key in ("glob", "shards", "image_size", "files", "image_column", "caption_column"):
         if settings.get(key) is not None:
-            parts.append(f"{flag} '{settings[key]}'")
+            value = ",".join(settings[key]) if key == "files" else settings[key]
+            parts.append(f"--{key.replace('_', '-')} '{value}'")
     for key, default in (("val_frac", VAL_FRAC), ("test_frac", TEST_FRAC), ("tokenizer_chars", TOKENIZER_CHARS)):
         if settings[key] != default:
             parts.append(f"--{key.replace('_', '-')} {settings[key]}")
@@ -211,6 +219,7 @@ def add_args(parser):
     parser.add_argument("source", nargs="?", default="pystdlib",
                         help="pystdlib (default) | pysrc | a file or folder of .txt/.md/.py/.jsonl/.parquet | "
                              + " | ".join(HUB_CORPORA) + " | captioned images: " + " | ".join(CAPTION_SOURCES)
+                             + f" | a folder with captions.jsonl | {HUB_PREFIX}OWNER/NAME (a hub dataset's parquet --files)"
                              + " | core (not a corpus: the CORE eval bundle, for `llmlabs eval --tasks core`; takes "
                              "only --force)")
     parser.add_argument("--out", help="data directory (default $LLMLABS_HOME/data/<source>-v<vocab>)")
@@ -225,6 +234,9 @@ def add_args(parser):
                         help=f"train BPE on at most this many characters of the train split ({TOKENIZER_CHARS:.0e})")
     parser.add_argument("--image-size", type=flags.positive_int,
                         help=f"caption sources: image side in pixels, stored resized ({IMAGE_SIZE})")
+    parser.add_argument("--files", help=f"{HUB_PREFIX}OWNER/NAME: its parquet files, paths in the repo joined by commas")
+    parser.add_argument("--image-column", help=f"{HUB_PREFIX}OWNER/NAME: the image column (image)")
+    parser.add_argument("--caption-column", help=f"{HUB_PREFIX}OWNER/NAME: the caption column (caption)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")
 
 
@@ -237,6 +249,7 @@ def run(args):
     try:
         prepare(args.source, args.out, args.vocab_size, glob=args.glob, shards=args.shards, workers=args.workers,
                 val_frac=args.val_frac, test_frac=args.test_frac, tokenizer_chars=args.tokenizer_chars,
-                image_size=args.image_size, force=args.force)
+                image_size=args.image_size, files=args.files, image_column=args.image_column,
+                caption_column=args.caption_column, force=args.force)
     except KeyboardInterrupt:
         raise LabError("interrupted: no data directory was written (downloads so far are kept and resume)") from None

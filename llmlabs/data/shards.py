@@ -164,8 +164,8 @@ class DataDir:
         """uint8 [documents, S, S, 3] memmap: image i belongs to the split's document i (captions.py)."""
         entry = self._split(split)
         if "images" not in entry:
-            raise LabError(f"{self.path} holds text only, no images: prepare a caption source (shapes, digits) "
-                           f"for the multimodal path")
+            raise LabError(f"{self.path} holds text only, no images: prepare a caption source (shapes, digits, a "
+                           f"folder with captions.jsonl, hub:OWNER/NAME) for the multimodal path")
         return np.load(self.path / entry["images"], mmap_mode="r", allow_pickle=False)
 
     def shards(self, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
