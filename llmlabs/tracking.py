@@ -55,6 +55,11 @@ class Metrics:
             if summary:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()
+            import wandb
+
+            # finish() can return before wandb's service process has written the run file (seen on a
+            # loaded CPU: a run file read right after held 0-3 of 4 rows); teardown waits for it
+            wandb.teardown()
 
 
 def _wandb_run(run_dir: Path, cfg: dict):
