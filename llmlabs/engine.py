@@ -203,13 +203,13 @@ def run(args):
 
         if args.stream or len(prompts) > 1:
             raise LabError("--image takes at most one --prompt (the start of every caption) and no --stream")
-        files = [f for f in args.image for _ in range(args.num_samples)]
+        files = rows = [f for f in args.image for _ in range(args.num_samples)]  # rows: counted below
         pixels = torch.from_numpy(np.stack([load_image(f, info["encoder"].image_size) for f in files])).to(device)
-        out = caption(model, info["encoder"], tokenizer, pixels, args.max_tokens, prompt=rows[0],
+        out = caption(model, info["encoder"], tokenizer, pixels, args.max_tokens, prompt=(prompts or [""])[0],
                       **{k: v for k, v in kw.items() if k != "stop_ids"})
         n = sum(map(len, out))
-        for i, (f, ids) in enumerate(zip(files, out)):
-            print(f"{f}: {rows[0] + _decode(tokenizer, ids)}")
+        for f, ids in zip(files, out):
+            print(f"{f}: {(prompts or [''])[0] + _decode(tokenizer, ids)}")
     elif args.stream:  # bytes through an incremental UTF-8 decoder: a character split over tokens prints whole
         print(rows[0], end="", flush=True)
         utf8, n = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0

@@ -117,6 +117,10 @@ def test_sample_captions_an_image_file(shapes_dir, tmp_path, capsys):
     tok = DataDir.open(shapes_dir).tokenizer
     ids = multimodal.caption(model, info["encoder"], tok, torch.from_numpy(pixels[None].copy()), 10, temperature=0)[0]
     assert first.split(": ", 1)[1] == tok.decode(ids[:-1] if ids[-1] == tok.bos_id else ids)
+    capsys.readouterr()
+    assert cli.main(argv + ["--prompt", "two shapes:", "--num-samples", "2"]) == 0  # the caption's start, twice
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(f"{tmp_path / 'a.png'}: two shapes:")
     for extra, said in ((["--image", str(tmp_path / "bad.png")], "bad.png is not an image Pillow can read"),
                         ([], "is a --vision run: give --image FILE")):
         assert cli.main(["sample", str(tmp_path / "r"), *extra]) == 2
