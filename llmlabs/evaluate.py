@@ -220,14 +220,17 @@ def run(args):
         if encoder is not None and set(args.tasks) - {"bpb"}:  # its LM alone would read captions without images
             raise LabError(f"{args.run} is a --vision run, scored on its captions after their images: use --tasks bpb")
         for task in (t for t in args.tasks if t not in lm_names):
-            if task == "bpb" and encoder is not None:
-                from llmlabs.multimodal import evaluate_captions
+            if task == "bpb" and encoder is not None:  # caption bpb, and text bpb where the data has text/
+                from llmlabs import multimodal
 
-                res = evaluate_captions(model, encoder, data, args.split, device, batch_size=cfg["device_batch_size"],
-                                        max_tokens=args.tokens or cfg["eval_tokens"], autocast=autocast)
-                res = {"split": args.split, "bpb": res["bpb"], "unigram_bpb": res["unigram_bpb"], "tokens": res["tokens"]}
-                print(f"{args.split}_bpb: {res['bpb']:.6f}\n{args.split}_caption_bpb: {res['bpb']:.6f}\n"
-                      f"unigram_bpb: {res['unigram_bpb']:.6f}\neval_tokens: {res['tokens']}")
+                res = multimodal.evaluate(model, encoder, data, multimodal.text_data(data), args.split, device,
+                                          batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
+                                          max_tokens=args.tokens or cfg["eval_tokens"], autocast=autocast)
+                res = {"split": args.split, **{k: res[k] for k in ("bpb", "unigram_bpb", "tokens", "caption_bpb",
+                                                                   "text_bpb") if k in res}}
+                print("\n".join([f"{args.split}_bpb: {res['bpb']:.6f}", *(f"{args.split}_{k}: {res[k]:.6f}" for k in (
+                    "caption_bpb", "text_bpb") if k in res), f"unigram_bpb: {res['unigram_bpb']:.6f}",
+                    f"eval_tokens: {res['tokens']}"]))
             elif task == "bpb":
                 res = evaluate_bpb(model, data, args.split, batch_size=cfg["device_batch_size"], seq_len=cfg["seq_len"],
                                    max_tokens=args.tokens or cfg["eval_tokens"], device=device, autocast=autocast)

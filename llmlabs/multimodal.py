@@ -1,7 +1,8 @@
 """`llmlabs train --vision TOWER`: the training path of multimodal early fusion (vision.py holds the
 tower, the merger and the token stream). train.py calls `setup`, which gives None for a text run and,
 for a caption data directory (`llmlabs prepare shapes|digits`), a `Fusion`: the vision encoder, its
-optimizer groups, the caption loader, the fused loss, its checkpoint state and per-modality bpb.
+optimizer groups, the caption loader (with text rows where the data has text/), the fused loss, its
+checkpoint state and per-modality bpb.
 
 - Rows: one captioned image per row (vision.caption_batch): BOS, <|image_start|>, the merged patch
   tokens, <|image_end|>, the caption, padded to --seq-len (one shape every step). A step's tokens are
@@ -15,17 +16,26 @@ optimizer groups, the caption loader, the fused loss, its checkpoint state and p
   they are hidden layers, what Muon orthogonalises (Keller Jordan's Muon post). AdamW takes the
   rest: LayerNorm gains, biases, the patch embedding (a SigLIP tower's input layer; in SigLIP a
   4-D conv) and the position embedding, at VISION_ADAMW_LR.
-- Per-modality bpb: caption text after an image. A caption data directory holds no text-only
-  documents, so there is no text bpb to set beside it (a mixed image + text loader does not exist
-  yet); on it val_bpb and val_caption_bpb score the same tokens.
+- Text mixing: a caption directory prepared with `--text SOURCE` nests a text data directory at
+  text/ (same tokenizer). Then each micro-batch holds round(--text-frac x rows) packed text rows
+  (BestFitLoader, as a text run's) below its caption rows (MixedLoader, vision.with_text_rows): a
+  fixed count, so every step has one shape. The fraction counts rows, not targets: a text row's
+  every position is a target, a caption row's only its caption, so text weighs more in the loss.
+- Per-modality bpb: caption_bpb, caption text after its image (evaluate_captions), and, with text/,
+  text_bpb, evaluate.evaluate_bpb on the text directory (the LM alone: no image in those rows).
+  val_bpb stays the caption bpb: comparable with a captions-only run on the same data, where a
+  bytes-weighted mix of the two would weigh them by how many tokens --eval-tokens gives each.
 - After training: `load_encoder` rebuilds a checkpoint's encoder, for `llmlabs eval` (caption bpb,
   `evaluate_captions`) and `llmlabs sample --image` (`caption`: KV-cache generation after the image)."""
 import numpy as np
 import torch
 
+from llmlabs import flags
 from llmlabs.common import LabError, print0
-from llmlabs.data.shards import SPLITS
-from llmlabs.vision import VisionEncoder, VisionTower, caption_batch, fused_forward, image_tokens, mrope_positions
+from llmlabs.data.loader import BestFitLoader
+from llmlabs.data.shards import MANIFEST, SPLITS, TEXT_DIR, DataDir
+from llmlabs.vision import (VisionEncoder, VisionTower, caption_batch, fused_forward, image_tokens, mrope_positions,
+                            with_text_rows)
 
 # `--vision tiny`: 2 layers of width 64 over 4-px patches. 32-px images (prepare's default) give an
 # 8 x 8 patch grid, 16 tokens after the 2x2 merge.
@@ -35,12 +45,23 @@ TINY_TOWER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, nu
 VISION_ADAMW_LR = 3e-3
 
 
+def add_args(g):
+    """train's multimodal flags, in its data group."""
+    g.add_argument("--vision", metavar="TOWER", help="train on captioned images (--data from `llmlabs prepare shapes`) "
+                   "through this SigLIP/SigLIP2 tower: a hub id, a save_pretrained folder, or tiny (random, trained)")
+    g.add_argument("--vision-train", action="store_true", help="train the pretrained --vision tower too (default: frozen)")
+    g.add_argument("--text-frac", type=flags.fraction, help="--vision on captions prepared with --text: the share of "
+                   "each micro-batch's rows that are text-only documents (default 0.5)")
+
+
 def setup(cfg, data, model, B, device, rank=0, world=1) -> "Fusion | None":
     """None for a text run. --vision needs caption data, and caption data needs --vision."""
     captions = "images" in data.manifest["splits"]["train"]
     if not cfg.get("vision"):
         if cfg.get("vision_train"):
             raise LabError("--vision-train trains the --vision tower: give --vision TOWER too")
+        if cfg.get("text_frac") is not None:
+            raise LabError("--text-frac mixes text rows into a --vision run's caption rows: drop it for a text run")
         if captions:
             raise LabError(f"{data.path} holds captioned images: train on it with --vision tiny (or --vision a SigLIP "
                            f"checkpoint)")
@@ -130,6 +151,40 @@ class CaptionLoader:
         self.epoch, self.cursor, self._order, self._ahead = state["epoch"], state["cursor"], None, None
 
 
+def text_data(data) -> DataDir | None:
+    """A caption directory's nested text directory (`prepare --text`), or None."""
+    return DataDir.open(data.path / TEXT_DIR) if (data.path / TEXT_DIR / MANIFEST).is_file() else None
+
+
+class MixedLoader:
+    """A caption loader's rows with a text loader's rows below them (vision.with_text_rows), as
+    train_step takes them. Each loader keeps its own order, rank slicing and prefetch; the state is
+    both states."""
+
+    def __init__(self, captions: CaptionLoader, text: BestFitLoader):
+        self.captions, self.text = captions, text
+
+    def prefetch(self):
+        self.captions.prefetch()
+        self.text.prefetch()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, targets = next(self.captions)
+        x, y = next(self.text)
+        mixed = with_text_rows(dict(batch, targets=targets), x, y)
+        return mixed, mixed.pop("targets")
+
+    def state_dict(self) -> dict:
+        return {"captions": self.captions.state_dict(), "text": self.text.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.captions.load_state_dict(state["captions"])
+        self.text.load_state_dict(state["text"])
+
+
 class Fusion:
     def __init__(self, cfg, data, width, B, device, rank=0, world=1):
         image_size = data.images("train").shape[1]
@@ -141,12 +196,26 @@ class Fusion:
         if need > cfg["seq_len"]:
             raise LabError(f"the longest caption of {data.path} with its image takes {need} positions, over "
                            f"--seq-len {cfg['seq_len']}: pass --seq-len {need} or more")
-        self.loader = CaptionLoader(data, "train", B, cfg["seq_len"], self.grid, seed=cfg["seed"], rank=rank,
-                                    world=world, device=device)
+        self.text, self.B, self.seq_len = text_data(data), B, cfg["seq_len"]
+        n_text = 0
+        if self.text is None and cfg.get("text_frac") is not None:
+            raise LabError(f"--text-frac mixes in text-only documents, and {data.path} holds captions only: prepare it "
+                           f"with `llmlabs prepare SOURCE --text TEXT_SOURCE`, or drop --text-frac")
+        if self.text is not None:
+            frac = cfg.setdefault("text_frac", 0.5)  # into config.json: --resume mixes as the run did
+            n_text = round(frac * B)
+            if not 0 < n_text < B:
+                raise LabError(f"--text-frac {frac:g} of {B} rows per micro-batch is {n_text} text rows: each "
+                               f"micro-batch needs text rows and caption rows; pick a fraction between them (or "
+                               f"change --device-batch-size)")
+        self.captions = CaptionLoader(data, "train", B - n_text, cfg["seq_len"], self.grid, seed=cfg["seed"],
+                                      rank=rank, world=world, device=device)
+        self.loader = self.captions if self.text is None else MixedLoader(self.captions, BestFitLoader(
+            self.text, "train", n_text, cfg["seq_len"], seed=cfg["seed"], rank=rank, world_size=world, device=device))
         count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
         print0(f"vision: {cfg['vision']} tower, {count(tower):.2f}M params ({'trained' if tower.trainable else 'frozen'}), "
                f"merger {count(self.encoder.merger):.2f}M; {self.encoder.tokens_per_image} tokens per "
-               f"{image_size}-px image")
+               f"{image_size}-px image" + (f"; {n_text} of {B} rows a micro-batch are text" if n_text else ""))
 
     def param_groups(self, cfg) -> list[dict]:
         return encoder_param_groups(self.encoder, cfg["matrix_lr"], cfg["weight_decay"])
@@ -168,12 +237,27 @@ class Fusion:
             self.encoder.tower.load_state_dict(state["tower"])
 
     def passes(self, tokens_done: int, seq_len: int) -> float:
-        """Epochs over the training images: a step's tokens are rows x seq_len."""
-        return tokens_done / seq_len / self.loader.n
+        """Epochs over the training images: a step's tokens are rows x seq_len, self.captions.B of
+        every self.B rows captions."""
+        return tokens_done / seq_len * self.captions.B / self.B / self.captions.n
 
     def evaluate(self, model, split, *, batch_size, max_tokens, autocast=None, shuffle_seed=None) -> dict:
-        return evaluate_captions(model, self.encoder, self.data, split, self.device, batch_size=batch_size,
-                                 max_tokens=max_tokens, autocast=autocast, shuffle_seed=shuffle_seed)
+        return evaluate(model, self.encoder, self.data, self.text, split, self.device, batch_size=batch_size,
+                        seq_len=self.seq_len, max_tokens=max_tokens, autocast=autocast, shuffle_seed=shuffle_seed)
+
+
+def evaluate(model, encoder, data, text, split, device, *, batch_size, seq_len, max_tokens, autocast=None,
+             shuffle_seed=None) -> dict:
+    """evaluate_captions' result (bpb = caption_bpb; the module docstring says why) plus, with a text
+    directory `text` (text_data), text_bpb: evaluate_bpb on its split, the same model, no images."""
+    from llmlabs.evaluate import evaluate_bpb
+
+    res = evaluate_captions(model, encoder, data, split, device, batch_size=batch_size, max_tokens=max_tokens,
+                            autocast=autocast, shuffle_seed=shuffle_seed)
+    if text is not None:
+        res["text_bpb"] = evaluate_bpb(model, text, split, batch_size=batch_size, seq_len=seq_len,
+                                       max_tokens=max_tokens, device=device, autocast=autocast)["bpb"]
+    return res
 
 
 @torch.no_grad()
@@ -183,8 +267,8 @@ def evaluate_captions(model, encoder, data, split, device, *, batch_size, max_to
     caption tokens), each after its own image, or, with shuffle_seed, after another document's image
     (a seeded derangement: no caption keeps its image): the ablation that shows the model reads the
     image (bench/vision_ablation.py). Under torchrun each rank scores every world-th document and the
-    sums are reduced. Returns evaluate.bpb_result's keys plus caption_bpb (the same number here:
-    caption data has no text-only documents)."""
+    sums are reduced. Returns evaluate.bpb_result's keys plus caption_bpb (the same number: the bpb
+    of caption text after its image; text_bpb is `evaluate`'s)."""
     from llmlabs.evaluate import _rank_world, bpb_result, token_bytes_and_unigram, token_nats
 
     token_bytes, unigram_logp = token_bytes_and_unigram(data, device)
@@ -222,8 +306,6 @@ def load_encoder(model, cfg: dict, state: dict, device) -> VisionEncoder:
     """A --vision run's encoder from its checkpoint state (Fusion.state_dict), in eval mode: `tiny`
     and trained towers from the checkpoint, a frozen pretrained one from its hub id or folder again.
     Checkpoints before image_size was saved take it from the run's data directory."""
-    from llmlabs.data.shards import DataDir
-
     size = state.get("image_size") or DataDir.open(cfg["data"]).images("train").shape[1]
     tower = build_tower(cfg["vision"], cfg.get("vision_train", False), size)
     encoder = VisionEncoder(tower, model.config.n_embd, size).to(device)

@@ -16,7 +16,7 @@ from pathlib import Path
 from llmlabs.common import LabError, print0
 
 MOE_SCALARS = ("moe_load_cv", "moe_load_max", "moe_load_min", "moe_bias_spread", "moe_routed")
-SCALARS = ("loss", "lr_mult", "tok_per_sec", "mfu", "val_bpb", "val_caption_bpb", "core", *MOE_SCALARS)
+SCALARS = ("loss", "lr_mult", "tok_per_sec", "mfu", "val_bpb", "val_caption_bpb", "val_text_bpb", "core", *MOE_SCALARS)
 
 
 class Metrics:

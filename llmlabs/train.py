@@ -71,9 +71,7 @@ def add_args(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="a prepared data directory, or a prepared corpus's name (pysrc) (default: pystdlib "
                                   "on a CPU, pysrc on a GPU, prepared on first use)")
-    g.add_argument("--vision", metavar="TOWER", help="train on captioned images (--data from `llmlabs prepare shapes`) "
-                   "through this SigLIP/SigLIP2 tower: a hub id, a save_pretrained folder, or tiny (random, trained)")
-    g.add_argument("--vision-train", action="store_true", help="train the pretrained --vision tower too (default: frozen)")
+    multimodal.add_args(g)  # --vision, --vision-train, --text-frac
     g = p.add_argument_group("model (the one dial is --depth; unset values come from the CPU or GPU preset)")
     g.add_argument("--depth", type=flags.depth, help="d4..d26 or a number: width = depth x aspect ratio")
     g.add_argument("--aspect-ratio", type=flags.positive_int, help="width per layer of depth")
@@ -578,8 +576,8 @@ def _evaluate(model, data, split, cfg, device, autocast, mm=None):
 
 
 def _modalities(res, split) -> dict:
-    """Per-modality bpb for metrics and the summary (a vision run's caption_bpb), keyed by split."""
-    return {f"{split}_caption_bpb": round(res["caption_bpb"], 6)} if "caption_bpb" in res else {}
+    """Per-modality bpb for metrics and the summary (a vision run's caption_bpb and text_bpb), keyed by split."""
+    return {f"{split}_{k}": round(res[k], 6) for k in ("caption_bpb", "text_bpb") if k in res}
 
 
 def _status(step, row):

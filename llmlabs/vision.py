@@ -243,10 +243,22 @@ def caption_batch(data, split: str, docs, grid: tuple[int, int], device="cpu", s
             "pixels": torch.from_numpy(np.stack([images[d] for d in docs])).to(device)}
 
 
+def with_text_rows(batch: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """A caption batch (with its targets) and text-only rows x [n, T] (targets y) below its rows: one
+    batch, one forward. A text row's positions are (t, t, t), which MRoPE turns into plain RoPE at
+    index t (model.mrope_tables), and it has no patch slots, so the encoder's tokens (its `pixels`,
+    one image per caption row) fill the caption rows' slots only, in row-major order as before."""
+    n, T = x.shape
+    return {**batch, "idx": torch.cat([batch["idx"], x]), "targets": torch.cat([batch["targets"], y]),
+            "positions": torch.cat([batch["positions"], torch.arange(T, device=x.device).expand(n, 3, T)]),
+            "patch_mask": torch.cat([batch["patch_mask"], torch.zeros_like(x, dtype=torch.bool)])}
+
+
 def fused_forward(model, encoder: VisionEncoder, batch: dict, **kw):
     """The LM over a caption batch with the encoder's tokens at the patch positions: logits, or the
-    loss with batch["targets"] (loss_reduction etc. through kw). Each row holds one whole image, so
-    the encoder's [B, n, C] output flattened is the patch slots' row-major order."""
+    loss with batch["targets"] (loss_reduction etc. through kw). Each caption row holds one whole
+    image (text rows, with_text_rows, none), so the encoder's [B, n, C] output flattened is the patch
+    slots' row-major order."""
     feats = encoder(batch["pixels"]).flatten(0, 1)
     return model(batch["idx"], batch.get("targets"), positions=batch["positions"], patch_mask=batch["patch_mask"],
                  patch_embeds=feats, **kw)

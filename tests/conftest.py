@@ -61,26 +61,33 @@ def png_with_size(path, width, height):
                      + chunk(b"IEND", b""))
 
 
+def stdlib_folder(tmp_root: Path, files: int) -> Path:
+    """A folder holding copies of the first `files` .py files of this Python's standard library."""
+    src = tmp_root / "src"
+    src.mkdir(parents=True)
+    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:files]:
+        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    return src
+
+
 def prepared_stdlib(tmp_root: Path, files: int, vocab_size: int, val_frac: float, test_frac: float) -> Path:
     """A data directory prepared from the first `files` .py files of this Python's standard library
     (real source, no download): the autoresearch tests' corpus."""
     from llmlabs.data.prepare import prepare
 
-    src = tmp_root / "src"
-    src.mkdir(parents=True)
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:files]:
-        (src / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    src = stdlib_folder(tmp_root, files)
     return prepare(str(src), out=tmp_root / "data", vocab_size=vocab_size, val_frac=val_frac, test_frac=test_frac)
 
 
-def prepared_shapes(tmp_root: Path, val_frac: float) -> Path:
-    """A small `shapes` caption directory: 200 images of 16 px, vocab 300, no test split."""
+def prepared_shapes(tmp_root: Path, val_frac: float, text: str | None = None) -> Path:
+    """A small `shapes` caption directory: 200 images of 16 px, vocab 300, no test split; with
+    `text`, a text source nested at text/ (`prepare --text`)."""
     from llmlabs.data import captions
     from llmlabs.data.prepare import prepare
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(captions, "SHAPES_IMAGES", 200)
-        return prepare("shapes", tmp_root / "shapes", 300, image_size=16, val_frac=val_frac, test_frac=0.0)
+        return prepare("shapes", tmp_root / "shapes", 300, image_size=16, val_frac=val_frac, test_frac=0.0, text=text)
 
 
 def sigint_after(steps: int):

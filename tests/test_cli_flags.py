@@ -104,6 +104,8 @@ RUNTIME = [
      "apply to hub:OWNER/NAME caption datasets, not to 'shapes'"),
     (["prepare", "{tmp}", "--caption-column", "text", "--out", "{tmp}/e"], ("prepare", "--caption-column"),
      "apply to hub:OWNER/NAME caption datasets"),
+    (["prepare", "pystdlib", "--text", "pystdlib", "--out", "{tmp}/t"], ("prepare", "--text"),
+     "--text mixes text documents into a caption source, and 'pystdlib' is text: drop --text"),
     (["prepare", "hub:o", "--files", "a.parquet", "--out", "{tmp}/e"], ("prepare", "source"),
      "'hub:o' is not a hub dataset: write hub:OWNER/NAME"),
     (["train", "--data", "{tmp}/none"], ("train", "--data"), "is not a data directory: it does not exist"),

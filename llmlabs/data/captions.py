@@ -24,6 +24,7 @@ the patch tokens, `<|image_end|>`) is decided when batches are built, since the 
 tokens depends on the vision tower's patch size, not on the data."""
 import hashlib
 import io
+import itertools
 import json
 import posixpath
 import re
@@ -233,10 +234,11 @@ def caption_pairs(settings: dict, stats: Counter):
         yield from folder_images(Path(source), size, stats)
 
 
-def build_captions(tmp: Path, settings: dict, command: str) -> dict:
+def build_captions(tmp: Path, settings: dict, command: str, extra_texts=()) -> dict:
     """Write a caption data directory into `tmp` (prepare.py renames it into place); returns the
     manifest. Exact duplicates (same pixels and caption) are dropped; each pair goes to the split its
-    key picks (sources.split_of), so the split does not depend on the order of the source."""
+    key picks (sources.split_of), so the split does not depend on the order of the source. BPE trains
+    on the train captions, then on extra_texts (`prepare --text`: the text's train split)."""
     tmp.mkdir(parents=True)
     size, fracs = settings["image_size"], (settings["val_frac"], settings["test_frac"])
     stats, seen = Counter(), set()
@@ -252,8 +254,15 @@ def build_captions(tmp: Path, settings: dict, command: str) -> dict:
     if not pairs["train"] or (fracs[0] and not pairs["val"]):
         raise LabError(f"{settings['source']}: too few images for the splits ({sum(map(len, pairs.values()))} in "
                        f"all): lower --val-frac/--test-frac")
-    t0 = time.time()
-    tokenizer = Tokenizer.train((c for _, c in pairs["train"]), settings["vocab_size"])
+    t0, chars = time.time(), 0
+
+    def bpe_texts():
+        nonlocal chars
+        for text in itertools.chain((c for _, c in pairs["train"]), extra_texts):
+            chars += len(text)
+            yield text
+
+    tokenizer = Tokenizer.train(bpe_texts(), settings["vocab_size"])
     tok_seconds = time.time() - t0
     splits = {}
     for split, docs in pairs.items():
@@ -266,5 +275,4 @@ def build_captions(tmp: Path, settings: dict, command: str) -> dict:
         splits[split]["images"] = f"{split}.images.npy"
     return finish_data_dir(tmp, tokenizer, splits, command=command, settings=settings,
                            source=f"{settings['source']} captioned images, {size} x {size} px",
-                           stats=dict(stats), tokenizer_training={"chars": sum(len(c) for _, c in pairs["train"]),
-                                                                  "seconds": round(tok_seconds, 2)})
+                           stats=dict(stats), tokenizer_training={"chars": chars, "seconds": round(tok_seconds, 2)})

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from llmlabs import flags
 from llmlabs.common import LabError, llmlabs_home, make_dir, print0
 from llmlabs.data.captions import CAPTION_SOURCES, HUB_PREFIX, build_captions, caption_settings
-from llmlabs.data.shards import MANIFEST, SPLITS, ShardWriter, finish_data_dir, token_dtype
+from llmlabs.data.shards import MANIFEST, SPLITS, TEXT_DIR, TOKENIZER_FILE, ShardWriter, finish_data_dir, token_dtype
 from llmlabs.data.sources import HUB_CORPORA, resolve_source, split_of, unique_documents
 from llmlabs.data.tokenizer import Tokenizer
 
@@ -30,34 +30,45 @@ TEST_FRAC = 0.02
 # It covers all of pystdlib (~30M) and autoresearch's 1B-character budget for hub corpora.
 TOKENIZER_CHARS = 1_000_000_000
 BATCH_CHARS = 8 << 20  # documents per encode_batch call: enough work for every thread, bounded memory
+# what a caption directory's nested text/ shares with it (its manifest's settings: the text source's + these)
+TOKENIZER_SETTINGS = ("vocab_size", "val_frac", "test_frac", "tokenizer_chars")
 
 
-def default_data_dir(source: str, vocab_size: int) -> Path:
-    """$LLMLABS_HOME/data/<source>-v<vocab>; a local path is named by its base name plus a path hash."""
-    if source.startswith(HUB_PREFIX):  # a hub caption dataset: OWNER--NAME, as the hub's own cache names it
-        name = source[len(HUB_PREFIX):].replace("/", "--")
-    elif source in ("pystdlib", "pysrc", *HUB_CORPORA, *CAPTION_SOURCES):
-        name = source
-    else:
-        name = resolve_source(source).name
-    return llmlabs_home() / "data" / f"{name}-v{vocab_size}"
+def default_data_dir(source: str, vocab_size: int, text: str | None = None) -> Path:
+    """$LLMLABS_HOME/data/<source>-v<vocab> (<source>+<text>-v<vocab> with --text); a local path is
+    named by its base name plus a path hash."""
+    def name(source):
+        if source.startswith(HUB_PREFIX):  # a hub caption dataset: OWNER--NAME, as the hub's own cache names it
+            return source[len(HUB_PREFIX):].replace("/", "--")
+        named = source in ("pystdlib", "pysrc", *HUB_CORPORA, *CAPTION_SOURCES)
+        return source if named else resolve_source(source).name
+    return llmlabs_home() / "data" / f"{name(source)}{'+' + name(text) if text else ''}-v{vocab_size}"
 
 
 def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob: str | None = None,
             shards: int | None = None, workers: int | None = None, val_frac: float = VAL_FRAC,
             test_frac: float = TEST_FRAC, tokenizer_chars: int = TOKENIZER_CHARS, image_size: int | None = None,
             files: str | None = None, image_column: str | None = None, caption_column: str | None = None,
-            force: bool = False) -> Path:
+            text: str | None = None, force: bool = False) -> Path:
     """Build (or find, when already built with the same settings) a data directory; returns its path.
     Caption sources (shapes, digits, a folder with captions.jsonl, hub:OWNER/NAME with `files`:
-    captions.py) store images at image_size px beside the tokens."""
+    captions.py) store images at image_size px beside the tokens. `text`, a text source for a caption
+    source: its documents become a text data directory nested at <out>/text (manifest, shards and
+    splits of its own) with the captions' tokenizer, which BPE trains on both train splits, so
+    `train --vision` can mix text-only rows into the caption rows (multimodal.py)."""
     t0 = time.time()
     source_settings = caption_settings(source, image_size or IMAGE_SIZE, files, image_column, caption_column)
     if source_settings is not None:
         if glob is not None or shards is not None:
             raise LabError(f"--glob and --shards apply to text sources, not to caption source {source!r}: drop them")
         src = None
+        text_src = None if text is None else resolve_source(text)
+        if text_src:  # the text's settings are part of the directory's: a cached one must match them too
+            source_settings = {**source_settings, "text": text_src.settings}
     else:
+        text_src = None
+        if text is not None:
+            raise LabError(f"--text mixes text documents into a caption source, and {source!r} is text: drop --text")
         if image_size is not None:
             raise LabError(f"--image-size applies to caption sources ({', '.join(CAPTION_SOURCES)}, a folder with "
                            f"captions.jsonl, {HUB_PREFIX}OWNER/NAME), not to {source!r}: drop it")
@@ -68,7 +79,7 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
                        f"val + test < 1")
     if tokenizer_chars < 1:
         raise LabError(f"--tokenizer-chars {tokenizer_chars} must be positive")
-    out = Path(out).expanduser().resolve() if out else default_data_dir(source, vocab_size)
+    out = Path(out).expanduser().resolve() if out else default_data_dir(source, vocab_size, text)
     settings = {**source_settings, "vocab_size": vocab_size, "val_frac": val_frac, "test_frac": test_frac,
                 "tokenizer_chars": tokenizer_chars}
     if (out / MANIFEST).is_file() and not force:
@@ -79,7 +90,8 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
         if old == settings:
             print0(f"data: {out} (already prepared; --force rebuilds)")
             return out
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in {**settings, **old}  # --text gone too
+                         if old.get(k) != settings.get(k))
         raise LabError(f"{out} was prepared with other settings ({diff}): pass --force to rebuild it, "
                        f"or --out elsewhere")
     make_dir(out.parent, "--out")
@@ -91,8 +103,17 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         command = _command(source, out, settings)
-        summary = (build_captions(tmp, settings, command) if src is None else
-                   _build(src, tmp, settings, workers or os.cpu_count() or 1, command))
+        workers = workers or os.cpu_count() or 1
+        if src is not None:
+            summary = _build(src, tmp, settings, workers, command)
+        elif text_src is None:
+            summary = build_captions(tmp, settings, command)
+        else:  # one tokenizer for both: BPE reads the train captions, then the text's train split
+            text_settings = {**settings["text"], **{k: settings[k] for k in TOKENIZER_SETTINGS}}
+            summary = build_captions(tmp, settings, command,
+                                     extra_texts=_tokenizer_texts(text_src, text_settings, Counter()))
+            text_summary = _build(text_src, tmp / TEXT_DIR, text_settings, workers, command,
+                                  tokenizer=(Tokenizer.load(tmp / TOKENIZER_FILE), summary["tokenizer_training"]))
         if out.exists():  # --force: swap the old directory out only once the new one is complete
             retired = out.with_name(f"{out.name}.old-{os.getpid()}")
             os.replace(out, retired)
@@ -104,34 +125,46 @@ def prepare(source: str = "pystdlib", out=None, vocab_size: int = 8192, *, glob:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _print_summary(out, summary, time.time() - t0)
+    if text_src is not None:
+        _print_summary(out / TEXT_DIR, text_summary, time.time() - t0)
     return out
 
 
-def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
-    tmp.mkdir(parents=True)
+def _tokenizer_texts(src, settings: dict, counts: Counter):
+    """Pass 1: the train split's documents in source order, until tokenizer_chars characters (counts
+    ["chars"]). The first is read here, so a source with none is one error line before BPE starts."""
     fracs = settings["val_frac"], settings["test_frac"]
-    t0 = time.time()
-    chars = seen = 0
 
-    def train_texts():  # pass 1: the train split's documents, up to the character cap
-        nonlocal chars, seen
+    def texts():
         for text, _, digest in unique_documents(src, Counter()):
-            if chars >= settings["tokenizer_chars"]:
+            if counts["chars"] >= settings["tokenizer_chars"]:
                 return
-            seen += 1
+            counts["seen"] += 1
             if split_of(digest, *fracs) == "train":
-                chars += len(text)
+                counts["chars"] += len(text)
                 yield text
 
-    texts = train_texts()
-    first = next(texts, None)
+    it = texts()
+    first = next(it, None)
     if first is None:
+        seen = counts["seen"]
         raise LabError(f"source {settings['source']} has no non-empty documents: point it at text" if not seen else
                        f"the train split of {settings['source']} is empty ({seen} documents in all): add documents")
-    # bars in `with`: an error mid-way (a bad .jsonl line) closes the bar before its one line is printed
-    with tqdm(itertools.chain([first], texts), desc="tokenizer text", unit="doc") as docs_bar:
-        tokenizer = Tokenizer.train(docs_bar, settings["vocab_size"])
-    tok_seconds = time.time() - t0
+    return itertools.chain([first], it)
+
+
+def _build(src, tmp: Path, settings: dict, workers: int, command: str, tokenizer=None) -> dict:
+    """Write a text data directory into `tmp`; returns the manifest. tokenizer: (Tokenizer, its
+    training record) to encode with instead of training one (a caption directory's nested text/)."""
+    tmp.mkdir(parents=True)
+    fracs = settings["val_frac"], settings["test_frac"]
+    if tokenizer is None:
+        t0, counts = time.time(), Counter()
+        # bars in `with`: an error mid-way (a bad .jsonl line) closes the bar before its one line is printed
+        with tqdm(_tokenizer_texts(src, settings, counts), desc="tokenizer text", unit="doc") as docs_bar:
+            trained = Tokenizer.train(docs_bar, settings["vocab_size"])
+        tokenizer = trained, {"chars": counts["chars"], "seconds": round(time.time() - t0, 2)}
+    tokenizer, training = tokenizer
 
     # pass 2: encode everything, batch by batch, into per-split shards
     stats = Counter()
@@ -163,7 +196,7 @@ def _build(src, tmp: Path, settings: dict, workers: int, command: str) -> dict:
             raise LabError(f"the {split} split of {settings['source']} is empty ({total} documents in all): add "
                            f"documents or raise its fraction")
     return finish_data_dir(tmp, tokenizer, splits, command=command, settings=settings, source=src.description,
-                           stats=dict(stats), tokenizer_training={"chars": chars, "seconds": round(tok_seconds, 2)})
+                           stats=dict(stats), tokenizer_training=training)
 
 
 def _command(source: str, out: Path, settings: dict) -> str:
@@ -173,6 +206,8 @@ def _command(source: str, out: Path, settings: dict) -> str:
         if settings.get(key) is not None:
             value = ",".join(settings[key]) if key == "files" else settings[key]
             parts.append(f"--{key.replace('_', '-')} '{value}'")
+    if "text" in settings:
+        parts.append(f"--text '{settings['text']['source']}'")
     for key, default in (("val_frac", VAL_FRAC), ("test_frac", TEST_FRAC), ("tokenizer_chars", TOKENIZER_CHARS)):
         if settings[key] != default:
             parts.append(f"--{key.replace('_', '-')} {settings[key]}")
@@ -237,6 +272,8 @@ def add_args(parser):
     parser.add_argument("--files", help=f"{HUB_PREFIX}OWNER/NAME: its parquet files, paths in the repo joined by commas")
     parser.add_argument("--image-column", help=f"{HUB_PREFIX}OWNER/NAME: the image column (image)")
     parser.add_argument("--caption-column", help=f"{HUB_PREFIX}OWNER/NAME: the caption column (caption)")
+    parser.add_argument("--text", metavar="SOURCE", help="caption sources: also a text source (any of the above), "
+                        "nested at OUT/text with the same tokenizer, for `train --vision` to mix text-only rows in")
     parser.add_argument("--force", action="store_true", help="rebuild even if the directory is already prepared")
 
 
@@ -250,6 +287,6 @@ def run(args):
         prepare(args.source, args.out, args.vocab_size, glob=args.glob, shards=args.shards, workers=args.workers,
                 val_frac=args.val_frac, test_frac=args.test_frac, tokenizer_chars=args.tokenizer_chars,
                 image_size=args.image_size, files=args.files, image_column=args.image_column,
-                caption_column=args.caption_column, force=args.force)
+                caption_column=args.caption_column, text=args.text, force=args.force)
     except KeyboardInterrupt:
         raise LabError("interrupted: no data directory was written (downloads so far are kept and resume)") from None

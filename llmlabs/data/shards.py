@@ -3,7 +3,8 @@
 A data directory holds tokenizer.json, per split a few shard pairs (`<split>-NNNN.tokens.npy`: every
 document as BOS + its tokens, concatenated, uint16 when the vocab fits; `<split>-NNNN.docs.npy`: int64
 offsets where each document starts, plus the end), for a caption source `<split>.images.npy`
-(captions.py), and manifest.json, written last. .npy is plain data with a header (dtype, shape): it
+(captions.py), and manifest.json, written last. A caption directory prepared with --text nests a
+text data directory at text/ (its own manifest, the same tokenizer). .npy is plain data with a header (dtype, shape): it
 memory-maps without copying and loads without pickle.
 """
 import hashlib
@@ -21,6 +22,7 @@ FORMAT = "llmlabs-data-v1"
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+TEXT_DIR = "text"  # a caption directory's text-only documents (`prepare --text`): a data directory of its own
 SHARD_TOKENS = 1 << 27  # 256 MB of uint16 per shard file: bounds the writer's memory on big corpora
 
 
