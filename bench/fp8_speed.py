@@ -10,26 +10,15 @@ Extra arguments go to every run (e.g. --total-batch-size 262144 keeps deep model
 tokens/s does not depend on how many micro-batches a step accumulates). Give --data: the default
 corpus for a GPU (pysrc) is prepared on first use, which takes minutes.
 """
-import argparse
-import sys
-
-import torch
-
 import train_speed  # bench/ is the script's own directory, first on sys.path
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depths", default="8,12,20,26", help="comma-separated depths")
+    p = train_speed.compare_parser(__doc__.splitlines()[0], "8,12,20,26", 8, 3)
     p.add_argument("--recipes", default="tensorwise,rowwise", help="comma-separated --fp8 recipes")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation) per configuration")
-    p.add_argument("--out", help="append each result as a JSON line to this file")
     args, extra = p.parse_known_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/fp8_speed.py measures a CUDA GPU: torch sees none here")
     variants = {"bf16": [], **{r: ["--fp8", r] for r in args.recipes.split(",")}}
-    train_speed.compare(variants, [int(d) for d in args.depths.split(",")], args.steps, args.warmup, args.out, extra)
+    train_speed.compare(variants, args, extra)
 
 
 if __name__ == "__main__":

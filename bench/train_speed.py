@@ -102,12 +102,25 @@ def measure(args, command) -> dict:
     return res
 
 
-def compare(variants: dict, depths, steps: int, warmup: int, out: str | None, extra=()) -> list:
-    """Each variant (name -> extra train flags) at each depth, one after another in this process, each
-    compiled from scratch; prints a line per run and a table whose last column is tokens/s relative to
-    the depth's first variant. Returns [(depth, name, result)]."""
+def compare_parser(description: str, depths: str, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The flags of a script built on compare (moe_speed.py, fp8_speed.py); unknown ones go to every run."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--depths", default=depths, help="comma-separated depths")
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps (compilation) per configuration")
+    p.add_argument("--out", help="append each result as a JSON line to this file")
+    return p
+
+
+def compare(variants: dict, args, extra=()) -> list:
+    """Each variant (name -> extra train flags) at each of args.depths, one after another in this
+    process, each compiled from scratch; prints a line per run and a table whose last column is
+    tokens/s relative to the depth's first variant. Returns [(depth, name, result)]."""
     import gc
 
+    if not torch.cuda.is_available():
+        sys.exit(f"{sys.argv[0]} measures a CUDA GPU: torch sees none here")
+    depths, steps, warmup, out = [int(d) for d in args.depths.split(",")], args.steps, args.warmup, args.out
     rows = []
     for depth in depths:
         for name, flags in variants.items():

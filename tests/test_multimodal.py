@@ -26,10 +26,11 @@ def shapes_dir(tmp_path_factory):
     return prepared_shapes(tmp_path_factory.mktemp("mm"), val_frac=0.15)
 
 
-def setup_run(shapes_dir, *extra):
+def setup_run(data_dir, *extra, base=TINY):
+    """train.setup of `base` flags (a tiny CPU vision run) on data_dir, as `llmlabs train` would."""
     p = argparse.ArgumentParser()
     train.add_args(p)
-    cfg = train.resolve_config(p.parse_args([*TINY, "--data", str(shapes_dir), *extra]), torch.device("cpu"))
+    cfg = train.resolve_config(p.parse_args([*base, "--data", str(data_dir), *extra]), torch.device("cpu"))
     return train.setup(cfg, torch.device("cpu"))
 
 

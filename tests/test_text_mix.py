@@ -2,7 +2,6 @@
 --text` nests a text directory with the captions' tokenizer, a micro-batch holds a fixed number of
 text rows with plain positions and no patches (their loss is the LM's alone), val_text_bpb is
 evaluate_bpb on the nested directory, a mixed run resumes exactly, and bad combinations are one line."""
-import argparse
 import json
 import re
 
@@ -18,6 +17,7 @@ from llmlabs.data.tokenizer import Tokenizer
 from test_data_prepare import split_docs
 
 pytest.importorskip("transformers")
+import test_multimodal  # noqa: E402 (its setup_run, with this module's flags)
 # as test_multimodal's TINY, with room for the captions: a tokenizer shared with code spends fewer ids on them
 T = 192
 TINY = ["--vision", "tiny", "--depth", "1", "--aspect-ratio", "32", "--head-dim", "16", "--seq-len", str(T),
@@ -34,10 +34,7 @@ def mixed(tmp_path_factory):
 
 
 def setup_run(data, *extra):
-    p = argparse.ArgumentParser()
-    train.add_args(p)
-    cfg = train.resolve_config(p.parse_args([*TINY, "--data", str(data), *extra]), torch.device("cpu"))
-    return train.setup(cfg, torch.device("cpu"))
+    return test_multimodal.setup_run(data, *extra, base=TINY)
 
 
 def summary_block(out):
