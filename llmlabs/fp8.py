@@ -7,8 +7,10 @@ of each matmul to float8 on the fly with dynamic scales (arXiv 2209.05433 for th
   (its wider range, less precision), the recipe of the FP8 papers.
 - `rowwise`: one scale per row (per column of the weight), e4m3 everywhere, scales rounded to powers
   of two: more accurate at outliers, slower casts.
-Under torch.compile the casts (amax, scale, cast) fuse into the kernels that produce the operands,
-which is what makes FP8 pay at these widths (a bare cast per call costs about what it saves).
+Under torch.compile the casts (amax, scale, cast) can fuse into the kernels that produce the
+operands; only then can FP8 pay at these widths, where a bare cast per call costs about what the
+float8 matmul saves. Measured so far (bench/fp8_speed.py, H200): the whole d12 step at 0.96x bf16
+with tensorwise; whether the casts fuse in our graph is not yet checked (its --profile).
 
 What runs in float8: the attention projections (q, k, v, out) and the MLP's two matmuls, the MoE's
 shared expert too. What stays bf16, by choice: the embeddings, lm_head (the logits are precision-
