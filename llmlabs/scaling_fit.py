@@ -94,6 +94,10 @@ def warnings(p, L, intervals, budgets):
     out = []
     if p["E"] < 0.01 * np.min(L):
         out.append(f"E fitted ~0 ({p['E']:.3g}): these cells show no floor, so E and the exponents trade off freely")
+    elif "E" in intervals and intervals["E"][0] < 0.01 * np.min(L):
+        lo, hi = intervals["E"]
+        out.append(f"E's 5-95% interval reaches ~0 ({lo:.3g} .. {hi:.3g}): resamples of these cells fit no floor, "
+                   "so the floor and the exponents are not pinned down")
     for k, what in (("alpha", "N (model size)"), ("beta", "D (tokens)")):
         if p[k] > 2:
             out.append(f"{k} = {p[k]:.3g} > 2: the {what} term is spent inside the sweep (it sets apart its smallest "

@@ -58,6 +58,17 @@ def test_fit_recovers_known_parameters_and_the_bootstrap_covers_them():
     assert intervals["ratio@1e+21"][0] <= ratio <= intervals["ratio@1e+21"][1]
 
 
+def test_warnings_name_a_floor_the_cells_do_not_determine():
+    # the point fit's E, or only its interval, near 0 (a CPU sweep had E 1.05 with a 5-95% interval
+    # from 2e-13): each is said; a determined floor is not
+    L = np.array([1.5, 2.0, 3.0])
+    p = dict(TRUE, E=1.05)
+    said = lambda p, e: " ".join(scaling_fit.warnings(p, L, {"E": e}, budgets=()))
+    assert said(p, (0.9, 1.2)) == ""
+    assert "E's 5-95% interval reaches ~0 (2e-13 .. 1.38)" in said(p, (2e-13, 1.38))
+    assert "E fitted ~0" in said(dict(p, E=1e-9), (2e-13, 1.38)) and "interval" not in said(dict(p, E=1e-9), (2e-13, 1.38))
+
+
 def test_compute_optimal_is_the_minimum_of_the_law_at_fixed_compute():
     C = 1e21
     n_opt, d_opt, ratio = scaling_fit.compute_optimal(TRUE, C)
