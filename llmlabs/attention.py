@@ -245,6 +245,9 @@ def attention(q, k, v, window: int | None = None, scale: float | None = None):
     return y.transpose(1, 2)
 
 
+_DECODE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, for generation. `model(idx, kv_cache=cache)` takes
     the tokens at positions cache.pos.., appends their K/V to every layer, attends over the cache
@@ -281,9 +284,13 @@ class KVCache:
         # [B, 1, Tq, Tk]; a padding query also sees itself: a row with no key would softmax to NaN,
         # and NaN times a zero weight is still NaN in the next layer's values
         mask = (_window_mask(q_pos, k_pos, window) & real[:, None, None, :]) | (q_pos[:, None] == k_pos[None, :])
-        y = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(1, 2), keys.transpose(1, 2),
-                                           values.transpose(1, 2), attn_mask=mask, scale=scale,
-                                           enable_gqa=keys.size(2) != q.size(2))
+        # not cuDNN: SDPA's cuDNN backend builds a graph per shape, and every decode step is a new
+        # key length (64 ms a step at d12 on an H200, whatever the batch); the memory-efficient
+        # kernel takes the mask as it is
+        with sdpa_kernel(_DECODE_BACKENDS):
+            y = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(1, 2), keys.transpose(1, 2),
+                                               values.transpose(1, 2), attn_mask=mask, scale=scale,
+                                               enable_gqa=keys.size(2) != q.size(2))
         return y.transpose(1, 2).to(q.dtype)
 
     def advance(self, n: int):

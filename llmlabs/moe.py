@@ -116,26 +116,31 @@ class MoE(nn.Module):
         """All experts in two grouped matmuls. Every (token, slot) assignment gets a row of one
         buffer, the rows of expert e together in a block that starts on a multiple of ALIGN_ROWS;
         the buffer's size is fixed (N*k + E*(ALIGN_ROWS-1)), so nothing here depends on the routing's
-        values and no step syncs with the host."""
+        values and no step syncs with the host. The data moves twice: one gather into the buffer and
+        one gather back, in token order, summed over each token's k rows (no scatter of outputs)."""
         N, k, E = chosen.shape[0], self.top_k, self.n_experts
-        expert = chosen.flatten()                                      # [N*k] expert of each assignment
+        expert = chosen.flatten()                                      # [N*k] expert of assignment token*k + slot
         order = torch.argsort(expert, stable=True)                     # assignments grouped by expert
         load = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
         padded = (load + ALIGN_ROWS - 1) // ALIGN_ROWS * ALIGN_ROWS
         ends = padded.cumsum(0)
         e_sorted = expert[order]
         rank_in_expert = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[e_sorted]
-        row = (ends - padded)[e_sorted] + rank_in_expert              # buffer row of each sorted assignment
+        row = torch.empty_like(order).scatter_(0, order, (ends - padded)[e_sorted] + rank_in_expert)  # per assignment
+        # the token each buffer row reads. Padding rows read token 0: their outputs are never read
+        # back, so their gradients are exactly zero and add nothing to any weight's or input's gradient
+        src = torch.zeros(N * k + E * (ALIGN_ROWS - 1), dtype=torch.long, device=x.device).scatter_(
+            0, row, torch.arange(N * k, device=x.device) // k)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        token = order // k
-        buf = x.new_zeros(N * k + E * (ALIGN_ROWS - 1), x.shape[1], dtype=dtype).index_copy(0, row, x[token].to(dtype))
-        offs = ends.to(torch.int32)
+        buf = x.to(dtype)[src]
+        # the last expert's block runs to the buffer's end: rows outside every block would get
+        # uninitialised gradients from grouped_mm, and every row's gradient reaches x through src
+        offs = torch.cat([ends[:-1], ends.new_full((1,), src.numel())]).to(torch.int32)
         h = grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
         # CUDA autocast runs square (as pow) in float32, and grouped_mm, not an autocast op, refuses a
         # float32 operand beside a bfloat16 one (H200, torch 2.11): the activation goes back to `dtype`
         y = grouped_mm(F.relu(h).square().to(dtype), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
-        y = y[row] * gates.flatten()[order, None].to(dtype)
-        return torch.zeros_like(x, dtype=dtype).index_add(0, token, y)
+        return (y[row].view(N, k, -1) * gates.to(dtype).unsqueeze(-1)).sum(1)
 
     def _sequence_balance_loss(self, chosen, scores):
         """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), without its alpha:
