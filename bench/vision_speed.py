@@ -2,15 +2,20 @@
 d12 LM, the whole training step (tower forward, merger, LM forward + backward, optimizer), on a GPU.
 
     PYTHONPATH=. python3 bench/vision_speed.py [--depth 12] [--images 64] [--image-size 384] [--caption 45]
-        [--vision-train] [--steps 10] [--out bench/results/vision_speed-h200.jsonl]
+        [--accum N] [--vision-train] [--steps 10] [--profile] [--out bench/results/vision_speed-h200.jsonl]
 
 One row per image as `llmlabs train --vision` builds them: BOS, <|image_start|>, the 2x2-merged patch
 tokens (384 px / patch 16 = 24 x 24 patches -> 144 tokens), <|image_end|>, a caption (random tokens),
-3D MRoPE positions; random pixels. Three variants, one process: eager; the LM compiled; the LM and the
-encoder compiled (train.py compiles nothing of a vision run yet: this measures what compiling gains).
-MFU counts what the step computes: the LM's training FLOPs per token (model.flops_per_token: 6 per
-weight, attention) over every position, plus the encoder's forward FLOPs per image as
-torch.utils.flop_counter counts them, times 3 where it trains (the merger always; the tower with
+3D MRoPE positions; random pixels. Three variants, one process: eager; the LM compiled (what `llmlabs
+train` runs); the LM and the encoder compiled.
+
+A step is what training runs: --accum micro-batches of --images rows, then one optimizer step.
+The two are timed apart (medians over --steps) and the step is accum x micro-batch + optimizer;
+--accum defaults to the depth's preset batch (scaling.hyperparams_for) over the rows' tokens, as
+`llmlabs train` divides it (42 at d12: the optimizer is a small part of a step, as in training).
+MFU counts what the step computes, as train.py does (VisionEncoder.flops_per_image): the LM's
+training FLOPs per token (model.flops_per_token: 6 per weight, attention) over every position, plus
+the encoder's forward FLOPs per image, times 3 where it trains (the merger always; the tower with
 --vision-train) and once where it only runs forward (a frozen tower), against the bf16 peak.
 """
 import argparse
@@ -20,7 +25,6 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from llmlabs.common import peak_flops
 from llmlabs.config import config_for_depth
@@ -30,7 +34,6 @@ from llmlabs.scaling import hyperparams_for
 from llmlabs.vision import VisionEncoder, VisionTower, mask_patch_targets, mrope_positions
 
 import train_speed  # bench/ is the script's own directory, first on sys.path
-from attention_speed import timed
 
 # SigLIP2 so400m/16 (google/siglip2-so400m-patch16-384's vision config); tiny: a dry run's
 TOWERS = {"so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -50,6 +53,20 @@ def rows(B, grid, caption, vocab, device, seed=0):
             "patch_mask": (idx == 2).to(device)}
 
 
+def median_ms(fn, reps, cuda):
+    """fn's median wall time in ms over reps calls, after one untimed call; the GPU synced around each."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--depth", type=int, default=12)
@@ -57,7 +74,9 @@ def main():
     p.add_argument("--image-size", type=int, default=384)
     p.add_argument("--caption", type=int, default=45, help="caption tokens per row")
     p.add_argument("--vision-train", action="store_true", help="train the tower too (default frozen, as pretrained)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--accum", type=int, help="micro-batches per optimizer step (default: the preset's batch, as train)")
+    p.add_argument("--steps", type=int, default=10, help="timed micro-batches, and timed optimizer steps")
+    p.add_argument("--profile", action="store_true", help="print the costliest CUDA kernels of 3 micro-batches")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="eager,lm,all", help="eager | lm (LM compiled) | all (LM and encoder compiled)")
     p.add_argument("--tower", choices=TOWERS, default="so400m")
@@ -85,53 +104,54 @@ def main():
     pixels = torch.randint(0, 256, (a.images, a.image_size, a.image_size, 3), dtype=torch.uint8, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
-    with torch.no_grad(), autocast, FlopCounterMode(display=False) as fc:
-        encoder.tower(pixels[:1])
-    tower_fwd = fc.get_total_flops()
-    with torch.no_grad(), autocast, FlopCounterMode(display=False) as fc:
-        encoder(pixels[:1])
-    merger_fwd = fc.get_total_flops() - tower_fwd
-    step_flops = (model.flops_per_token() * a.images * T
-                  + a.images * (tower_fwd * (3 if a.vision_train else 1) + 3 * merger_fwd))
+    tower_fwd, merger_fwd = encoder.flops_per_image()
+    micro_flops = (model.flops_per_token() * a.images * T
+                   + a.images * (tower_fwd * (3 if a.vision_train else 1) + 3 * merger_fwd))
+    accum = a.accum or max(1, hp["total_batch_size"] // (a.images * T))
     peak = peak_flops(device)
     print(f"tower {sum(q.numel() for q in tower.parameters()) / 1e6:.0f}M params, {tower_fwd / 1e9:.1f} GFLOP forward "
           f"per image; merger {merger_fwd / 1e9:.2f} GFLOP; LM d{a.depth} {model.num_params()['total'] / 1e6:.0f}M "
-          f"params, {T} positions a row; {step_flops / 1e12:.2f} TFLOP a step", flush=True)
+          f"params, {T} positions a row; {micro_flops / 1e12:.2f} TFLOP a micro-batch, {accum} a step", flush=True)
 
     results = []
     for variant in a.variants.split(","):
-        lm = torch.compile(model) if variant in ("lm", "all") and cuda else model
+        lm = torch.compile(model, fullgraph=True) if variant in ("lm", "all") and cuda else model
         enc = torch.compile(encoder) if variant == "all" and cuda else encoder
 
-        def step():
+        def micro():
             with autocast:
                 feats = enc(pixels).flatten(0, 1)
                 loss = lm(batch["idx"], batch["targets"], positions=batch["positions"], patch_mask=batch["patch_mask"],
                           patch_embeds=feats)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.item()
+            (loss / accum).backward()
 
         t0 = time.time()
         for _ in range(a.warmup):
-            step()
+            micro()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         warm = time.time() - t0
-        times = []
-        for _ in range(a.steps):
-            if cuda:
+        # the optimizer timed with gradients in place (micro's, accumulated): without them it skips
+        micro_ms, opt_ms = median_ms(micro, a.steps, cuda), median_ms(opt.step, a.steps, cuda)
+        opt.zero_grad(set_to_none=True)
+        if a.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    micro()
                 torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=80))
         with torch.no_grad(), autocast:
-            enc_ms = timed(lambda: enc(pixels), 5) if cuda else float("nan")
-        dt = statistics.median(times)
+            enc_ms = median_ms(lambda: enc(pixels), 5, cuda)
+        dt = (accum * micro_ms + opt_ms) / 1e3
         res = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": train_speed._commit(),
                "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "variant": variant, "depth": a.depth,
                "images": a.images, "image_size": a.image_size, "positions": T, "vision_train": a.vision_train,
-               "step_ms": round(1e3 * dt, 1), "images_per_s": round(a.images / dt, 1),
-               "tok_per_s": round(a.images * T / dt), "mfu": round(100 * step_flops / dt / peak, 2) if peak else None,
+               "accum": accum, "micro_ms": round(micro_ms, 1), "optimizer_ms": round(opt_ms, 1),
+               "step_ms": round(1e3 * dt, 1), "images_per_s": round(accum * a.images / dt, 1),
+               "tok_per_s": round(accum * a.images * T / dt),
+               "mfu": round(100 * accum * micro_flops / dt / peak, 2) if peak else None,
                "encoder_forward_ms": round(enc_ms, 1), "warmup_s": round(warm, 1),
                "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
         results.append(res)
@@ -142,10 +162,11 @@ def main():
         torch._dynamo.reset()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-    print(f"\n{'variant':>8} {'step ms':>8} {'images/s':>9} {'tokens/s':>10} {'MFU %':>6} {'encoder fwd ms':>14} {'peak GB':>7}")
+    print(f"\n{'variant':>8} {'micro ms':>8} {'optim ms':>8} {'images/s':>9} {'tokens/s':>10} {'MFU %':>6} "
+          f"{'encoder fwd ms':>14} {'peak GB':>7}")
     for r in results:
-        print(f"{r['variant']:>8} {r['step_ms']:>8} {r['images_per_s']:>9} {r['tok_per_s']:>10,} {str(r['mfu']):>6} "
-              f"{r['encoder_forward_ms']:>14} {str(r['peak_mem_gb']):>7}")
+        print(f"{r['variant']:>8} {r['micro_ms']:>8} {r['optimizer_ms']:>8} {r['images_per_s']:>9} {r['tok_per_s']:>10,} "
+              f"{str(r['mfu']):>6} {r['encoder_forward_ms']:>14} {str(r['peak_mem_gb']):>7}")
 
 
 if __name__ == "__main__":

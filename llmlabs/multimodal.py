@@ -217,6 +217,14 @@ class Fusion:
                f"merger {count(self.encoder.merger):.2f}M; {self.encoder.tokens_per_image} tokens per "
                f"{image_size}-px image" + (f"; {n_text} of {B} rows a micro-batch are text" if n_text else ""))
 
+    def flops_per_token(self) -> float:
+        """The encoder's training FLOPs per token of a step, for MFU and --target-flops: each caption
+        row's image through the tower (forward only when frozen, x3 with a backward when it trains)
+        and the merger (x3: it always trains), spread over the micro-batch's B x seq_len tokens."""
+        tower, merger = self.encoder.flops_per_image()
+        per_image = tower * (3 if self.encoder.tower.trainable else 1) + 3 * merger
+        return per_image * self.captions.B / (self.B * self.seq_len)
+
     def param_groups(self, cfg) -> list[dict]:
         return encoder_param_groups(self.encoder, cfg["matrix_lr"], cfg["weight_decay"])
 

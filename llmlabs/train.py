@@ -288,12 +288,13 @@ def _train(args, held):
 
     use_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-    compiled = use_cuda and not cfg.get("no_compile") and not mm  # the fused forward runs eager for now
-    fwd = mm.loss_fn(model) if mm else torch.compile(model, fullgraph=True) if compiled else model
+    compiled = use_cuda and not cfg.get("no_compile")
+    lm = torch.compile(model, fullgraph=True) if compiled else model
+    fwd = mm.loss_fn(lm) if mm else lm  # a vision run: the encoder eager (compiling it gained nothing, vision_speed)
     untimed_steps = UNTIMED_STEPS if compiled else EAGER_UNTIMED_STEPS
     peak = peak_flops(device)
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
-           f"{flops_per_token / 1e6:.1f} MFLOP/token; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
+           f"{flops_per_token / 1e6:.1f} MFLOP/token{' (LM + vision encoder)' if mm else ''}; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
            f"{world} ranks x {accum} accum; attention {attention.describe(device)}")
     if run.fp8_layers:
         print0(fp8.describe(peak, cfg["fp8"], run.fp8_layers))
@@ -483,7 +484,7 @@ def setup(cfg, device, rank=0, world=1):
     return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader, mm=mm,
                            distributed=distributed, fp8_layers=fp8_layers,
                            accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
-                           flops_per_token=model.flops_per_token())
+                           flops_per_token=model.flops_per_token() + (mm.flops_per_token() if mm else 0))
 
 
 def train_step(fwd, model, optimizer, loader, accum, autocast, world=1):

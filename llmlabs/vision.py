@@ -162,6 +162,21 @@ class VisionEncoder(nn.Module):
     def tokens_per_image(self) -> int:
         return self.merged_grid[0] * self.merged_grid[1]
 
+    @torch.no_grad()
+    def flops_per_image(self) -> tuple[int, int]:
+        """Forward FLOPs of one image through the tower and through the merger, as torch's
+        FlopCounterMode counts them: matmuls and attention (its CPU kernel only in part),
+        element-wise work not at all, as model.flops_per_token counts the LM."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        S, device = self.image_size, self.merger.fc1.weight.device
+        with FlopCounterMode(display=False) as fc:
+            feats = self.tower(torch.zeros(1, S, S, 3, dtype=torch.uint8, device=device))
+        tower = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            self.merger(feats)
+        return tower, fc.get_total_flops()
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.shape[1] != self.image_size:
             raise LabError(f"images of {pixels.shape[1]} px, the encoder was built for {self.image_size}: "
