@@ -116,8 +116,8 @@ class MoE(nn.Module):
         """All experts in two grouped matmuls. Every (token, slot) assignment gets a row of one
         buffer, the rows of expert e together in a block that starts on a multiple of ALIGN_ROWS;
         the buffer's size is fixed (N*k + E*(ALIGN_ROWS-1)), so nothing here depends on the routing's
-        values and no step syncs with the host. The data moves twice: one gather into the buffer and
-        one gather back, in token order, summed over each token's k rows (no scatter of outputs)."""
+        values and no step syncs with the host. Rows move by gathers only, forward and backward
+        (_Dispatch, _Combine): no scatter-add, no atomics."""
         N, k, E = chosen.shape[0], self.top_k, self.n_experts
         expert = chosen.flatten()                                      # [N*k] expert of assignment token*k + slot
         order = torch.argsort(expert, stable=True)                     # assignments grouped by expert
@@ -127,20 +127,20 @@ class MoE(nn.Module):
         e_sorted = expert[order]
         rank_in_expert = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[e_sorted]
         row = torch.empty_like(order).scatter_(0, order, (ends - padded)[e_sorted] + rank_in_expert)  # per assignment
-        # the token each buffer row reads. Padding rows read token 0: their outputs are never read
-        # back, so their gradients are exactly zero and add nothing to any weight's or input's gradient
-        src = torch.zeros(N * k + E * (ALIGN_ROWS - 1), dtype=torch.long, device=x.device).scatter_(
-            0, row, torch.arange(N * k, device=x.device) // k)
+        R = N * k + E * (ALIGN_ROWS - 1)
+        assignment = torch.zeros(R, dtype=torch.long, device=x.device).scatter_(0, row, torch.arange(N * k, device=x.device))
+        real = torch.zeros(R, dtype=torch.bool, device=x.device).scatter_(0, row, True)  # not a padding row
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        buf = x.to(dtype)[src]
-        # the last expert's block runs to the buffer's end: rows outside every block would get
-        # uninitialised gradients from grouped_mm, and every row's gradient reaches x through src
-        offs = torch.cat([ends[:-1], ends.new_full((1,), src.numel())]).to(torch.int32)
+        buf = _Dispatch.apply(x.to(dtype), assignment // k, row, k)  # padding rows copy token 0
+        # the last expert's block runs to the buffer's end: grouped_mm leaves rows outside every
+        # block uninitialised, and they would reach the weights' gradients
+        offs = torch.cat([ends[:-1], ends.new_full((1,), R)]).to(torch.int32)
         h = grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
         # CUDA autocast runs square (as pow) in float32, and grouped_mm, not an autocast op, refuses a
         # float32 operand beside a bfloat16 one (H200, torch 2.11): the activation goes back to `dtype`
         y = grouped_mm(F.relu(h).square().to(dtype), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
-        return (y[row].view(N, k, -1) * gates.to(dtype).unsqueeze(-1)).sum(1)
+        rows = _Combine.apply(y, row, assignment, real)              # [N*k, C] in assignment order
+        return (rows.view(N, k, -1) * gates.to(dtype).unsqueeze(-1)).sum(1)
 
     def _sequence_balance_loss(self, chosen, scores):
         """DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), without its alpha:
@@ -164,3 +164,35 @@ class MoE(nn.Module):
         self.expert_bias.add_(self.bias_rate * torch.sign(load.mean() - load))
         self.expert_load.zero_()
         return load
+
+
+class _Dispatch(torch.autograd.Function):
+    """buf = x[src]: each buffer row a copy of its token. Backward gathers too: token t's gradient
+    is the sum of its k assignments' rows, read at row[t*k + j] (padding rows are never read)."""
+
+    @staticmethod
+    def forward(ctx, x, src, row, k):
+        ctx.save_for_backward(row)
+        ctx.k = k
+        return x[src]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row,) = ctx.saved_tensors
+        return grad[row].view(-1, ctx.k, grad.shape[1]).sum(1), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """rows = y[row]: each assignment's expert output, in assignment order. Backward gathers too:
+    buffer row r's gradient is its assignment's, zero for padding rows (so they add nothing to the
+    weights' gradients or, through _Dispatch, to token 0's)."""
+
+    @staticmethod
+    def forward(ctx, y, row, assignment, real):
+        ctx.save_for_backward(assignment, real)
+        return y[row]
+
+    @staticmethod
+    def backward(ctx, grad):
+        assignment, real = ctx.saved_tensors
+        return torch.where(real.unsqueeze(-1), grad[assignment], 0), None, None, None

@@ -167,6 +167,26 @@ def test_a_pretrained_tower_is_frozen_unless_vision_train(shapes_dir, tmp_path, 
     assert (run.mm.state_dict()["tower"] != {}) == vision_train  # a frozen tower is reloaded from --vision
 
 
+@pytest.mark.parametrize("vision_train", [False, True], ids=["frozen", "vision-train"])
+def test_flops_per_token_counts_the_tower_forward_once_frozen_and_thrice_trained(shapes_dir, tmp_path, vision_train):
+    """MFU and --target-flops of a vision run add the encoder to the LM's count: per caption row, the
+    tower's forward (x3 when it trains) and the merger's (x3), over the micro-batch's tokens. Against
+    hand counts: the merger's two Linears exactly; the tower's Linears, plus at most its attention."""
+    run = setup_run(shapes_dir, "--vision", pretrained_tower(tmp_path), *(["--vision-train"] if vision_train else []))
+    enc, cfg = run.mm.encoder, run.mm
+    C, inner, L, p = (multimodal.TINY_TOWER[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                          "patch_size"))
+    n, tokens, W = (enc.image_size // p) ** 2, enc.tokens_per_image, run.model.config.n_embd
+    merger = 2 * tokens * (4 * C * 4 * C + 4 * C * W)
+    linears = 2 * n * (p * p * 3 * C) + L * 2 * n * (4 * C * C + 2 * C * inner)
+    tower, got_merger = enc.flops_per_image()
+    assert got_merger == merger
+    assert linears <= tower <= linears + L * 4 * n * n * C  # attention: QK^T and AV, counted in part on CPU
+    per_image = tower * (3 if vision_train else 1) + 3 * merger
+    assert run.flops_per_token - run.model.flops_per_token() == pytest.approx(
+        per_image * cfg.captions.B / (cfg.B * cfg.seq_len), rel=1e-12)
+
+
 def test_caption_loader_ranks_split_one_global_batch_and_state_resumes(shapes_dir):
     from llmlabs.data.shards import DataDir
 
