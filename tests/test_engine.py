@@ -177,3 +177,25 @@ def test_sample_command_batches_streams_and_reports_tokens_per_second(run_dir, t
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert cli.main(["sample", run_dir, "--prompts-file", str(tmp_path / "blank.txt")]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the KV cache's CUDA attention (bf16, SDPA's memory-efficient "
+                                                          "kernel) needs a GPU")
+def test_cuda_kv_cache_in_bf16_is_as_close_to_float64_as_the_full_forward(model64):
+    """`llmlabs sample` on a GPU: bf16 weights, prefill and one-token decode steps through the cache.
+    Each row's cached logits are about as far from the float64 CPU reference as a bf16 full forward."""
+    new = torch.randint(0, 61, (4, 5), generator=torch.Generator().manual_seed(4))
+    longest = max(map(len, PROMPTS))
+    pads = [longest - len(p) for p in PROMPTS]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pads, PROMPTS)])
+    bf16 = randomized(build_model(tiny_config(sequence_len=48), "cuda"), seed=5).bfloat16().eval()
+    with torch.no_grad():
+        cache = KVCache(4, longest + 5, bf16.config, "cuda", torch.bfloat16, starts=pads)
+        pieces = [bf16(ids.cuda(), kv_cache=cache)] + [bf16(new[:, t:t + 1].cuda(), kv_cache=cache) for t in range(5)]
+        cached = torch.cat(pieces, dim=1).double().cpu()
+        for row, (p, n) in enumerate(zip(PROMPTS, pads)):
+            seq = torch.tensor([p + new[row].tolist()])
+            ref = model64(seq)[0]
+            full_err = (bf16(seq.cuda())[0].double().cpu() - ref).abs().max().item()
+            cache_err = (cached[row, n:] - ref).abs().max().item()
+            assert cache_err <= 2 * full_err + 1e-2, (row, cache_err, full_err)
