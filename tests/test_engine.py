@@ -4,6 +4,7 @@ top-k never samples outside the k most likely, top-p outside the nucleus; the co
 output. Batches: prompts of different lengths in one batch get, greedy, the tokens each gets alone,
 and the cache's logits equal each row's own full forward to float64 rounding; `llmlabs sample`
 batches, streams, and reports tokens/s on stderr."""
+import copy
 import random
 from dataclasses import asdict
 
@@ -188,7 +189,7 @@ def test_cuda_kv_cache_in_bf16_is_as_close_to_float64_as_the_full_forward(model6
     longest = max(map(len, PROMPTS))
     pads = [longest - len(p) for p in PROMPTS]
     ids = torch.tensor([[0] * n + p for n, p in zip(pads, PROMPTS)])
-    bf16 = randomized(build_model(tiny_config(sequence_len=48), "cuda"), seed=5).bfloat16().eval()
+    bf16 = copy.deepcopy(model64).to("cuda", torch.bfloat16)
     with torch.no_grad():
         cache = KVCache(4, longest + 5, bf16.config, "cuda", torch.bfloat16, starts=pads)
         pieces = [bf16(ids.cuda(), kv_cache=cache)] + [bf16(new[:, t:t + 1].cuda(), kv_cache=cache) for t in range(5)]
