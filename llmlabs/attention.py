@@ -10,6 +10,7 @@ Plans (layer kind -> kernel):
                                              would not pick cuDNN)
   CUDA, fp32                                full: sdpa (PyTorch picks)  window: flex
   CPU                                       full and window: cpu (SDPA, with a mask for windows)
+  CUDA, head dim not a multiple of 8        full: sdpa          window: cpu (no fused kernel takes it)
 A GPU never gets a dense T x T mask in training. "cudnn" is cuDNN's fused attention with its
 diagonal band (kernels/cudnn_attention.py): the kernels PyTorch's SDPA runs for full layers,
 reached through cudnn-frontend because SDPA has no window argument. Without it, window layers get
@@ -96,14 +97,17 @@ def _flash_window_usable(dtype) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
+def _plan(device_type: str, dtype: torch.dtype, kind: str, head_dim: int) -> str:
     """The backend for one layer kind ("full" | "window"). Runs eagerly even while dynamo traces
     (assume_constant_result), so the imports, the log line and the cache cost nothing per step and
     the traced graph holds just the chosen kernel."""
-    key = (device_type, dtype, kind)
+    key = (device_type, dtype, kind, head_dim)
     if key in _plans:
         return _plans[key]
     choice, half = _forced, dtype in (torch.bfloat16, torch.float16)
+    # cuDNN's and flash's fused kernels take head dims in multiples of 8 only ("hidden_dim should be
+    # multiple of 8"): auto sends any other head dim to SDPA's own pick, windows through a dense mask
+    odd = head_dim % 8 != 0
     if device_type != "cuda":
         if choice not in ("auto", "cpu", "flex"):
             raise LabError(f"attention backend {choice!r} needs a CUDA GPU, the tensors are on {device_type}: "
@@ -111,6 +115,11 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
         name = "flex" if choice == "flex" else "cpu"
     elif choice in ("cpu", "flex"):
         name = choice
+    elif choice in ("fa3", "cudnn", "flash", "sdpa-cudnn", "sdpa-flash") and odd:
+        raise LabError(f"attention backend {choice} needs a head dim that is a multiple of 8, the model's is "
+                       f"{head_dim}: change --head-dim or use --attention auto")
+    elif odd:
+        name = "sdpa" if kind == "full" else "cpu"
     elif choice in ("auto", "fa3") and _fa3_usable(dtype):
         name = "fa3"
     elif choice == "fa3":
@@ -150,15 +159,15 @@ def _plan(device_type: str, dtype: torch.dtype, kind: str) -> str:
     return name
 
 
-def describe(device=None, dtype=None) -> dict:
+def describe(device=None, dtype=None, head_dim: int = 128) -> dict:
     """Layer kind -> backend. With no arguments: what attention() has used so far (the trainer
     prints it and records it in the run summary). With a device: the plan for inputs of that
-    device and dtype (default: bf16 on CUDA, as the trainer runs, float32 elsewhere), resolved now."""
+    device, dtype (default: bf16 on CUDA, as the trainer runs, float32 elsewhere) and head dim, resolved now."""
     if device is None:
         return dict(_used)
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return {kind: _plan(device.type, dtype, kind) for kind in ("full", "window")}
+    return {kind: _plan(device.type, dtype, kind, head_dim) for kind in ("full", "window")}
 
 
 def _block_mask(T: int, window: int | None, device) -> BlockMask:
@@ -216,7 +225,7 @@ def attention(q, k, v, window: int | None = None, scale: float | None = None):
                        "[B, T, Hq, D] and [B, T, Hkv, D] with Hq a multiple of Hkv")
     if window is not None and window >= T - 1:
         window = None  # the window covers every key: plain causal attention, the fast path
-    name = _plan(q.device.type, q.dtype, "full" if window is None else "window")
+    name = _plan(q.device.type, q.dtype, "full" if window is None else "window", D)
     gqa = k.size(2) != Hq
     if name == "fa3":
         out = _fa3.flash_attn_func(q, k, v, softmax_scale=scale, causal=True,

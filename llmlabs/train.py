@@ -295,7 +295,7 @@ def _train(args, held):
     peak = peak_flops(device)
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token{' (LM + vision encoder)' if mm else ''}; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
-           f"{world} ranks x {accum} accum; attention {attention.describe(device)}")
+           f"{world} ranks x {accum} accum; attention {attention.describe(device, head_dim=mcfg.head_dim)}")
     if run.fp8_layers:
         print0(fp8.describe(peak, cfg["fp8"], run.fp8_layers))
     if run.distributed:

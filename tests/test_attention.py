@@ -137,6 +137,16 @@ def test_describe_plans_for_a_device():
     assert attn.describe("cpu", torch.float32) == {"full": "flex", "window": "flex"}
 
 
+def test_a_head_dim_off_the_multiples_of_8_plans_sdpa_and_refuses_fused_kernels():
+    """cuDNN, flash and FA3 take head dims in multiples of 8: auto must not hand them a 12 (cuDNN raised
+    "hidden_dim should be multiple of 8" mid-forward), and forcing one names the head dim."""
+    assert attn.describe("cuda", torch.bfloat16, head_dim=12) == {"full": "sdpa", "window": "cpu"}
+    for backend in ("cudnn", "sdpa-cudnn", "flash", "fa3"):
+        attn.set_backend(backend)
+        with pytest.raises(LabError, match="head dim that is a multiple of 8, the model's is 12"):
+            attn.describe("cuda", torch.bfloat16, head_dim=12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
 @pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "cudnn", "flash", "flex", "fa3"])
 def test_cuda_backends_match_float64_reference_in_bf16(backend):
@@ -157,6 +167,15 @@ def test_cuda_backends_match_float64_reference_in_bf16(backend):
                                    ("dv", v.grad, v64.grad)):
             err = (ours.double() - theirs).norm() / theirs.norm()
             assert err < 2e-2, (backend, T, window, name, err.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA backends need a GPU")
+def test_cuda_auto_runs_a_head_dim_of_12_against_float64():
+    for T, window, Hq, Hkv in CASES:
+        q, k, v = (x.cuda().bfloat16() for x in random_qkv(2, T, Hq, Hkv, 12, seed=T))
+        ref = reference(*(x.double() for x in (q, k, v)), window, 12**-0.5)
+        err = (attn.attention(q, k, v, window).double() - ref).norm() / ref.norm()
+        assert err < 2e-2, (T, window, err.item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuDNN backend needs a GPU")
