@@ -277,6 +277,9 @@ class KVCache:
                        else torch.as_tensor(starts, dtype=torch.long, device=device))
         self.max_len = max_len
         self.pos = 0
+        # (new tokens, window) -> mask at this pos: every layer of one forward shares it (decode is
+        # launch-bound, and the mask's ~10 small kernels a layer were a sixth of a d12 step's launches)
+        self._masks = {}
 
     def attend(self, layer: int, q, k, v, window: int | None, scale: float | None):
         """Store this layer's new k/v [B, T_new, Hkv, D] and attend q [B, T_new, Hq, D] over the
@@ -288,11 +291,14 @@ class KVCache:
         self.k[layer, :, self.pos:end] = k
         self.v[layer, :, self.pos:end] = v
         keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
-        q_pos, k_pos = torch.arange(self.pos, end, device=q.device), torch.arange(end, device=q.device)
-        real = k_pos[None, :] >= self.starts[:, None]  # [B, Tk]: not padding
-        # [B, 1, Tq, Tk]; a padding query also sees itself: a row with no key would softmax to NaN,
-        # and NaN times a zero weight is still NaN in the next layer's values
-        mask = (_window_mask(q_pos, k_pos, window) & real[:, None, None, :]) | (q_pos[:, None] == k_pos[None, :])
+        mask = self._masks.get((q.size(1), window))
+        if mask is None:
+            q_pos, k_pos = torch.arange(self.pos, end, device=q.device), torch.arange(end, device=q.device)
+            real = k_pos[None, :] >= self.starts[:, None]  # [B, Tk]: not padding
+            # [B, 1, Tq, Tk]; a padding query also sees itself: a row with no key would softmax to NaN,
+            # and NaN times a zero weight is still NaN in the next layer's values
+            mask = (_window_mask(q_pos, k_pos, window) & real[:, None, None, :]) | (q_pos[:, None] == k_pos[None, :])
+            self._masks[(q.size(1), window)] = mask
         # not cuDNN: SDPA's cuDNN backend builds a graph per shape, and every decode step is a new
         # key length (64 ms a step at d12 on an H200, whatever the batch); the memory-efficient
         # kernel takes the mask as it is
@@ -304,6 +310,8 @@ class KVCache:
 
     def advance(self, n: int):
         self.pos += n
+        self._masks.clear()
 
     def reset(self):
         self.pos = 0
+        self._masks.clear()

@@ -585,7 +585,8 @@ def _status(step, row):
     """One status line. The ETA extrapolates the timed steps only: wall time since the start would
     count torch.compile's first steps and promise a run many times its budget."""
     p, spent = row["progress"], row["train_time"]
-    eta = f"{spent * (1 - p) / p:5.0f}s" if spent > 0 and p > 0 else "    ?"
+    # the last step of a time budget ends past 100%: nothing is left, not a negative wait
+    eta = f"{spent * max(1 - p, 0) / p:5.0f}s" if spent > 0 and p > 0 else "    ?"
     line = (f"step {step:5d} | {100 * p:5.1f}% | loss {row['loss']:.4f} | {row['tok_per_sec'] / 1e3:8.1f}K tok/s | "
             f"MFU {'   n/a' if row['mfu'] is None else format(row['mfu'], '5.1f') + '%'} | ETA {eta}")
     print0(("\r" + line) if sys.stdout.isatty() else line, end="" if sys.stdout.isatty() else "\n", flush=True)

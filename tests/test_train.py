@@ -522,6 +522,8 @@ def test_status_line_eta_extrapolates_the_timed_steps_only(capsys):
     assert second.endswith("ETA     ?")
     train._status(8, {**row, "mfu": None})  # a CPU: no known peak, so no MFU
     assert "| MFU    n/a | ETA" in capsys.readouterr().out
+    train._status(9, {**row, "progress": 1.038})  # a time budget's last step ends past it
+    assert capsys.readouterr().out.rstrip().endswith("| 103.8% | loss 2.5000 |   1500.0K tok/s | MFU  40.0% | ETA     0s")
 
 
 def test_ranks_start_from_identical_weights_and_read_other_data(data_dir):

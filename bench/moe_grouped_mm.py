@@ -1,0 +1,90 @@
+"""Where MoE's grouped matmuls stand, outside the training step: at the d8 MoE shape (8 experts, width
+512 -> 704, 128 x 2048 tokens top-2 = 524,288 rows), one H200.
+
+    PYTHONPATH=. python3 bench/moe_grouped_mm.py
+
+1. torch's grouped_mm in every layout the MoE layer's forward and backward use (the forward as
+   moe.py calls it, the data gradient, the weight gradient as autograd computes it and transposed),
+   against one dense matmul of the same FLOPs; equal groups, CUDA events, 20 calls each.
+2. The MoE layer itself (llmlabs.moe.MoE, eager, bf16 autocast, real routing of random inputs):
+   forward + backward under torch.profiler, each grouped_mm and mm call by input shape.
+Compare (2) with the grouped_mm kernels in `bench/train_speed.py --profile` of a compiled MoE step.
+"""
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from llmlabs.config import GPTConfig
+from llmlabs.moe import MoE
+
+gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+E, C, H, R = 8, 512, 704, 2 * 128 * 2048
+
+
+def timed(f, n=20):
+    for _ in range(3):
+        f()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    s.record()
+    for _ in range(n):
+        f()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / n
+
+
+def layouts():
+    bf = torch.bfloat16
+    offs = torch.cumsum(torch.full((E,), R // E), 0).to(torch.int32).cuda()
+    x, dy = torch.randn(R, C, device="cuda", dtype=bf), torch.randn(R, H, device="cuda", dtype=bf)
+    w = torch.randn(E, H, C, device="cuda", dtype=bf) * 0.02
+    wt = w.transpose(1, 2).contiguous()
+    cases = {
+        "fwd x@w.T(view)": lambda: gmm(x, w.transpose(1, 2), offs=offs),
+        "fwd x@wt(contig)": lambda: gmm(x, wt, offs=offs),
+        "dgrad dy@w (C out)": lambda: gmm(dy, w, offs=offs),
+        "wgrad x.T(view)@dy ->[E,C,H]": lambda: gmm(x.t(), dy, offs=offs),
+        "wgrad dy.T(view)@x ->[E,H,C]": lambda: gmm(dy.t(), x, offs=offs),
+        "wgrad x.T.contig@dy": lambda: gmm(x.t().contiguous(), dy, offs=offs),
+        "wgrad dy.T.contig@x": lambda: gmm(dy.t().contiguous(), x, offs=offs),
+        "transpose copy x": lambda: x.t().contiguous(),
+        "dense mm x@W [C,8H/8]": lambda: x @ wt[0],
+        "dense wgrad x.T@dy (one big)": lambda: x.t() @ dy,
+    }
+    print(f"{'case':32} {'ms':>7} {'TFLOP/s':>8}")
+    for name, f in cases.items():
+        ms = timed(f)
+        print(f"{name:32} {ms:7.3f} {2 * R * C * H / ms / 1e9:8.1f}")
+
+
+def moe_layer():
+    cfg = GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_embd=C, n_head=4, n_kv_head=4, head_dim=128,
+                    moe_experts=E, moe_top_k=2, moe_shared=1)
+    m = MoE(cfg, 1).cuda()
+    m.init_weights()
+    with torch.no_grad():
+        m.w_proj.normal_(0, 0.02)  # zero at init: its gradients would still flow, but the output would not
+    x = torch.randn(128, 2048, C, device="cuda", requires_grad=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.device_time_total):
+        if "grouped" in e.key or "mm" == e.key[-2:]:
+            print(f"{e.key[:22]:22} {e.count:3} {e.device_time_total / e.count / 1e3:7.3f} ms {str(e.input_shapes)[:150]}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    layouts()
+    moe_layer()
