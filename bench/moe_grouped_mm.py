@@ -1,15 +1,19 @@
 """Where MoE's grouped matmuls stand, outside the training step: at the d8 MoE shape (8 experts, width
 512 -> 704, 128 x 2048 tokens top-2 = 524,288 rows), one H200.
 
-    PYTHONPATH=. python3 bench/moe_grouped_mm.py
+    PYTHONPATH=. python3 bench/moe_grouped_mm.py [--compile]
 
 1. torch's grouped_mm in every layout the MoE layer's forward and backward use (the forward as
    moe.py calls it, the data gradient, the weight gradient as autograd computes it and transposed),
    against one dense matmul of the same FLOPs; equal groups, CUDA events, 20 calls each.
 2. The MoE layer itself (llmlabs.moe.MoE, eager, bf16 autocast, real routing of random inputs):
-   forward + backward under torch.profiler, each grouped_mm and mm call by input shape.
-Compare (2) with the grouped_mm kernels in `bench/train_speed.py --profile` of a compiled MoE step.
+   forward + backward under torch.profiler, each grouped_mm and mm call by input shape; --compile
+   runs the layer through torch.compile (fullgraph) as training does.
+Compare (2) with the grouped_mm kernels in `bench/train_speed.py --profile` of a compiled MoE step:
+there one grouped_mm kernel took twice the time of the eager calls (moe_grouped_mm-h200-a00384c.log).
 """
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
@@ -58,7 +62,7 @@ def layouts():
         print(f"{name:32} {ms:7.3f} {2 * R * C * H / ms / 1e9:8.1f}")
 
 
-def moe_layer():
+def moe_layer(compiled: bool):
     cfg = GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_embd=C, n_head=4, n_kv_head=4, head_dim=128,
                     moe_experts=E, moe_top_k=2, moe_shared=1)
     m = MoE(cfg, 1).cuda()
@@ -66,10 +70,11 @@ def moe_layer():
     with torch.no_grad():
         m.w_proj.normal_(0, 0.02)  # zero at init: its gradients would still flow, but the output would not
     x = torch.randn(128, 2048, C, device="cuda", requires_grad=True)
+    layer = torch.compile(m, fullgraph=True) if compiled else m
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = m(x)
+            y = layer(x)
         y.float().square().mean().backward()
 
     for _ in range(3):
@@ -85,6 +90,9 @@ def moe_layer():
 
 
 if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--compile", action="store_true", help="profile the MoE layer compiled, as training runs it")
+    args = p.parse_args()
     torch.manual_seed(0)
     layouts()
-    moe_layer()
+    moe_layer(args.compile)
