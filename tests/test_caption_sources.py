@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import png_with_size, random_text
 from test_data_hub import hub, serve  # noqa: F401 (hub: the local HTTP server fixture)
 from llmlabs import cli
+from llmlabs.data import captions as captions_py
 from llmlabs.data.shards import SPLITS, DataDir
 from llmlabs.data.sources import split_of
 
@@ -159,23 +160,37 @@ def png_bytes(im) -> bytes:
     return buf.getvalue()
 
 
-def hub_parquet(tmp_path, name, images, captions, image_type="struct"):
-    """A parquet file as `datasets` writes an Image feature: a struct {bytes, path} column."""
+def hub_parquet(tmp_path, name, images, captions, image_type="struct", paths=None, caption_type=pa.string()):
+    """A parquet file as `datasets` writes an Image feature: a struct {bytes, path} column; "path": the
+    struct without bytes, naming files of the repo (`paths`), as for images stored beside the parquet;
+    "binary": plain bytes."""
     data = [png_bytes(im) for im in images]
-    column = (pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(data)],
-                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-              if image_type == "struct" else pa.array(data, pa.binary()))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    column = (pa.array([{"bytes": b, "path": f"{i}.png"} for i, b in enumerate(data)], struct)
+              if image_type == "struct" else pa.array([{"bytes": None, "path": p} for p in paths], struct)
+              if image_type == "path" else pa.array(data, pa.binary()))
     path = tmp_path / name
-    pq.write_table(pa.table({"img": column, "text": pa.array(captions, pa.string()), "id": list(range(len(data)))}),
+    pq.write_table(pa.table({"img": column, "text": pa.array(captions, caption_type), "id": list(range(len(data)))}),
                    path, row_group_size=16)
     return path.read_bytes()
 
 
+def hub_args(repo, files, *more):
+    return ["prepare", f"hub:{repo}", "--files", ",".join(files), "--image-column", "img", "--caption-column", "text",
+            "--vocab-size", "300", "--image-size", str(SIZE), "--val-frac", "0.2", "--test-frac", "0.1", *more]
+
+
+def image_key(im) -> bytes:
+    """The split key of a hub image: a hash of its encoded bytes."""
+    return hashlib.blake2b(png_bytes(im), digest_size=16).digest()
+
+
 def error_lines(capsys) -> list[str]:
-    """stderr but the download bars: the error must be one line, the last."""
+    """stderr but the download bars (and the blank line splitlines finds between two bars' "\n\r"): the error
+    must be one line, the last."""
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: "), err
-    return [line for line in err if not line.startswith("download ")]
+    return [line for line in err if line and not line.startswith("download ")]
 
 
 def test_hub_dataset_from_a_local_server(hub, tmp_path, capsys):  # noqa: F811
@@ -187,9 +202,7 @@ def test_hub_dataset_from_a_local_server(hub, tmp_path, capsys):  # noqa: F811
         captions[4], captions[9] = None, " "  # dropped and counted: the hub's data is not ours to fix
         want.update({c: expected(im) for c, im in zip(captions, images) if c and c.strip()})
         serve(hub, "someone/pics", f, hub_parquet(tmp_path, "x.parquet", images, captions, image_type))
-    args = ["prepare", "hub:someone/pics", "--files", ",".join(files), "--image-column", "img",
-            "--caption-column", "text", "--vocab-size", "300", "--image-size", str(SIZE), "--val-frac", "0.2",
-            "--test-frac", "0.1"]
+    args = hub_args("someone/pics", files)
     assert cli.main(args) == 0
     out = tmp_path / "home" / "data" / "someone--pics-v300"
     got = stored(out)
@@ -228,3 +241,109 @@ def test_bad_hub_input_is_one_line(hub, tmp_path, capsys, argv, said):  # noqa: 
     assert cli.main(["prepare", "hub:o/n", *argv]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and re.search(said, err[0]), err
+
+
+def test_hub_images_stored_by_path_in_the_repo(hub, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Path-only Image cells (images beside the parquet) give what the same images inline give."""
+    monkeypatch.setattr(captions_py, "HUB_BATCH", 8)  # several batches, and an image named again in a later one
+    rng, words = np.random.default_rng(7), random.Random(7)
+    images = [random_image(rng, MODES[i % len(MODES)]) for i in range(20)]
+    names = [f"images/{'sub/' * (i % 3 == 0)}{i}.png" for i in range(20)]
+    names[1], names[2] = "images/a cat.png", "images/sub/été 2.png"
+    for im, name in zip(images, names):
+        serve(hub, "someone/linked", name, png_bytes(im))
+    # more captions of 5 and 11 (fetched in earlier batches) and of 17 (twice in its own batch); then a blank one
+    rows = list(range(20)) + [5, 11, 17, 5, 0]
+    texts = [f"{random_text(words, words.randint(3, 8))} {r}.{k}" for k, r in enumerate(rows)]
+    texts[-1] = " "
+    paths = [names[r] for r in rows[:-1]] + ["images/never served.png"]  # a row without a caption fetches nothing
+    serve(hub, "someone/linked", "d/x.parquet",
+          hub_parquet(tmp_path, "l.parquet", [images[r] for r in rows], texts, "path", paths))
+    serve(hub, "someone/inline", "d/x.parquet", hub_parquet(tmp_path, "i.parquet", [images[r] for r in rows], texts))
+    capsys.readouterr()
+    assert cli.main(hub_args("someone/linked", ["d/x.parquet"])) == 0
+    # one download per batch of 8 rows: the parquet file, then 8, 8 and 4 images (the rest were fetched already)
+    bars = re.findall(r"download someone/linked \((\d+) files\)", capsys.readouterr().err)
+    assert sorted(set(map(int, bars))) == [1, 4, 8], bars
+    assert cli.main(hub_args("someone/inline", ["d/x.parquet"])) == 0
+    got, inline = (stored(tmp_path / "home" / "data" / f"someone--{n}-v300") for n in ("linked", "inline"))
+    assert got.keys() == inline.keys() == set(texts[:-1])
+    for text, r in zip(texts[:-1], rows):
+        assert got[text][0] == inline[text][0] == split_of(image_key(images[r]), 0.2, 0.1), text
+        assert np.array_equal(got[text][1], inline[text][1]) and np.array_equal(got[text][1], expected(images[r]))
+    assert len({s for s, _ in got.values()}) > 1
+    manifest = DataDir.open(tmp_path / "home" / "data" / "someone--linked-v300").manifest
+    assert manifest["stats"] == {"files": 1, "documents": 24, "empty": 1}
+    fetched = [p for p, _ in hub.requests if p.startswith("/datasets/someone/linked/resolve/main/images/")]
+    assert len(fetched) == len(set(fetched)) == 20  # each image once, however many rows name it
+    assert {"/datasets/someone/linked/resolve/main/images/a%20cat.png",
+            "/datasets/someone/linked/resolve/main/images/sub/%C3%A9t%C3%A9%202.png"} <= set(fetched)
+    cache = tmp_path / "home" / "hub" / "someone" / "linked"
+    assert (cache / "images/sub/été 2.png").read_bytes() == png_bytes(images[2]) and (cache / "d/x.parquet").is_file()
+    n = len(hub.requests)
+    assert cli.main(hub_args("someone/linked", ["d/x.parquet"], "--vocab-size", "280")) == 0
+    assert len(hub.requests) == n  # a new data directory, all from the cache
+
+
+@pytest.mark.parametrize("bad,said", [
+    ("../up.png", r"x.parquet row 1: image path '../up.png' is not a file inside the dataset repo"),
+    ("imgs/../../up.png", r"x.parquet row 1: image path 'imgs/../../up.png' is not a file inside"),
+    ("/etc/hostname", r"x.parquet row 1: image path '/etc/hostname' is not a file inside the dataset repo"),
+    ("imgs/", r"x.parquet row 1: image path 'imgs/' is not a file inside the dataset repo"),
+    ("imgs/gone away.png", r"/datasets/o/n/resolve/main/imgs/gone away.png: HTTP 404 .*check that hub:o/n holds "
+                           r"the images named in column 'img' of x.parquet .*leave x.parquet out of --files"),
+])
+def test_bad_hub_image_path_is_one_line(hub, tmp_path, capsys, bad, said):  # noqa: F811
+    images = [random_image(np.random.default_rng(i), "RGB") for i in range(2)]
+    serve(hub, "o/n", "imgs/ok.png", png_bytes(images[0]))
+    serve(hub, "o/n", "x.parquet", hub_parquet(tmp_path, "x.parquet", images, ["a cat", "a dog"], "path",
+                                               ["imgs/ok.png", bad]))
+    capsys.readouterr()
+    assert cli.main(hub_args("o/n", ["x.parquet"])) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and re.search(said, err[0]), err
+    assert not (tmp_path / "home" / "up.png").exists()
+
+
+def test_hub_caption_lists_are_one_pair_each(hub, tmp_path):  # noqa: F811
+    """A list column (COCO-style): each non-blank caption its own pair, all in the image's split."""
+    rng, words = np.random.default_rng(11), random.Random(11)
+    images = [random_image(rng, MODES[i % len(MODES)]) for i in range(24)]
+    lists, want, empty, uncaptioned = [], {}, 0, 0
+    for i, im in enumerate(images):
+        texts = [f"{random_text(words, words.randint(2, 8))} {i}.{k}" for k in range(i % 5)]
+        for text in texts:
+            want[text] = i
+        blanks = [[], [" "], ["", None]][i % 3] if i % 2 else []
+        texts += blanks
+        words.shuffle(texts)
+        empty, uncaptioned = empty + len(blanks), uncaptioned + (i % 5 == 0)
+        lists.append(None if i == 10 else texts)  # a null cell: no caption at all
+    assert lists[10] is None and uncaptioned >= 4 and empty >= 8
+    serve(hub, "coco/like", "x.parquet", hub_parquet(tmp_path, "x.parquet", images, lists,
+                                                     caption_type=pa.list_(pa.string())))
+    assert cli.main(hub_args("coco/like", ["x.parquet"])) == 0
+    out = tmp_path / "home" / "data" / "coco--like-v300"
+    got = stored(out)
+    assert got.keys() == want.keys()
+    for text, i in want.items():
+        assert got[text][0] == split_of(image_key(images[i]), 0.2, 0.1) and np.array_equal(got[text][1],
+                                                                                           expected(images[i]))
+    assert len({s for s, _ in got.values()}) > 1
+    assert DataDir.open(out).manifest["stats"] == {"files": 1, "documents": len(want), "empty": empty,
+                                                   "uncaptioned": uncaptioned}
+
+
+@pytest.mark.parametrize("values,kind,said", [
+    ([[1, 2], [3]], pa.list_(pa.int64()), r"x.parquet row 0: column 'text' holds a list of int, not strings"),
+    ([[{"a": "x"}], []], None, r"x.parquet row 0: column 'text' holds a list of dict, not strings"),
+    ([{"a": "x"}, {"a": "y"}], None, r"x.parquet row 0: column 'text' holds a dict, not a string"),
+    ([None, 7], pa.int32(), r"x.parquet row 1: column 'text' holds a int, not a string"),
+])
+def test_hub_caption_column_of_another_type_is_one_line(hub, tmp_path, capsys, values, kind, said):  # noqa: F811
+    images = [random_image(np.random.default_rng(i), "RGB") for i in range(2)]
+    serve(hub, "o/n", "x.parquet", hub_parquet(tmp_path, "x.parquet", images, values, caption_type=kind))
+    capsys.readouterr()
+    assert cli.main(hub_args("o/n", ["x.parquet"])) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and re.search(said, err[0]) and "--caption-column" in err[0], err

@@ -2,6 +2,7 @@
 files the test wrote, honours Range requests, and can be told to fail or to ignore Range."""
 import random
 import threading
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -27,7 +28,7 @@ class Handler(BaseHTTPRequestHandler):
             srv.fail_next[self.path] -= 1
             self.send_error(503, "try again")
             return
-        data = srv.files.get(self.path)
+        data = srv.files.get(urllib.parse.unquote(self.path))  # as a real server decodes %XX; requests stay raw
         if data is None:
             self.send_error(404, "no such file")
             return
@@ -76,6 +77,9 @@ def test_hub_url_and_endpoint(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")
     assert hub_url("a/b", "sample/10BT/000_00000.parquet") == "https://mirror.example/datasets/a/b/resolve/main/sample/10BT/000_00000.parquet"
     assert HUB_CORPORA["fineweb-edu"].files[0] == "sample/10BT/000_00000.parquet"
+    # a dataset's image paths: spaces and non-ASCII percent-escaped (UTF-8), the '/'s kept
+    assert hub_url("a/b", "images/sub/été 2.png") == \
+        "https://mirror.example/datasets/a/b/resolve/main/images/sub/%C3%A9t%C3%A9%202.png"
 
 
 def test_download_resume_skip_retry(hub, tmp_path):

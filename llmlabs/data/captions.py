@@ -9,19 +9,24 @@
 - a local folder holding `captions.jsonl`, one {"image": "path/relative/to/the/folder.png",
   "caption": "..."} per line; any image Pillow reads (images.py: RGB, resized without cropping).
 - `hub:OWNER/NAME --files A.parquet,B.parquet`: parquet files of a Hugging Face dataset, downloaded
-  as the text corpora are (hub.py: HF_ENDPOINT, resumed .tmp files), with an image column (the
-  `datasets` Image feature, a struct {bytes, path}, or plain bytes) and a string caption column. The
-  files are named rather than listed through the hub's API: `resolve/main/FILE` is the one endpoint
-  every mirror serves, and the dataset's Files page shows the names.
+  as the text corpora are (hub.py: HF_ENDPOINT, resumed .tmp files), with an image column and a
+  caption column. The image is the `datasets` Image feature, a struct {bytes, path}, or plain bytes;
+  a struct without bytes names a file stored beside the parquet files by its path in the dataset
+  repo, fetched the same way (`resolve/main/PATH`, a batch of rows at a time, in parallel) into the
+  same cache, $LLMLABS_HOME/hub/OWNER/NAME. The caption is a string, or a list of strings (COCO-style,
+  several captions of one image), each its own pair. The files are named rather than listed through
+  the hub's API: `resolve/main/FILE` is the one endpoint every mirror serves, and the dataset's Files
+  page shows the names.
 
 A data directory of captions is a text data directory (tokenizer.json, token shards of BOS + caption,
 manifest.json) plus one `<split>.images.npy` per split: uint8 [documents, S, S, 3], image i belonging
 to document i, checksummed in the manifest like the token shards. Images are decoded and resized
 once, here; training reads the array.
-Each pair's split comes from a hash of its image (the folder's path, the hub row's bytes, the drawn
-pixels), so an image under several captions lands in one split and val never shows one train saw. Where an image goes in the token stream (`<|image_start|>`,
-the patch tokens, `<|image_end|>`) is decided when batches are built, since the number of patch
-tokens depends on the vision tower's patch size, not on the data."""
+Each pair's split comes from a hash of its image (the folder's path, the hub image's bytes, inline
+or fetched, the drawn pixels), so an image under several captions lands in one split and val never
+shows one train saw. Where an image goes in the token stream (`<|image_start|>`, the patch tokens,
+`<|image_end|>`) is decided when batches are built, since the number of patch tokens depends on the
+vision tower's patch size, not on the data."""
 import hashlib
 import io
 import itertools
@@ -48,6 +53,7 @@ HUB_PREFIX = "hub:"
 CAPTIONS_FILE = "captions.jsonl"  # its presence makes a folder a caption source (is_caption_folder)
 HUB_ADVICE = ("the dataset name, --files (paths inside the dataset repo) and HF_ENDPOINT", "set HF_ENDPOINT to a mirror")
 SHAPES_IMAGES = 20_000  # documents the `shapes` source draws (the split fractions divide them)
+HUB_BATCH = 256  # parquet rows read at a time; the images they name by path are fetched together
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
            "purple": (160, 60, 200), "white": (245, 245, 245)}
@@ -119,6 +125,14 @@ def is_caption_folder(path: Path) -> bool:
     return not (isinstance(row, dict) and "text" in row and "image" not in row)
 
 
+def in_repo(name: str) -> bool:
+    """Whether `name` is a file's path inside a dataset repo: relative, no '..' part, not a directory.
+    --files and the image paths of a hub dataset's rows become paths under $LLMLABS_HOME/hub/OWNER/NAME,
+    so nothing may climb out of it."""
+    parts = name.split("/")
+    return not name.startswith("/") and ".." not in parts and parts[-1] not in ("", ".")
+
+
 def caption_settings(source: str, image_size: int, files: str | None = None, image_column: str | None = None,
                      caption_column: str | None = None) -> dict | None:
     """Everything that decides a caption source's pairs (a cached data directory must match it), or
@@ -136,8 +150,8 @@ def caption_settings(source: str, image_size: int, files: str | None = None, ima
             raise LabError(f"{source}: name its parquet files with --files, paths inside the dataset repo separated by "
                            f"commas (e.g. --files data/train-00000-of-00002.parquet,data/train-00001-of-00002.parquet)")
         names = files.split(",")
-        for name in names:  # each becomes a path under $LLMLABS_HOME/hub: nothing may climb out of it
-            if not name.endswith(".parquet") or name.startswith("/") or ".." in name.split("/"):
+        for name in names:
+            if not name.endswith(".parquet") or not in_repo(name):
                 raise LabError(f"--files {name!r}: give relative paths of .parquet files inside the dataset repo, "
                                f"without '..', separated by commas")
         return {"source": source, "files": names, "image_column": image_column or "image",
@@ -175,40 +189,86 @@ def folder_images(folder: Path, size: int, stats: Counter):
             yield pixels, caption, hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
+def parquet_batches(path: Path, image_col: str, caption_col: str):
+    """(image cells, caption cells, whether captions are lists) of each HUB_BATCH rows of a parquet
+    file; a missing column, or a file that does not read, is one error line."""
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        for col, flag in ((image_col, "--image-column"), (caption_col, "--caption-column")):
+            if col not in names:
+                raise LabError(f"{path} has no column {col!r} (columns: {', '.join(names)}): name the right one "
+                               f"with {flag}")
+        listed = isinstance(pf.schema_arrow.field(caption_col).type,
+                            (pa.ListType, pa.LargeListType, pa.FixedSizeListType))
+        for batch in pf.iter_batches(batch_size=HUB_BATCH, columns=[image_col, caption_col]):
+            yield batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist(), listed
+    except (pa.ArrowException, OSError) as e:
+        raise LabError(f"{path} is not a readable parquet file ({e}): delete it and re-run (it is downloaded "
+                       f"again)") from None
+
+
+def row_captions(cell, listed: bool, where: str, column: str, stats: Counter) -> list[str]:
+    """A hub row's non-blank captions. Blank ones (None too) are dropped and counted as `empty`, and a
+    list left with none as `uncaptioned` (a string's blank caption is its whole row: counted once)."""
+    texts = (cell or []) if listed else [cell]
+    bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise LabError(f"{where}: column {column!r} holds a {'list of ' * listed}{type(bad).__name__}, not "
+                       f"{'strings' if listed else 'a string'}: name a text column with --caption-column")
+    kept = [t for t in texts if t and t.strip()]
+    if len(kept) < len(texts):  # a Counter keeps a key added with += 0: the manifest would say `empty: 0`
+        stats["empty"] += len(texts) - len(kept)
+    if listed and not kept:
+        stats["uncaptioned"] += 1
+    return kept
+
+
+def image_source(cell, where: str, column: str) -> bytes | str:
+    """A hub row's image: its encoded bytes, or, where an Image struct has none, its path in the
+    dataset repo (images stored beside the parquet files)."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if isinstance(data, bytes):
+        return data
+    name = cell.get("path") if isinstance(cell, dict) else None
+    if not isinstance(name, str):
+        raise LabError(f"{where}: column {column!r} holds no image bytes or path ({str(cell)[:80]}): check "
+                       f"--image-column")
+    if not in_repo(name):
+        raise LabError(f"{where}: image path {name!r} is not a file inside the dataset repo (absolute, with '..', "
+                       f"or a folder), and only the repo's files are fetched: leave that parquet file out of --files")
+    return name
+
+
 def hub_images(settings: dict, size: int, stats: Counter):
-    """(image, caption, split key) for each row of the hub dataset's --files, in order; the key hashes
-    the encoded image bytes. Rows with an empty caption are dropped and counted (the user cannot fix
-    the hub's data); an image that does not decode is an error naming the file and row (0-based)."""
+    """(image, caption, split key) for each caption of each row of the hub dataset's --files, in order;
+    the key hashes the image's encoded bytes (inline or fetched), so all of an image's captions share
+    its split. Blank captions are dropped and counted (the user cannot fix the hub's data); an image
+    that does not decode is an error naming the file and row (0-based), as is a path outside the repo;
+    one the repo lacks (HTTP 404) is an error naming the dataset and the path."""
     repo = settings["source"][len(HUB_PREFIX):]
     image_col, caption_col = settings["image_column"], settings["caption_column"]
-    for path in download(repo, settings["files"], llmlabs_home() / "hub" / repo, advice=HUB_ADVICE):
+    cache = llmlabs_home() / "hub" / repo  # the repo's files at their paths in it: parquet and images
+    for file, path in zip(settings["files"], download(repo, settings["files"], cache, advice=HUB_ADVICE)):
         stats["files"] += 1
-        try:
-            pf = pq.ParquetFile(path)
-            names = pf.schema_arrow.names
-            for col, flag in ((image_col, "--image-column"), (caption_col, "--caption-column")):
-                if col not in names:
-                    raise LabError(f"{path} has no column {col!r} (columns: {', '.join(names)}): name the right one "
-                                   f"with {flag}")
-            row = 0
-            for batch in pf.iter_batches(batch_size=256, columns=[image_col, caption_col]):
-                for image, caption in zip(batch.column(image_col).to_pylist(), batch.column(caption_col).to_pylist()):
-                    where, row = f"{path} row {row}", row + 1
-                    data = image.get("bytes") if isinstance(image, dict) else image
-                    if not isinstance(data, bytes):
-                        raise LabError(f"{where}: column {image_col!r} holds no image bytes ({str(image)[:80]}): only "
-                                       f"images stored in the parquet are read; check --image-column")
-                    if caption is not None and not isinstance(caption, str):
-                        raise LabError(f"{where}: column {caption_col!r} holds a {type(caption).__name__}, not a "
-                                       f"string: name a text column with --caption-column")
-                    if not (caption or "").strip():
-                        stats["empty"] += 1
-                        continue
-                    yield (load_image(io.BytesIO(data), size, name=where), caption,
-                           hashlib.blake2b(data, digest_size=16).digest())
-        except (pa.ArrowException, OSError) as e:
-            raise LabError(f"{path} is not a readable parquet file ({e}): delete it and re-run (it is downloaded "
-                           f"again)") from None
+        advice = (f"that hub:{repo} holds the images named in column {image_col!r} of {file} (paths inside the "
+                  f"repo) and HF_ENDPOINT, or leave {file} out of --files", HUB_ADVICE[1])
+        row = 0
+        for images, captions, listed in parquet_batches(path, image_col, caption_col):
+            rows = []  # (where, bytes or repo path, captions) of the batch's captioned rows
+            for image, caption in zip(images, captions):
+                where, row = f"{path} row {row}", row + 1
+                if kept := row_captions(caption, listed, where, caption_col, stats):
+                    rows.append((where, image_source(image, where, image_col), kept))
+            # only captioned rows' images are fetched, each once however many rows name it
+            named = list(dict.fromkeys(src for _, src, _ in rows if isinstance(src, str)))
+            local = dict(zip(named, download(repo, named, cache, advice=advice)))
+            for where, src, kept in rows:
+                data = local[src].read_bytes() if isinstance(src, str) else src
+                name = where if isinstance(src, bytes) else f"{where} ({src})"
+                pixels = load_image(io.BytesIO(data), size, name=name)
+                key = hashlib.blake2b(data, digest_size=16).digest()
+                yield from ((pixels, caption, key) for caption in kept)
 
 
 def caption_documents(source: str, size: int, seed: int = 0):

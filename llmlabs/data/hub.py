@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait, FIRST_EXCEPTION
 from dataclasses import dataclass
@@ -54,8 +55,10 @@ HF_ADVICE = ("the corpus name, --shards and HF_ENDPOINT", "set HF_ENDPOINT to a 
 
 
 def hub_url(repo: str, file: str) -> str:
+    """The file's URL, percent-escaped (UTF-8) but for the '/'s: a dataset's image paths hold spaces and
+    non-ASCII names, which http.client refuses to send raw."""
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/datasets/{repo}/resolve/main/{file}"
+    return f"{endpoint}/" + urllib.parse.quote(f"datasets/{repo}/resolve/main/{file}")
 
 
 def download(repo: str, files, dest_dir, *, threads: int = DOWNLOAD_THREADS, retries: int = 5,
@@ -95,7 +98,7 @@ def fetch(url: str, path, advice: tuple[str, str], *, retries: int = 5, backoff:
 def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backoff: float, advice: tuple[str, str]):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    error = None
+    error, name = None, urllib.parse.unquote(url)  # error lines show the path as the user wrote it
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
@@ -126,7 +129,7 @@ def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backo
                 error = e
                 continue
             if e.code in (401, 403, 404):
-                raise LabError(f"{url}: HTTP {e.code} {e.reason}: check {advice[0]}") from None
+                raise LabError(f"{name}: HTTP {e.code} {e.reason}: check {advice[0]}") from None
             error = e
             continue
         except (urllib.error.URLError, OSError, HTTPException) as e:  # refused, reset, timed out, cut short
@@ -138,5 +141,5 @@ def _fetch(url: str, path: Path, bar, stop: threading.Event, retries: int, backo
             continue
         os.replace(tmp, path)
         return
-    raise LabError(f"downloading {url} failed {retries + 1} times (last: {error}): check the network or "
+    raise LabError(f"downloading {name} failed {retries + 1} times (last: {error}): check the network or "
                    f"{advice[1]}, then re-run; finished files are kept and {tmp.name} is resumed")
