@@ -142,7 +142,8 @@ def test_train_fp8_on_a_cpu_is_one_error_line(data_dir, tmp_path, capsys):
 
 def test_an_fp8_run_tracks_bf16_resumes_exactly_and_evaluates_anywhere(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fp8, "unsupported", lambda device: None)  # lift the CPU refusal: torch's CPU float8 runs
-    budget = ["--tokens", str(512 * 24), "--eval-every", "12"]
+    # one micro-batch a step: torch's CPU float8 matmul takes ~30 ms a call whatever its size
+    budget = ["--tokens", str(256 * 16), "--total-batch-size", "256", "--eval-every", "8"]
     assert run_train(data_dir, tmp_path / "bf16", *budget) == 0
     monkeypatch.setattr(fp8, "RECIPE", "tensorwise")  # the knob an experimenter sets in fp8.py
     assert run_train(data_dir, tmp_path / "fp8", *budget) == 0
