@@ -467,9 +467,11 @@ def setup(cfg, device, rank=0, world=1):
     T = cfg["seq_len"]
     # a forward pass never holds more rows than one optimizer step needs
     B = cfg["device_batch_size"] = min(cfg["device_batch_size"], max(1, cfg["total_batch_size"] // (T * world)))
-    if cfg["total_batch_size"] % (B * T * world):
-        raise LabError(f"--total-batch-size {cfg['total_batch_size']} is not a multiple of device batch x seq len x "
-                       f"ranks = {B * T * world}: pick a multiple")
+    if cfg["total_batch_size"] % (step := B * T * world):
+        near = max(step, round(cfg["total_batch_size"] / step) * step)
+        raise LabError(f"a batch of {cfg['total_batch_size']:,} tokens (--total-batch-size, or without it the preset's or "
+                       f"the scaling rules') is not a multiple of device batch x seq len x ranks = {B} x {T} x {world}: "
+                       f"pass --total-batch-size {near} (the nearest multiple) or a --seq-len that divides it")
     preflight.check_memory(mcfg, B, device, lambda d: _model_config(cfg, mcfg.vocab_size, d))
     model = build_model(mcfg, device)
     fp8_layers = fp8.convert(model, cfg["fp8"]) if cfg.get("fp8") else []  # before compile and the optimizer

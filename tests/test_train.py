@@ -513,6 +513,17 @@ def test_default_corpus_by_device_and_the_passes_warning(monkeypatch, data_dir):
     assert "10 times" in warning and "llmlabs prepare climbmix" in warning
 
 
+def test_a_batch_that_rows_cannot_fill_names_the_nearest_that_they_can(data_dir, tmp_path, capsys):
+    """TINY's 512-token batch over rows of 4 x 48 tokens (192): refused before any of the run is written,
+    in one line that offers 576, the nearest multiple (the seq len alone changed: the batch may be
+    the preset's, which the user never typed)."""
+    assert cli.main(["train", *TINY, "--data", str(data_dir), "--run-dir", str(tmp_path / "r"), "--seq-len", "48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a batch of 512 tokens" in err[0] and "= 4 x 48 x 1" in err[0]
+    assert "pass --total-batch-size 576 (the nearest multiple)" in err[0]
+    assert [f.name for f in (tmp_path / "r").iterdir()] == [".lock"]  # no config, metrics or checkpoint
+
+
 def test_status_line_eta_extrapolates_the_timed_steps_only(capsys):
     row = {"progress": 0.25, "loss": 2.5, "tok_per_sec": 1.5e6, "mfu": 40.0, "train_time": 30.0}
     train._status(7, row)
