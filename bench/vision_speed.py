@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+import transformers
 
 from llmlabs.common import peak_flops
 from llmlabs.config import config_for_depth
@@ -116,7 +117,9 @@ def main():
     results = []
     for variant in a.variants.split(","):
         lm = torch.compile(model, fullgraph=True) if variant in ("lm", "all") and cuda else model
-        enc = torch.compile(encoder) if variant == "all" and cuda else encoder
+        # fullgraph: a graph break (transformers releases differ: a per-image loop, a mask's .item())
+        # would fragment the tower into pieces that compile to nothing faster; the variant says why instead
+        enc = torch.compile(encoder, fullgraph=True) if variant == "all" and cuda else encoder
 
         def micro():
             with autocast:
@@ -146,7 +149,8 @@ def main():
             enc_ms = median_ms(lambda: enc(pixels), 5, cuda)
         dt = (accum * micro_ms + opt_ms) / 1e3
         res = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": train_speed._commit(),
-               "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "variant": variant, "depth": a.depth,
+               "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "torch": torch.__version__,
+               "transformers": transformers.__version__, "variant": variant, "depth": a.depth,
                "images": a.images, "image_size": a.image_size, "positions": T, "vision_train": a.vision_train,
                "accum": accum, "micro_ms": round(micro_ms, 1), "optimizer_ms": round(opt_ms, 1),
                "step_ms": round(1e3 * dt, 1), "images_per_s": round(accum * a.images / dt, 1),
