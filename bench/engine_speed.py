@@ -3,11 +3,13 @@ at several batch sizes, for a model of the GPU preset's shape at --depth (random
 not depend on what the weights say; greedy decoding of random weights never stops early).
 
     PYTHONPATH=. python3 bench/engine_speed.py [--depth 12] [--batches 1,32] [--prompt 128] [--new 256]
-        [--device cuda] [--profile] [--out bench/results/engine_speed-h200.jsonl]
+        [--device cuda] [--graph] [--profile] [--out bench/results/engine_speed-h200.jsonl]
 
 Per batch size: prefill (all prompts in one forward) and decode (one token per row per forward, one
 host sync per step to hand the ids out) timed apart, after one untimed warm-up generation. bf16
 weights on CUDA (as `llmlabs sample` runs a checkpoint there), float32 on CPU. Eager, no compile.
+--graph: the decode step replayed as one CUDA graph over a static cache (engine.stream(graph=True));
+its prefill figure includes the graph's warm-up step and capture.
 --profile: per batch size, 16 decode steps under torch.profiler: the costliest ops by host time,
 the kernels' busy time and the launches per step (a decode step that is mostly host time is
 launch-bound: the lever is fewer, larger kernels or CUDA graphs, not faster kernels).
@@ -30,13 +32,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(model, batch, prompt, new, device, seed=0):
+def measure(model, batch, prompt, new, device, graph=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).tolist()
     sync(device)
     t0 = time.perf_counter()
-    steps = engine.stream(model, prompts, new, temperature=0)
-    next(steps)  # prefill, then the first token picked
+    steps = engine.stream(model, prompts, new, temperature=0, graph=graph)
+    next(steps)  # prefill (and the capture, with graph), then the first token picked
     sync(device)
     t1 = time.perf_counter()
     n = 1 + sum(1 for _ in steps)
@@ -46,13 +48,13 @@ def measure(model, batch, prompt, new, device, seed=0):
             "decode_tok_per_sec": round(batch * (n - 1) / (t2 - t1)), "total_tok_per_sec": round(batch * n / (t2 - t0))}
 
 
-def profile_decode(model, batch, prompt, device, steps=16):
+def profile_decode(model, batch, prompt, device, graph=False, steps=16):
     """Profile `steps` decode steps (after prefill and one step untimed); returns per-step figures."""
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=g).tolist()
-    it = engine.stream(model, prompts, steps + 2, temperature=0)
+    it = engine.stream(model, prompts, steps + 2, temperature=0, graph=graph)
     next(it), next(it)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -78,10 +80,13 @@ def main():
     p.add_argument("--new", type=int, default=256, help="new tokens per row")
     p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (8192: the lab's prepared corpora)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--graph", action="store_true", help="decode through a captured CUDA graph (engine.stream(graph=True))")
     p.add_argument("--profile", action="store_true", help="profile 16 decode steps per batch size (host ops, kernels)")
     p.add_argument("--out", help="append each result as a JSON line to this file")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.graph and device.type != "cuda":
+        p.error("--graph captures CUDA graphs: run it with --device cuda")
     cfg = config_for_depth(args.depth, vocab_size=args.vocab, sequence_len=max(2048, args.prompt + args.new + 1))
     torch.manual_seed(0)
     model = build_model(cfg, device).eval()
@@ -94,11 +99,11 @@ def main():
           f"{sum(q.numel() for q in model.parameters()) / 1e6:.0f}M params, prompt {args.prompt}, new {args.new}")
     rows = []
     for b in [int(x) for x in args.batches.split(",")]:
-        measure(model, b, args.prompt, min(args.new, 8), device)  # warm-up: kernels, allocator
+        measure(model, b, args.prompt, min(args.new, 8), device, args.graph)  # warm-up: kernels, allocator
         res = {"depth": args.depth, "batch": b, "prompt": args.prompt, "device": name, "commit": commit,
-               **measure(model, b, args.prompt, args.new, device)}
+               "graph": args.graph, **measure(model, b, args.prompt, args.new, device, args.graph)}
         if args.profile:
-            res.update(profile_decode(model, b, args.prompt, device))
+            res.update(profile_decode(model, b, args.prompt, device, args.graph))
         rows.append(res)
         if args.out:
             with open(args.out, "a") as f:

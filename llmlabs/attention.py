@@ -267,9 +267,14 @@ class KVCache:
     Rows of different lengths: `starts[b]` is where row b's tokens begin. Prompts are left-padded to
     one length and the padding's keys are masked, so cache.pos stays one number for the batch. RoPE
     and the windows depend only on position differences, so a padded row attends exactly as it
-    would alone, its first token at position starts[b] instead of 0 (tests/test_engine.py)."""
+    would alone, its first token at position starts[b] instead of 0 (tests/test_engine.py).
 
-    def __init__(self, batch_size, max_len, config, device, dtype=torch.float32, starts=None):
+    static=True fixes every shape whatever pos is: new keys are written at positions held on the device
+    (pos_t), and each query attends over the whole buffer, the keys not yet written masked. A decode
+    step then launches the same kernels with the same shapes every time, so it can be captured once as
+    a CUDA graph and replayed (engine.stream(graph=True)): decoding is launch-bound, not compute-bound."""
+
+    def __init__(self, batch_size, max_len, config, device, dtype=torch.float32, starts=None, static=False):
         shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -277,6 +282,9 @@ class KVCache:
                        else torch.as_tensor(starts, dtype=torch.long, device=device))
         self.max_len = max_len
         self.pos = 0
+        self.static = static
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # pos on the device (static)
+        self.slots = torch.arange(max_len, device=device)
         # (new tokens, window) -> mask at this pos: every layer of one forward shares it (decode is
         # launch-bound, and the mask's ~10 small kernels a layer were a sixth of a d12 step's launches)
         self._masks = {}
@@ -288,12 +296,18 @@ class KVCache:
         if end > self.max_len:
             raise LabError(f"KV cache overflow: {self.pos} + {q.size(1)} tokens > max_len={self.max_len}; "
                            "make the KVCache larger or generate fewer tokens")
-        self.k[layer, :, self.pos:end] = k
-        self.v[layer, :, self.pos:end] = v
-        keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
+        if self.static:  # written where pos_t says; read whole, the slots past the new tokens masked
+            q_pos, k_pos = self.positions(q.size(1)), self.slots
+            self.k[layer].index_copy_(1, q_pos, k.to(self.k.dtype))
+            self.v[layer].index_copy_(1, q_pos, v.to(self.v.dtype))
+            keys, values = self.k[layer], self.v[layer]
+        else:
+            q_pos, k_pos = torch.arange(self.pos, end, device=q.device), self.slots[:end]
+            self.k[layer, :, self.pos:end] = k
+            self.v[layer, :, self.pos:end] = v
+            keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
         mask = self._masks.get((q.size(1), window))
         if mask is None:
-            q_pos, k_pos = torch.arange(self.pos, end, device=q.device), torch.arange(end, device=q.device)
             real = k_pos[None, :] >= self.starts[:, None]  # [B, Tk]: not padding
             # [B, 1, Tq, Tk]; a padding query also sees itself: a row with no key would softmax to NaN,
             # and NaN times a zero weight is still NaN in the next layer's values
@@ -308,10 +322,20 @@ class KVCache:
                                                enable_gqa=keys.size(2) != q.size(2))
         return y.transpose(1, 2).to(q.dtype)
 
+    def positions(self, n: int) -> torch.Tensor:
+        """The positions of the next n tokens, [n], on the device: from pos_t when static (no host
+        value enters a captured step), else from pos."""
+        if self.static:
+            return self.pos_t + self.slots[:n]
+        return torch.arange(self.pos, self.pos + n, device=self.slots.device)
+
     def advance(self, n: int):
         self.pos += n
+        if self.static:
+            self.pos_t += n  # in place: a captured step advances it on every replay
         self._masks.clear()
 
     def reset(self):
         self.pos = 0
+        self.pos_t.zero_()
         self._masks.clear()

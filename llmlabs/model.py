@@ -211,7 +211,10 @@ class GPT(nn.Module):
         if t0 + T > self.config.sequence_len:
             raise LabError(f"{t0 + T} positions exceed the model's context (sequence_len="
                            f"{self.config.sequence_len}): feed at most that many tokens")
-        if positions is None:
+        if positions is None and kv_cache is not None and kv_cache.static:  # positions on the device
+            at = kv_cache.positions(T)
+            cos, sin = self.rope_cos[at], self.rope_sin[at]
+        elif positions is None:
             cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
         else:
             cos, sin = mrope_tables(self.rope_cos, self.rope_sin, positions)

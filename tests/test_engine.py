@@ -14,7 +14,7 @@ import torch
 from llmlabs import checkpoint, cli
 from llmlabs.attention import KVCache
 from llmlabs.common import LabError
-from llmlabs.engine import _nucleus, generate, generate_batch
+from llmlabs.engine import _graphed_decode, _nucleus, generate, generate_batch
 from llmlabs.model import build_model
 
 from conftest import random_text
@@ -91,13 +91,16 @@ def test_batched_greedy_equals_one_at_a_time(model64):
     assert [len(r) for r in generate_batch(model64, PROMPTS, 100, temperature=0.0)] == [48 - 13] * 4
 
 
-def test_kv_cache_logits_equal_each_rows_full_forward(model64):
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cache_logits_equal_each_rows_full_forward(model64, static):
+    """static: every query attends over the whole buffer, positions from the device (the shape a
+    captured CUDA graph needs), with the same logits."""
     new = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(3))
     longest = max(map(len, PROMPTS))
     pads = [longest - len(p) for p in PROMPTS]
     ids = torch.tensor([[0] * n + p for n, p in zip(pads, PROMPTS)])
     with torch.no_grad():
-        cache = KVCache(4, longest + 6, model64.config, "cpu", torch.float64, starts=pads)
+        cache = KVCache(4, longest + 6, model64.config, "cpu", torch.float64, starts=pads, static=static)
         pieces = [model64(ids, kv_cache=cache)]                                   # padded prefill
         pieces += [model64(new[:, t:t + 1], kv_cache=cache) for t in range(4)]  # decode one at a time
         pieces.append(model64(new[:, 4:], kv_cache=cache))                      # a chunk
@@ -105,6 +108,12 @@ def test_kv_cache_logits_equal_each_rows_full_forward(model64):
         for row, (p, n) in enumerate(zip(PROMPTS, pads)):
             full = model64(torch.tensor([p + new[row].tolist()]))[0]
             torch.testing.assert_close(cached[row, n:], full, rtol=0, atol=1e-12)
+    assert cache.pos == int(cache.pos_t) if static else cache.pos == longest + 6
+
+
+def test_graphed_decoding_needs_a_gpu(model):
+    with pytest.raises(LabError, match="needs a model on a GPU"):
+        generate_batch(model, PROMPTS, 3, graph=True)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (1.5, 7, 0.6)])
@@ -200,3 +209,25 @@ def test_cuda_kv_cache_in_bf16_is_as_close_to_float64_as_the_full_forward(model6
             full_err = (bf16(seq.cuda())[0].double().cpu() - ref).abs().max().item()
             cache_err = (cached[row, n:] - ref).abs().max().item()
             assert cache_err <= 2 * full_err + 1e-2, (row, cache_err, full_err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_decode_replays_the_static_step_exactly(model64):
+    """Each replay gives the logits an eager step through a static cache gives (the same kernels),
+    positions advance on the device, and the engine's graphed greedy tokens repeat."""
+    new = torch.randint(0, 61, (4, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    longest = max(map(len, PROMPTS))
+    pads = [longest - len(p) for p in PROMPTS]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pads, PROMPTS)]).cuda()
+    bf16 = copy.deepcopy(model64).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        eager, graphed = (KVCache(4, longest + 6, bf16.config, "cuda", torch.bfloat16, starts=pads, static=True)
+                          for _ in range(2))
+        bf16(ids, kv_cache=eager), bf16(ids, kv_cache=graphed)
+        step = _graphed_decode(bf16, graphed, 4)
+        for t in range(6):
+            want = bf16(new[:, t:t + 1], kv_cache=eager)[:, -1, :]
+            assert torch.equal(step(new[:, t]), want), t
+        assert graphed.pos == eager.pos == int(graphed.pos_t) == longest + 6
+    out = generate_batch(bf16, PROMPTS, 12, temperature=0.0, graph=True)
+    assert out == generate_batch(bf16, PROMPTS, 12, temperature=0.0, graph=True) and [len(r) for r in out] == [12] * 4
