@@ -2,12 +2,15 @@
 d12 LM, the whole training step (tower forward, merger, LM forward + backward, optimizer), on a GPU.
 
     PYTHONPATH=. python3 bench/vision_speed.py [--depth 12] [--images 64] [--image-size 384] [--caption 45]
-        [--accum N] [--vision-train] [--steps 10] [--profile] [--out bench/results/vision_speed-h200.jsonl]
+        [--accum N] [--vision-train] [--steps 10] [--variants eager,lm,all,fp8,fp8all] [--profile]
+        [--out bench/results/vision_speed-h200.jsonl]
 
 One row per image as `llmlabs train --vision` builds them: BOS, <|image_start|>, the 2x2-merged patch
 tokens (384 px / patch 16 = 24 x 24 patches -> 144 tokens), <|image_end|>, a caption (random tokens),
-3D MRoPE positions; random pixels. Three variants, one process: eager; the LM compiled (what `llmlabs
-train` runs); the LM and the encoder compiled.
+3D MRoPE positions; random pixels. Variants, one process: eager; the LM compiled (what `llmlabs
+train` runs); the LM and the encoder compiled; and, last, fp8 / fp8all: the same two with the frozen
+tower's linears in float8 (torchao's dynamic-activation inference recipe, a scale per row; not yet
+in `llmlabs train`: this measures whether it would pay). MFU stays in bf16-equivalent FLOPs.
 
 A step is what training runs: --accum micro-batches of --images rows, then one optimizer step.
 The two are timed apart (medians over --steps) and the step is accum x micro-batch + optimizer;
@@ -36,6 +39,8 @@ from llmlabs.vision import VisionEncoder, VisionTower, mask_patch_targets, mrope
 
 import train_speed  # bench/ is the script's own directory, first on sys.path
 
+VARIANTS = ("eager", "lm", "all", "fp8", "fp8all")
+FP8 = ("fp8", "fp8all")
 # SigLIP2 so400m/16 (google/siglip2-so400m-patch16-384's vision config); tiny: a dry run's
 TOWERS = {"so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          patch_size=16),
@@ -79,13 +84,21 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed micro-batches, and timed optimizer steps")
     p.add_argument("--profile", action="store_true", help="print the costliest CUDA kernels of 3 micro-batches")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="eager,lm,all", help="eager | lm (LM compiled) | all (LM and encoder compiled)")
+    p.add_argument("--variants", default="eager,lm,all",
+                   help="eager | lm (LM compiled) | all (LM and encoder compiled) | fp8 (as lm, the frozen tower's "
+                        "linears in float8) | fp8all (as all, the tower in float8); fp8 ones last, they convert the tower")
     p.add_argument("--tower", choices=TOWERS, default="so400m")
     p.add_argument("--device", default="cuda", help="cuda; cpu: a dry run of the script (eager, no MFU)")
     p.add_argument("--out")
     a = p.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
+    variants = a.variants.split(",")
+    if bad := [v for v in variants if v not in VARIANTS]:
+        p.error(f"--variants {','.join(bad)}: choose from {', '.join(VARIANTS)}")
+    if any(v in FP8 for v in variants) and (a.vision_train or not cuda or variants[-sum(v in FP8 for v in variants):]
+                                            != [v for v in variants if v in FP8]):
+        p.error("the fp8 variants need --device cuda, a frozen tower (no --vision-train), and to come last")
     if cuda and not torch.cuda.is_available():
         sys.exit("bench/vision_speed.py measures a CUDA GPU: torch sees none here (--device cpu: a dry run)")
     shape = TOWERS[a.tower]
@@ -115,11 +128,19 @@ def main():
           f"params, {T} positions a row; {micro_flops / 1e12:.2f} TFLOP a micro-batch, {accum} a step", flush=True)
 
     results = []
-    for variant in a.variants.split(","):
-        lm = torch.compile(model, fullgraph=True) if variant in ("lm", "all") and cuda else model
+    tower_fp8 = False
+    for variant in variants:
+        if variant in FP8 and not tower_fp8:
+            # torchao's FP8 inference recipe (weights cast once, activations per call, a scale per row):
+            # the frozen tower is 70% of a micro-batch and near 36% of the bf16 peak (vision_speed at 38a10df)
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+            quantize_(tower.model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            tower_fp8 = True
+        lm = torch.compile(model, fullgraph=True) if variant != "eager" and cuda else model
         # fullgraph: a graph break (transformers releases differ: a per-image loop, a mask's .item())
         # would fragment the tower into pieces that compile to nothing faster; the variant says why instead
-        enc = torch.compile(encoder, fullgraph=True) if variant == "all" and cuda else encoder
+        enc = torch.compile(encoder, fullgraph=True) if variant in ("all", "fp8all") and cuda else encoder
 
         def micro():
             with autocast:
