@@ -96,8 +96,8 @@ def main():
     variants = a.variants.split(",")
     if bad := [v for v in variants if v not in VARIANTS]:
         p.error(f"--variants {','.join(bad)}: choose from {', '.join(VARIANTS)}")
-    if any(v in FP8 for v in variants) and (a.vision_train or not cuda or variants[-sum(v in FP8 for v in variants):]
-                                            != [v for v in variants if v in FP8]):
+    fp8_first = next((i for i, v in enumerate(variants) if v in FP8), len(variants))
+    if fp8_first < len(variants) and (a.vision_train or not cuda or any(v not in FP8 for v in variants[fp8_first:])):
         p.error("the fp8 variants need --device cuda, a frozen tower (no --vision-train), and to come last")
     if cuda and not torch.cuda.is_available():
         sys.exit("bench/vision_speed.py measures a CUDA GPU: torch sees none here (--device cpu: a dry run)")

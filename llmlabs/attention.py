@@ -323,11 +323,9 @@ class KVCache:
         return y.transpose(1, 2).to(q.dtype)
 
     def positions(self, n: int) -> torch.Tensor:
-        """The positions of the next n tokens, [n], on the device: from pos_t when static (no host
-        value enters a captured step), else from pos."""
-        if self.static:
-            return self.pos_t + self.slots[:n]
-        return torch.arange(self.pos, self.pos + n, device=self.slots.device)
+        """A static cache's positions of the next n tokens, [n], read from pos_t on the device (no
+        host value enters a captured step)."""
+        return self.pos_t + self.slots[:n]
 
     def advance(self, n: int):
         self.pos += n
