@@ -1,7 +1,7 @@
 """Where MoE's grouped matmuls stand, outside the training step: at the d8 MoE shape (8 experts, width
 512 -> 704, 128 x 2048 tokens top-2 = 524,288 rows), one H200.
 
-    PYTHONPATH=. python3 bench/moe_grouped_mm.py [--compile]
+    PYTHONPATH=. python3 bench/moe_grouped_mm.py [--compile] [--skew 1,1.5,2,3]
 
 1. torch's grouped_mm in every layout the MoE layer's forward and backward use (the forward as
    moe.py calls it, the data gradient, the weight gradient as autograd computes it and transposed),
@@ -10,7 +10,10 @@
    forward + backward under torch.profiler, each grouped_mm and mm call by input shape; --compile
    runs the layer through torch.compile (fullgraph) as training does.
 Compare (2) with the grouped_mm kernels in `bench/train_speed.py --profile` of a compiled MoE step:
-there one grouped_mm kernel took twice the time of the eager calls (moe_grouped_mm-h200-a00384c.log).
+there one grouped_mm kernel took twice the time of the eager calls (moe_grouped_mm-h200-a00384c.log),
+and the layer compiled alone does not (moe_grouped_mm_compile-h200-fb0eb45.log: 0.60-0.72 ms each).
+3. --skew: forward, data and weight gradient at uneven expert loads (the training step routes real
+   text, not random inputs; its load is logged per step as moe_load_max in metrics.jsonl).
 """
 import argparse
 
@@ -62,6 +65,26 @@ def layouts():
         print(f"{name:32} {ms:7.3f} {2 * R * C * H / ms / 1e9:8.1f}")
 
 
+def skewed(ratios):
+    """The three training layouts at uneven loads: expert 0 takes `ratio` times the mean rows, the
+    others share the rest. A forward or data-gradient tile covers rows of one expert, so its work
+    spreads over the SMs whatever the split; a weight-gradient tile sums over all of one expert's
+    rows, so the busiest expert's tiles set that kernel's time (8 experts x 24 tiles of [512, 704]:
+    1.5 waves of 132 SMs, little to hide the longest behind)."""
+    bf = torch.bfloat16
+    x, dy = torch.randn(R, C, device="cuda", dtype=bf), torch.randn(R, H, device="cuda", dtype=bf)
+    w = torch.randn(E, H, C, device="cuda", dtype=bf) * 0.02
+    print(f"\n{'max/mean load':>13} {'fwd ms':>7} {'dgrad ms':>8} {'wgrad ms':>8}")
+    for r in ratios:
+        big = int(R / E * r) // 16 * 16
+        rest = (R - big) // (E - 1) // 16 * 16
+        sizes = [big] + [rest] * (E - 2) + [R - big - rest * (E - 2)]
+        offs = torch.cumsum(torch.tensor(sizes), 0).to(torch.int32).cuda()
+        ms = [timed(lambda: gmm(x, w.transpose(1, 2), offs=offs)), timed(lambda: gmm(dy, w, offs=offs)),
+              timed(lambda: gmm(dy.t(), x, offs=offs))]
+        print(f"{max(sizes) * E / R:13.2f} {ms[0]:7.3f} {ms[1]:8.3f} {ms[2]:8.3f}")
+
+
 def moe_layer(compiled: bool):
     cfg = GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_embd=C, n_head=4, n_kv_head=4, head_dim=128,
                     moe_experts=E, moe_top_k=2, moe_shared=1)
@@ -92,7 +115,11 @@ def moe_layer(compiled: bool):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compile", action="store_true", help="profile the MoE layer compiled, as training runs it")
+    p.add_argument("--skew", default="1,1.5,2,3",
+                   help="comma-separated max/mean expert loads to time the grouped matmuls at ('' for none)")
     args = p.parse_args()
     torch.manual_seed(0)
     layouts()
+    if args.skew:
+        skewed([float(r) for r in args.skew.split(",")])
     moe_layer(args.compile)

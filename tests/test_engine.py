@@ -231,3 +231,50 @@ def test_cuda_graphed_decode_replays_the_static_step_exactly(model64):
         assert graphed.pos == eager.pos == int(graphed.pos_t) == longest + 6
     out = generate_batch(bf16, PROMPTS, 12, temperature=0.0, graph=True)
     assert out == generate_batch(bf16, PROMPTS, 12, temperature=0.0, graph=True) and [len(r) for r in out] == [12] * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="`llmlabs sample` captures CUDA graphs on a GPU only")
+def test_cuda_sample_command_decodes_through_one_graph(run_dir, capsys, monkeypatch):
+    """On CUDA the sample command decodes through _graphed_decode (captured once for the batch), and
+    prints what generate_batch(graph=True) makes of the checkpoint it loads."""
+    from llmlabs import engine
+    from llmlabs.checkpoint import load_run
+    from llmlabs.data.tokenizer import Tokenizer
+
+    captures = []
+    monkeypatch.setattr(engine, "_graphed_decode", lambda *a: captures.append(a) or _graphed_decode(*a))
+    capsys.readouterr()
+    assert cli.main(["sample", run_dir, "--prompt", "the data", "--prompt", "東京", "--max-tokens", "12",
+                     "--temperature", "0", "--device", "cuda"]) == 0
+    out = capsys.readouterr()
+    assert len(captures) == 1 and "(2 rows, prefill included, cuda)" in out.err
+    model, _ = load_run(run_dir, torch.device("cuda"))
+    tok = Tokenizer.load(f"{run_dir}/tokenizer.json")
+    rows = generate_batch(model, [[tok.bos_id] + tok.encode(p) for p in ("the data", "東京")], 12, temperature=0.0,
+                          stop_ids=(tok.bos_id,), graph=True)
+    want = [p + tok.decode(r[:-1] if r and r[-1] == tok.bos_id else r) for p, r in zip(("the data", "東京"), rows)]
+    assert out.out == want[0] + "\n" + "-" * 40 + "\n" + want[1] + "\n"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_decode_of_an_moe_model_replays_its_eager_step(model64):
+    """The MoE's grouped path (device-side routing and offsets, no host sync) is captured whole: each
+    replay equals the eager static step, and the routing counters stay untouched."""
+    from test_moe import moe_config
+
+    config = moe_config(sequence_len=48, vocab_size=61)
+    bf16 = randomized(build_model(config, "cpu"), seed=9).to("cuda", torch.bfloat16).eval()
+    loads = [b.mlp.expert_load for b in bf16.blocks if hasattr(b.mlp, "expert_load")]
+    before = [x.clone() for x in loads]
+    new = torch.randint(0, 61, (4, 5), generator=torch.Generator().manual_seed(7)).cuda()
+    longest = max(map(len, PROMPTS))
+    pads = [longest - len(p) for p in PROMPTS]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pads, PROMPTS)]).cuda()
+    with torch.no_grad():
+        eager, graphed = (KVCache(4, longest + 5, config, "cuda", torch.bfloat16, starts=pads, static=True)
+                          for _ in range(2))
+        bf16(ids, kv_cache=eager), bf16(ids, kv_cache=graphed)
+        step = _graphed_decode(bf16, graphed, 4)
+        for t in range(5):
+            assert torch.equal(step(new[:, t]), bf16(new[:, t:t + 1], kv_cache=eager)[:, -1, :]), t
+    assert len(loads) == 2 and all(torch.equal(a, b) for a, b in zip(before, loads))
