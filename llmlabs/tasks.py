@@ -12,9 +12,11 @@ directory gives the same items, in the same order, on every machine.
   one or those of three other functions of the same file.
 
 Each choice is scored as lm-evaluation-harness scores multiple choice: the log-likelihood the model
-gives the continuation after the context, context and continuation tokenized apart. `acc` picks the
-highest total log-likelihood, `acc_norm` the highest per UTF-8 byte (longer answers are not
-penalised); chance is 1/4 for both.
+gives the continuation after the context. Context and continuation are tokenized apart (lm-eval 0.3's
+way; 0.4 moves the context's trailing whitespace into the continuation and cuts the whole text's tokens
+where the context's end, other tokens wherever BPE merges across the cut: bench/lm_eval_local.py scores
+both). `acc` picks the highest total log-likelihood, `acc_norm` the highest per UTF-8 byte (lm-eval's
+acc_bytes; longer answers are not penalised); chance is 1/4 for both.
 """
 import random
 

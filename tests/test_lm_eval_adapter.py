@@ -209,3 +209,41 @@ def test_unknown_names_and_a_missing_lm_eval_are_one_line(run, task_dir, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: hellaswag: not one of bpb, next_line, signature, offline, core, so lm-eval tasks, and lm-eval "
                    "is not installed: pip install 'llmlabs[eval]'"]
+
+
+def test_bench_lm_eval_local_agrees_with_the_labs_scoring(tmp_path, capsys, monkeypatch):
+    """bench/lm_eval_local.py on a run of random weights over held-out stdlib source: lm-eval's acc and acc_bytes
+    equal tasks.evaluate's acc and acc_norm on the same items; the rolling task's bits per byte is a number; a
+    disagreement, or a RUN that is no run, is one line and a non-zero exit."""
+    import importlib.util
+
+    from conftest import prepared_stdlib
+    from llmlabs.data.shards import DataDir
+
+    data = DataDir.open(prepared_stdlib(tmp_path, 60, 400, 0.3, 0.1))
+    run = tmp_path / "run"
+    model = randomized(build_model(tiny_config(sequence_len=128, vocab_size=400, n_layer=2), "cpu"), seed=4)
+    checkpoint.save(run, 5, model, {}, {"model_config": vars(model.config), "tokenizer_hash": data.tokenizer.hash,
+                                        "run_config": {"data": str(data.path), "device_batch_size": 8, "seq_len": 128,
+                                                       "eval_tokens": 1024}})
+    spec = importlib.util.spec_from_file_location("lm_eval_local", "bench/lm_eval_local.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "rows.jsonl"
+    assert bench.main([str(run), "--items", "12", "--device", "cpu", "--out", str(out),
+                       "--tasks-dir", str(tmp_path / "tasks")]) == 0
+    rows = {(r["task"], r["scorer"]): r for r in map(json.loads, out.read_text().splitlines())}
+    for task in ("lab_next_line", "lab_signature"):
+        lm, lab = rows[task, "lm-eval, lab's split"], rows[task, "tasks.evaluate"]
+        assert lm["items"] == lab["items"] == 12 and lm["near_ties"] == [0, 0]
+        assert (lm["acc"], lm["acc_norm"]) == (lab["acc"], lab["acc_norm"])
+        assert 0 <= rows[task, "lm-eval, its split"]["acc"] <= 1
+    roll = rows["lab_heldout_bpb", "lm-eval rolling"]
+    assert roll["items"] == 12 and 0 < roll["bits_per_byte"] < 20 and rows["val_bpb", "evaluate_bpb"]["bits_per_byte"] > 0
+    assert "lab_signature" in capsys.readouterr().out
+    assert bench.main([str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "nope has no checkpoint" in capsys.readouterr().err
+    real = tasks.evaluate
+    monkeypatch.setattr(tasks, "evaluate", lambda *a: {**real(*a), "acc": -1.0})
+    assert bench.main([str(run), "--items", "4", "--device", "cpu"]) == 1
+    assert "cross-check failed: lab_next_line: lm-eval acc" in capsys.readouterr().err
