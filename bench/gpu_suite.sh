@@ -8,7 +8,8 @@
 # absl-py grpcio markdown protobuf werkzeug markupsafe). Each worker's torch gets OMP_NUM_THREADS
 # threads: 12 workers of 16 threads each on 16 cores (2026-12-03, 606a9da) oversubscribed the CPUs
 # and the run reached only ~75% in 380 s. -v prints every test's outcome as it ends, so a run cut
-# by the timeout still names its failures; the short summary (-rfE) follows when it completes.
+# by the timeout still names its failures, and bench/instafail.py prints each one's traceback as it
+# happens; the short summary (-rfE) follows when it completes.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_suite.sh OUT_DIR COMMIT}
 commit=${2:?usage: bash bench/gpu_suite.sh OUT_DIR COMMIT}
@@ -18,7 +19,8 @@ log="$out/pytest_all-$(python3 -c 'import torch; print(torch.cuda.get_device_nam
 {
     echo "# $(date +%F) | $(python3 -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)') | commit $commit"
     echo "# command: OMP_NUM_THREADS=$OMP_NUM_THREADS python3 -m pytest -v -n $workers --tb=short -rfEs --durations=15"
-    timeout "${SUITE_TIMEOUT:-480}" python3 -m pytest -v -n "$workers" --tb=short -rfEs --durations=15 -p no:cacheprovider
+    PYTHONPATH=bench:${PYTHONPATH:-} timeout "${SUITE_TIMEOUT:-480}" python3 -m pytest -v -n "$workers" --tb=short -rfEs \
+        --durations=15 -p no:cacheprovider -p instafail
     echo "# exit status $?"
 } > "$log" 2>&1
 grep -E "FAILED|ERROR|passed|failed|exit status" "$log" | tail -30

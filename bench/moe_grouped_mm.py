@@ -13,7 +13,9 @@ Compare (2) with the grouped_mm kernels in `bench/train_speed.py --profile` of a
 there one grouped_mm kernel took twice the time of the eager calls (moe_grouped_mm-h200-a00384c.log),
 and the layer compiled alone does not (moe_grouped_mm_compile-h200-fb0eb45.log: 0.60-0.72 ms each).
 3. --skew: forward, data and weight gradient at uneven expert loads (the training step routes real
-   text, not random inputs; its load is logged per step as moe_load_max in metrics.jsonl).
+   text, not random inputs; its load is logged per step as moe_load_max in metrics.jsonl), and the
+   weight gradient as moe.py computes it, in 2, 4 or 8 pieces per expert's share (moe.WGRAD_PIECES),
+   checked against the one-group-per-expert result.
 """
 import argparse
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from llmlabs.config import GPTConfig
-from llmlabs.moe import MoE
+from llmlabs.moe import MoE, weight_grad
 
 gmm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 E, C, H, R = 8, 512, 704, 2 * 128 * 2048
@@ -74,7 +76,9 @@ def skewed(ratios):
     bf = torch.bfloat16
     x, dy = torch.randn(R, C, device="cuda", dtype=bf), torch.randn(R, H, device="cuda", dtype=bf)
     w = torch.randn(E, H, C, device="cuda", dtype=bf) * 0.02
-    print(f"\n{'max/mean load':>13} {'fwd ms':>7} {'dgrad ms':>8} {'wgrad ms':>8}")
+    pieces = [2, 4, 8]
+    print(f"\n{'max/mean load':>13} {'fwd ms':>7} {'dgrad ms':>8} {'wgrad ms':>8} "
+          + " ".join(f"{f'x{p} pieces':>9}" for p in pieces) + "  (moe.weight_grad: the weight gradient in pieces)")
     for r in ratios:
         big = int(R / E * r) // 16 * 16
         rest = (R - big) // (E - 1) // 16 * 16
@@ -82,7 +86,13 @@ def skewed(ratios):
         offs = torch.cumsum(torch.tensor(sizes), 0).to(torch.int32).cuda()
         ms = [timed(lambda: gmm(x, w.transpose(1, 2), offs=offs)), timed(lambda: gmm(dy, w, offs=offs)),
               timed(lambda: gmm(dy.t(), x, offs=offs))]
-        print(f"{max(sizes) * E / R:13.2f} {ms[0]:7.3f} {ms[1]:8.3f} {ms[2]:8.3f}")
+        for p in pieces:
+            chunk = -(-R // (E * p * 16)) * 16
+            ref = weight_grad(dy, x, offs, 0).float()
+            err = ((weight_grad(dy, x, offs, chunk) - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-2, f"pieces x{p} at load {r}: relative error {err:.2e}"
+            ms.append(timed(lambda: weight_grad(dy, x, offs, chunk)))
+        print(f"{max(sizes) * E / R:13.2f} {ms[0]:7.3f} {ms[1]:8.3f} {ms[2]:8.3f} " + " ".join(f"{m:9.3f}" for m in ms[3:]))
 
 
 def moe_layer(compiled: bool):

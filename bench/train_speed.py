@@ -113,9 +113,10 @@ def compare_parser(description: str, depths: str, steps: int, warmup: int) -> ar
 
 
 def compare(variants: dict, args, extra=()) -> list:
-    """Each variant (name -> extra train flags) at each of args.depths, one after another in this
-    process, each compiled from scratch; prints a line per run and a table whose last column is
-    tokens/s relative to the depth's first variant. Returns [(depth, name, result)]."""
+    """Each variant (name -> extra train flags, or (flags, a function called before the run)) at each
+    of args.depths, one after another in this process, each compiled from scratch; prints a line per
+    run and a table whose last column is tokens/s relative to the depth's first variant. Returns
+    [(depth, name, result)]."""
     import gc
 
     if not torch.cuda.is_available():
@@ -124,6 +125,9 @@ def compare(variants: dict, args, extra=()) -> list:
     rows = []
     for depth in depths:
         for name, flags in variants.items():
+            if isinstance(flags, tuple):
+                flags, before = flags
+                before()
             argv = ["--depth", str(depth), "--steps", str(steps), "--warmup", str(warmup), *flags, *extra]
             res = measure(parser().parse_args(argv + (["--out", out] if out else [])),
                           "PYTHONPATH=. python3 " + " ".join(sys.argv) + f"  # {name} d{depth}")

@@ -28,6 +28,13 @@ grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 # grouped_mm reads each expert's rows as one block; each block starts on a multiple of this many
 # rows (padding rows are zero and never read back), the alignment GPU grouped GEMMs want for bf16
 ALIGN_ROWS = 16
+# The weight gradients' grouped matmul sums each expert's rows in pieces of at most R / (E * this)
+# rows. A tile of its output ([h, C] per expert) sums over all rows it is given, so with one group
+# per expert the busiest expert's tiles set the kernel's time: on an H200 at the d8 shape 0.68 ms
+# balanced, 1.37 ms at twice the mean load, 2.03 ms at three times (moe_grouped_mm_skew-h200-81130ab),
+# and a d8 run's busiest expert holds 2-3.8x the mean in its first 100 steps (moe_d8_40s-h200-81130ab).
+# Pieces spread a busy expert over more tiles, split-K style. 0: one group per expert.
+WGRAD_PIECES = 4
 
 
 class MoE(nn.Module):
@@ -135,10 +142,11 @@ class MoE(nn.Module):
         # the last expert's block runs to the buffer's end: grouped_mm leaves rows outside every
         # block uninitialised, and they would reach the weights' gradients
         offs = torch.cat([ends[:-1], ends.new_full((1,), R)]).to(torch.int32)
-        h = grouped_mm(buf, self.w_fc.to(dtype).transpose(1, 2), offs=offs)
+        chunk = -(-R // (E * WGRAD_PIECES * ALIGN_ROWS)) * ALIGN_ROWS if WGRAD_PIECES else 0
+        h = _ExpertMM.apply(buf, self.w_fc, offs, chunk)
         # CUDA autocast runs square (as pow) in float32, and grouped_mm, not an autocast op, refuses a
         # float32 operand beside a bfloat16 one (H200, torch 2.11): the activation goes back to `dtype`
-        y = grouped_mm(F.relu(h).square().to(dtype), self.w_proj.to(dtype).transpose(1, 2), offs=offs)
+        y = _ExpertMM.apply(F.relu(h).square().to(dtype), self.w_proj, offs, chunk)
         rows = _Combine.apply(y, row, assignment, real)              # [N*k, C] in assignment order
         return (rows.view(N, k, -1) * gates.to(dtype).unsqueeze(-1)).sum(1)
 
@@ -196,3 +204,39 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, grad):
         assignment, real = ctx.saved_tensors
         return torch.where(real.unsqueeze(-1), grad[assignment], 0), None, None, None
+
+
+class _ExpertMM(torch.autograd.Function):
+    """y = x @ w[e].T for the rows of each expert e (offs: the ends of the experts' blocks of rows),
+    w cast to x's dtype. Backward: dx as grouped_mm gives it, dw by weight_grad in pieces of at
+    most `chunk` rows (0: whole blocks), returned in w's own dtype (the float32 master weights)."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs, chunk):
+        ctx.save_for_backward(x, w, offs)
+        ctx.chunk = chunk
+        return grouped_mm(x, w.to(x.dtype).transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        return grouped_mm(dy, w.to(dy.dtype), offs=offs), weight_grad(dy, x, offs, ctx.chunk).to(w.dtype), None, None
+
+
+def weight_grad(dy, x, offs, chunk):
+    """dw[e] = dy_e.T @ x_e over each expert's rows. With chunk, the rows are also cut at every
+    multiple of chunk: at most R/chunk + E pieces, each a group of one grouped matmul, then summed
+    per expert in (at least) float32 by a one-hot matmul: deterministic, where index_add's atomics
+    are not. A piece of no rows is zeroed: grouped_mm need not write an empty group's output."""
+    if not chunk:
+        return grouped_mm(dy.t(), x, offs=offs)
+    grid = torch.arange(chunk, max(chunk, x.shape[0]), chunk, device=offs.device, dtype=offs.dtype)
+    cuts = torch.cat([offs, grid]).sort().values
+    part = grouped_mm(dy.t(), x, offs=cuts)                               # [pieces, out, in]
+    size = torch.diff(cuts, prepend=cuts.new_zeros(1))
+    owner = torch.searchsorted(offs, cuts)                                # the block each piece ends in
+    acc = torch.promote_types(part.dtype, torch.float32)
+    part = torch.where((size > 0)[:, None, None], part, 0).to(acc)
+    onehot = (owner == torch.arange(len(offs), device=offs.device)[:, None]).to(acc)  # [E, pieces]
+    with torch.autocast(dy.device.type, enabled=False):
+        return (onehot @ part.flatten(1)).view(len(offs), *part.shape[1:])

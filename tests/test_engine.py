@@ -247,7 +247,7 @@ def test_cuda_sample_command_decodes_through_one_graph(run_dir, capsys, monkeypa
     assert cli.main(["sample", run_dir, "--prompt", "the data", "--prompt", "東京", "--max-tokens", "12",
                      "--temperature", "0", "--device", "cuda"]) == 0
     out = capsys.readouterr()
-    assert len(captures) == 1 and "(2 rows, prefill included, cuda)" in out.err
+    assert len(captures) == 1 and "(2 rows, prefill included, cuda" in out.err  # cuda:0 on a GPU machine
     model, _ = load_run(run_dir, torch.device("cuda"))
     tok = Tokenizer.load(f"{run_dir}/tokenizer.json")
     rows = generate_batch(model, [[tok.bos_id] + tok.encode(p) for p in ("the data", "東京")], 12, temperature=0.0,
