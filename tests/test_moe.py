@@ -75,9 +75,11 @@ def test_routing_gates_and_shared_expert_match_a_token_by_token_loop(raw_gates, 
         torch.testing.assert_close(gates.sum(-1), torch.full((18,), scale))
 
 
-def test_grouped_path_equals_loop_path_with_gradients():
+@pytest.mark.parametrize("pieces", [0, 4])
+def test_grouped_path_equals_loop_path_with_gradients(pieces, monkeypatch):
     """Random routing with empty and crowded experts (the bias makes expert 0 popular, expert 5 idle):
-    outputs and every gradient agree between the two paths."""
+    outputs and every gradient agree between the two paths, the weight gradients whole or in pieces."""
+    monkeypatch.setattr("llmlabs.moe.WGRAD_PIECES", pieces)
     m = random_moe(moe_config())
     with torch.no_grad():
         m.expert_bias.copy_(torch.tensor([2.0, 0.1, 0.0, -0.1, 0.05, -9.0]))
@@ -98,7 +100,9 @@ def test_grouped_path_equals_loop_path_with_gradients():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped path's GPU kernels (grouped_mm in bf16) need CUDA")
-def test_grouped_path_on_cuda_matches_the_loop_path_compiled_and_not():
+@pytest.mark.parametrize("pieces", [0, 4])
+def test_grouped_path_on_cuda_matches_the_loop_path_compiled_and_not(pieces, monkeypatch):
+    monkeypatch.setattr("llmlabs.moe.WGRAD_PIECES", pieces)
     m = random_moe(moe_config(n_embd=128, moe_expert_width=128, moe_experts=8)).cuda()
     x = torch.randn(4, 64, 128, device="cuda")
     dy = torch.randn(4, 64, 128, device="cuda")
