@@ -2,14 +2,15 @@
 d12 LM, the whole training step (tower forward, merger, LM forward + backward, optimizer), on a GPU.
 
     PYTHONPATH=. python3 bench/vision_speed.py [--depth 12] [--images 64] [--image-size 384] [--caption 45]
-        [--accum N] [--vision-train] [--steps 10] [--variants eager,lm,all,fp8,fp8all] [--profile]
+        [--accum N] [--vision-train] [--steps 10] [--variants eager,lm,layers,all,fp8,fp8layers,fp8all] [--profile]
         [--out bench/results/vision_speed-h200.jsonl]
 
 One row per image as `llmlabs train --vision` builds them: BOS, <|image_start|>, the 2x2-merged patch
 tokens (384 px / patch 16 = 24 x 24 patches -> 144 tokens), <|image_end|>, a caption (random tokens),
 3D MRoPE positions; random pixels. Variants, one process: eager; the LM compiled (what `llmlabs
-train` runs); the LM and the encoder compiled; and, last, fp8 / fp8all: the same two with the frozen
-tower's linears in float8 (torchao's dynamic-activation inference recipe, a scale per row; not yet
+train` runs); the LM and each of the tower's layers compiled (`layers`, regional compilation); the
+LM and the encoder compiled whole; and, last, fp8 / fp8layers / fp8all: lm, layers and all with the
+frozen tower's linears in float8 (torchao's dynamic-activation inference recipe, a scale per row; not yet
 in `llmlabs train`: this measures whether it would pay). MFU stays in bf16-equivalent FLOPs.
 
 A step is what training runs: --accum micro-batches of --images rows, then one optimizer step.
@@ -39,8 +40,9 @@ from llmlabs.vision import VisionEncoder, VisionTower, mask_patch_targets, mrope
 
 import train_speed  # bench/ is the script's own directory, first on sys.path
 
-VARIANTS = ("eager", "lm", "all", "fp8", "fp8all")
-FP8 = ("fp8", "fp8all")
+VARIANTS = ("eager", "lm", "layers", "all", "fp8", "fp8layers", "fp8all")
+FP8 = ("fp8", "fp8layers", "fp8all")
+LAYERS = ("layers", "fp8layers")
 # SigLIP2 so400m/16 (google/siglip2-so400m-patch16-384's vision config); tiny: a dry run's
 TOWERS = {"so400m": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          patch_size=16),
@@ -57,6 +59,15 @@ def rows(B, grid, caption, vocab, device, seed=0):
     idx, targets = full[:, :-1], mask_patch_targets(full[:, 1:], 2)
     return {"idx": idx.to(device), "targets": targets.to(device), "positions": mrope_positions(idx, 2, grid).to(device),
             "patch_mask": (idx == 2).to(device)}
+
+
+def tower_layers(tower):
+    """The transformer layers of a SigLIP/SigLIP2 tower (encoder.layers, below vision_model in some
+    transformers releases)."""
+    lists = [m for name, m in tower.model.named_modules() if name.endswith("encoder.layers")]
+    if len(lists) != 1:
+        sys.exit(f"found {len(lists)} encoder.layers lists in the tower (transformers {transformers.__version__})")
+    return list(lists[0])
 
 
 def median_ms(fn, reps, cuda):
@@ -84,9 +95,10 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed micro-batches, and timed optimizer steps")
     p.add_argument("--profile", action="store_true", help="print the costliest CUDA kernels of 3 micro-batches")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--variants", default="eager,lm,all",
-                   help="eager | lm (LM compiled) | all (LM and encoder compiled) | fp8 (as lm, the frozen tower's "
-                        "linears in float8) | fp8all (as all, the tower in float8); fp8 ones last, they convert the tower")
+    p.add_argument("--variants", default="eager,lm,layers",
+                   help="eager | lm (LM compiled) | layers (LM and each tower layer compiled) | all (LM and encoder "
+                        "compiled) | fp8, fp8layers, fp8all (as lm, layers, all, the frozen tower's linears in "
+                        "float8); fp8 ones last, they convert the tower")
     p.add_argument("--tower", choices=TOWERS, default="so400m")
     p.add_argument("--device", default="cuda", help="cuda; cpu: a dry run of the script (eager, no MFU)")
     p.add_argument("--out")
@@ -141,6 +153,12 @@ def main():
         # fullgraph: a graph break (transformers releases differ: a per-image loop, a mask's .item())
         # would fragment the tower into pieces that compile to nothing faster; the variant says why instead
         enc = torch.compile(encoder, fullgraph=True) if variant in ("all", "fp8all") and cuda else encoder
+        # regional compilation: each of the tower's layers compiled in place, the same code for all 27,
+        # so one layer's compile serves every layer (the whole tower's fullgraph compile outran a
+        # 200 s call at fb0eb45); embeddings, the last norm and the merger stay eager
+        layers = tower_layers(tower) if variant in LAYERS and cuda else []
+        for layer in layers:
+            layer.compile(fullgraph=True, dynamic=False)
 
         def micro():
             with autocast:
@@ -184,6 +202,8 @@ def main():
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(res) + "\n")
+        for layer in layers:
+            layer._compiled_call_impl = None  # back to eager for the next variant
         torch._dynamo.reset()
         if cuda:
             torch.cuda.reset_peak_memory_stats()

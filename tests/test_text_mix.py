@@ -47,7 +47,9 @@ def test_prepare_text_nests_a_text_directory_with_the_captions_tokenizer(mixed, 
     captions, text = DataDir.open(data_path), DataDir.open(data_path / "text")
     assert text.tokenizer.hash == captions.tokenizer.hash
     docs = sorted(d for s in ("train", "val", "test") for d in split_docs(text, s))
-    assert docs == sorted(f.read_text() for f in src.glob("*.py"))
+    # each distinct file once: prepare drops exact copies, and Debian's Python 3.12 ships two
+    # _sysconfigdata files of one content among the first 30 (one links the other)
+    assert docs == sorted({f.read_text() for f in src.glob("*.py")})
     assert all(not name.startswith("text/") for name in captions.manifest["files"])  # checksums: each its own
     assert set(text.manifest["files"]) == {s[k] for sp in text.manifest["splits"].values() for s in sp["shards"]
                                            for k in ("tokens", "docs")}
