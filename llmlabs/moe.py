@@ -143,11 +143,15 @@ class MoE(nn.Module):
         # the last expert's block runs to the buffer's end: grouped_mm leaves rows outside every
         # block uninitialised, and they would reach the weights' gradients
         offs = torch.cat([ends[:-1], ends.new_full((1,), R)]).to(torch.int32)
-        chunk = -(-R // (E * WGRAD_PIECES * ALIGN_ROWS)) * ALIGN_ROWS if WGRAD_PIECES else 0
-        h = _ExpertMM.apply(buf, self.w_fc, offs, chunk)
+        if WGRAD_PIECES:  # the weight gradients in pieces (_ExpertMM); else autograd's own grouped_mm backward
+            chunk = -(-R // (E * WGRAD_PIECES * ALIGN_ROWS)) * ALIGN_ROWS
+            mm = lambda a, w: _ExpertMM.apply(a, w, offs, chunk)  # noqa: E731
+        else:
+            mm = lambda a, w: grouped_mm(a, w.to(dtype).transpose(1, 2), offs=offs)  # noqa: E731
+        h = mm(buf, self.w_fc)
         # CUDA autocast runs square (as pow) in float32, and grouped_mm, not an autocast op, refuses a
         # float32 operand beside a bfloat16 one (H200, torch 2.11): the activation goes back to `dtype`
-        y = _ExpertMM.apply(F.relu(h).square().to(dtype), self.w_proj, offs, chunk)
+        y = mm(F.relu(h).square().to(dtype), self.w_proj)
         rows = _Combine.apply(y, row, assignment, real)              # [N*k, C] in assignment order
         return (rows.view(N, k, -1) * gates.to(dtype).unsqueeze(-1)).sum(1)
 
