@@ -141,8 +141,9 @@ class LabLM(TemplateLM):
         from llmlabs.engine import stream
 
         rows, done = [[] for _ in prompts], [False] * len(prompts)
-        with self.autocast:
-            for toks in stream(self.model, prompts, steps, stop_ids=(self.tok.bos_id,), **sample):
+        graph = self._device.type == "cuda"  # each decode step one CUDA graph replay (engine_speed: ~10x eager)
+        with self.autocast, _capturable_autocast(graph):
+            for toks in stream(self.model, prompts, steps, stop_ids=(self.tok.bos_id,), graph=graph, **sample):
                 for i, t in enumerate(toks):
                     if done[i]:
                         continue
@@ -156,3 +157,13 @@ class LabLM(TemplateLM):
         texts = [self.tok.decode(r) for r in rows]
         return [min((t[:t.index(s)] for s in until if s in t), key=len, default=t) for t in texts]
 
+
+
+def _capturable_autocast(graph):
+    """The autocast in force with its cast cache off, for a CUDA graph capture: a cached cast is freed
+    when the outermost autocast exits while a graph would keep reading it (PyTorch's CUDA graphs notes
+    on autocast); uncached, each replay casts the weights itself. Nothing to change without a graph
+    or an autocast."""
+    if graph and torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return nullcontext()

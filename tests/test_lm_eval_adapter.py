@@ -247,3 +247,28 @@ def test_bench_lm_eval_local_agrees_with_the_labs_scoring(tmp_path, capsys, monk
     monkeypatch.setattr(tasks, "evaluate", lambda *a: {**real(*a), "acc": -1.0})
     assert bench.main([str(run), "--items", "4", "--device", "cpu"]) == 1
     assert "cross-check failed: lab_next_line: lm-eval acc" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generate_until decodes through CUDA graphs on a GPU only")
+def test_cuda_generate_until_decodes_through_a_graph_under_autocast(model, tok, monkeypatch):
+    """On CUDA, with float32 weights under bf16 autocast as `llmlabs eval` runs them, generate_until
+    captures the decode step (autocast's cache off) and returns what generate_batch(graph=True) makes
+    under the same autocast: the same kernels, the same tokens."""
+    from llmlabs import engine
+
+    cuda = build_model(model.config, "cpu")
+    cuda.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    cuda = cuda.cuda().eval()
+    captures = []
+    real = engine._graphed_decode
+    monkeypatch.setattr(engine, "_graphed_decode", lambda *a: captures.append(1) or real(*a))
+    rng = random.Random(9)
+    prompts = sorted((words(rng, k) for k in (1, 5, 2, 9)), key=len, reverse=True)  # the adapter's batch order
+    lm = LabLM(cuda, tok, batch_size=4, autocast=torch.autocast("cuda", dtype=torch.bfloat16))
+    got = lm.generate_until([Instance("generate_until", {}, (p, {"until": ["\x00"], "max_gen_toks": 10}), i)
+                             for i, p in enumerate(prompts)], disable_tqdm=True)
+    assert captures == [1]
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        ids = engine.generate_batch(cuda, [lm.tok_encode(p) for p in prompts], 10, temperature=0.0,
+                                    stop_ids=(tok.bos_id,), graph=True)
+    assert got == [tok.decode([t for t in r if t != tok.bos_id]) for r in ids]
