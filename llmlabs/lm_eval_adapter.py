@@ -158,7 +158,6 @@ class LabLM(TemplateLM):
         return [min((t[:t.index(s)] for s in until if s in t), key=len, default=t) for t in texts]
 
 
-
 def _capturable_autocast(graph):
     """The autocast in force with its cast cache off, for a CUDA graph capture: a cached cast is freed
     when the outermost autocast exits while a graph would keep reading it (PyTorch's CUDA graphs notes
