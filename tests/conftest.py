@@ -26,6 +26,17 @@ def random_text(rng: random.Random, n_words: int) -> str:
     return "".join(w + ("\n" if rng.random() < 0.1 else " ") for w in words).strip()
 
 
+@pytest.fixture(autouse=True)
+def _restore_tf32():
+    """compute_init turns TF32 on for CUDA training; a test that trains must not leave it on for the next
+    test in the same worker, whose float32 reference tolerances assume full float32 matmuls (a 2026-12-04
+    H200 suite failed a float32 loss-kernel test at 4e-3 after a training test on its worker)."""
+    import torch
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A folder of 240 documents (.txt/.md/.py, 5 to 800 words) plus two exact duplicates and an
