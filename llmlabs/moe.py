@@ -33,8 +33,9 @@ ALIGN_ROWS = 16
 # per expert the busiest expert's tiles set the kernel's time: on an H200 at the d8 shape 0.68 ms
 # balanced, 1.37 ms at twice the mean load, 2.03 ms at three times (moe_grouped_mm_skew-h200-81130ab),
 # and a d8 run's busiest expert holds 2-3.8x the mean in its first 100 steps (moe_d8_40s-h200-81130ab).
-# Pieces spread a busy expert over more tiles, split-K style. 0: one group per expert, the default
-# until the pieces are measured on a GPU (bench/moe_speed.py --pieces 0,4; moe_grouped_mm.py --skew).
+# Pieces spread a busy expert over more tiles, split-K style: 4 pieces take 0.82-0.86 ms at any skew
+# there, but 0.85 against 0.63 ms at even load (moe_grouped_mm_skew-h200-eea7591). 0: one group per
+# expert, the default until the whole step is timed with pieces (bench/moe_speed.py --pieces 0,4).
 WGRAD_PIECES = 0
 
 
