@@ -1,4 +1,4 @@
-"""`llmlabs sweep run SPEC` and `llmlabs sweep fit SPEC`: preregistered sweeps and their scaling-law fit.
+"""`llmlabs sweep run|fit|table SPEC`: preregistered sweeps, their scaling-law fit, their seed table.
 
 A spec is a TOML file written before any run: what is expected and how it will be judged, then the
 grid. Every cell is one plain `llmlabs train` run directory; the fit (llmlabs/scaling_fit.py) reads
@@ -25,7 +25,13 @@ lands on the uninterrupted run's trajectory, so a resumed cell costs only what w
 without a checkpoint starts again in its directory. Each runner takes a cell's claim (an flock on
 CELL/.claim) before running it, so several runners on one sweep directory share its cells as a
 queue (across nodes only where the shared filesystem honours flock; tested on one machine). --gpus runs one cell per GPU at a time; --slurm
-submits the cells as a SLURM job array through submitit."""
+submits the cells as a SLURM job array through submitit. Machines that share no filesystem split a
+sweep by name (`run --cells A,B`); their cell directories, copied into one sweep directory, are read
+by `fit` and `table` as if run there.
+
+`table` is for sweeps that compare arms over seeds (bf16 against FP8, dense against MoE): each grid
+point's val_bpb mean and spread over its seeds, and each point's per-seed difference from the first,
+paired by seed (the same seed gives both arms the same data order and, where shapes agree, weights)."""
 import argparse
 import fcntl
 import hashlib
@@ -53,6 +59,7 @@ class Cell:
     name: str
     argv: list    # `llmlabs train` flags, without --run-dir
     values: dict  # this cell's value on each grid axis
+    seed: int
 
 
 @dataclass
@@ -69,13 +76,15 @@ class Spec:
 
 
 def add_args(p):
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,fit}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{run,fit,table}")
     s = sub.add_parser("run", help="run (or go on with) every cell of a spec", description="run (or go on with) "
                        "every cell of a spec; done cells are skipped, unfinished ones resumed")
     s.add_argument("spec", help="the sweep's TOML spec")
     s.add_argument("--dir", help="the sweep directory (default: sweeps/<name> under the current directory)")
     s.add_argument("--gpus", type=gpu_list, help="one cell per GPU at a time, e.g. 0,1,2,3 (default: one cell at a time)")
     s.add_argument("--max-cells", type=flags.positive_int, help="start at most this many cells, then stop (run again to go on)")
+    s.add_argument("--cells", type=lambda v: [c for c in v.split(",") if c], metavar="NAME,...",
+                   help="run only these cells (names as SWEEP/cells/ has them), e.g. to split a sweep across machines")
     g = s.add_argument_group("SLURM (through submitit: pip install 'llmlabs[sweep]')")
     g.add_argument("--slurm", action="store_true", help="submit the cells as a job array and wait for them")
     g.add_argument("--partition", help="SLURM partition")
@@ -89,6 +98,11 @@ def add_args(p):
     s.add_argument("spec", help="the sweep's TOML spec")
     s.add_argument("--dir", help="the sweep directory (default: sweeps/<name> under the current directory)")
     s.add_argument("--bootstrap", type=flags.count, default=200, help="resamples for the intervals (0: none)")
+    s = sub.add_parser("table", help="val_bpb per grid point over seeds, and paired differences; SPEC-table.md",
+                       description="each grid point's val_bpb over its seeds (mean, sample standard deviation) and "
+                                   "its per-seed difference from the first grid point; written to SPEC-table.md")
+    s.add_argument("spec", help="the sweep's TOML spec")
+    s.add_argument("--dir", help="the sweep directory (default: sweeps/<name> under the current directory)")
 
 
 def gpu_list(s):
@@ -108,10 +122,12 @@ def run(args):
         from llmlabs.scaling_fit import fit_sweep
 
         return fit_sweep(spec, _opened(spec, sweep_dir), args.bootstrap)
+    if args.cmd == "table":
+        return seed_table(spec, _opened(spec, sweep_dir))
     if not args.slurm and args.partition:
         raise LabError("--partition is for --slurm: add --slurm, or drop it")
     return run_sweep(spec, open_sweep(spec, sweep_dir), gpus=args.gpus, max_cells=args.max_cells,
-                     slurm=args if args.slurm else None)
+                     slurm=args if args.slurm else None, only=args.cells)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +227,7 @@ def load_spec(path) -> Spec:
             key = SHORT.get(dest, dest.replace("_", "-"))
             parts.append((key if v else f"{key}-off") if isinstance(v, bool) else key + _label(v))
         for seed in seeds:
-            cell = Cell("_".join(parts + [f"s{seed}"]), argv + ["--seed", str(seed)], dict(zip(axes, combo)))
+            cell = Cell("_".join(parts + [f"s{seed}"]), argv + ["--seed", str(seed)], dict(zip(axes, combo)), seed)
             try:
                 parser.parse_args(cell.argv)
             except LabError as e:
@@ -328,10 +344,17 @@ def _last_line(cell_dir):
     return lines[-1][:200] if lines else "(no output)"
 
 
-def run_sweep(spec, sweep_dir, gpus=None, max_cells=None, slurm=None) -> int:
+def run_sweep(spec, sweep_dir, gpus=None, max_cells=None, slurm=None, only=None) -> int:
     cells = spec.cells
+    if only:
+        unknown = sorted(set(only) - {c.name for c in cells})
+        if unknown:
+            raise LabError(f"--cells: {', '.join(unknown)} not in {spec.path} (its cells: {', '.join(c.name for c in cells)})")
+        cells = [c for c in cells if c.name in only]
     pending = [c for c in cells if not is_done(sweep_dir / "cells" / c.name)]
     shape = " x ".join(f"{len(v)} {k}" for k, v in spec.grid.items()) + f" x {len(spec.seeds)} seed(s)"
+    if only:
+        shape = f"chosen by --cells of the spec's {len(spec.cells)}: {shape}"
     print(f"sweep {spec.name}: {len(cells)} cells ({shape}) in {sweep_dir}; {len(cells) - len(pending)} done, "
           f"{len(pending)} to run" + (f", at most {max_cells} now" if max_cells and max_cells < len(pending) else ""))
     todo = pending[:max_cells] if max_cells else pending
@@ -344,8 +367,10 @@ def run_sweep(spec, sweep_dir, gpus=None, max_cells=None, slurm=None) -> int:
         print(f"{len(failed)} cell(s) failed ({', '.join(failed)}): their logs are CELL/train.log; run the same "
               "command again to retry them (done cells are skipped)")
         return 1
-    print(f"{len(cells) - left} of {len(cells)} cells done" +
-          (f"; next: llmlabs sweep fit {spec.path}" if not left else "; run the same command again to go on"))
+    whole = sum(is_done(sweep_dir / "cells" / c.name) for c in spec.cells)
+    print(f"{len(cells) - left} of {len(cells)} cells done" + (f" ({whole} of the sweep's {len(spec.cells)})" if only else "") +
+          (f"; next: llmlabs sweep fit (or table) {spec.path}" if whole == len(spec.cells) else
+           "; run the same command again to go on" if left else ""))
     return 0
 
 
@@ -444,3 +469,52 @@ def _run_slurm(spec, sweep_dir, todo, opts):
 
 def _duration(s):
     return f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# the seed table
+
+def seed_table(spec, sweep_dir) -> int:
+    """Print and write SPEC-table.md: every finished cell, then each grid point over its seeds, then
+    each point against the first, paired by seed. Unfinished cells are listed as such, not dropped."""
+    import statistics as st
+
+    done = {c.name: json.loads((sweep_dir / "cells" / c.name / "summary.json").read_text())
+            for c in spec.cells if is_done(sweep_dir / "cells" / c.name)}
+    if not done:
+        raise LabError(f"none of the {len(spec.cells)} cells in {sweep_dir} is done: run `llmlabs sweep run {spec.path}` first")
+    point = lambda c: ", ".join(f"{k} {v}" for k, v in c.values.items())  # noqa: E731
+    groups = {}
+    for c in spec.cells:
+        groups.setdefault(point(c), {})[c.seed] = done.get(c.name, {}).get("val_bpb")
+    sd = lambda v: f"{st.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
+    lines = [f"# sweep {spec.name}: val_bpb over seeds", "", f"spec `{spec.path}` (sha256 {spec.sha256[:12]}), "
+             f"{len(done)} of {len(spec.cells)} cells done", "", *[f"- hypothesis: {h}" for h in spec.hypotheses],
+             f"- success: {spec.success}", "", "| cell | val_bpb | tokens (M) | tokens/s | training s |", "|---|---|---|---|---|"]
+    for c in spec.cells:
+        r = done.get(c.name)
+        lines.append(f"| {c.name} | " + (" | ".join(_cellstat(r, k) for k in ("val_bpb", "total_tokens_M", "tok_per_sec",
+                                                                              "training_seconds")) if r else "not done | | |") + " |")
+    lines += ["", "| grid point | seeds done | mean | sd | min | max |", "|---|---|---|---|---|---|"]
+    for name, by_seed in groups.items():
+        v = [b for b in by_seed.values() if b is not None]
+        lines.append(f"| {name} | {len(v)} of {len(by_seed)} | " +
+                     (f"{st.mean(v):.4f} | {sd(v)} | {min(v):.4f} | {max(v):.4f} |" if v else "| | | |"))
+    (first, base), *rest = groups.items()
+    if rest:
+        lines += ["", f"paired by seed against {first}:", "",
+                  "| grid point | seeds paired | each seed's difference | mean | sd |", "|---|---|---|---|---|"]
+        for name, by_seed in rest:
+            d = [by_seed[k] - base[k] for k in by_seed if by_seed[k] is not None and base.get(k) is not None]
+            lines.append(f"| {name} | {len(d)} | {' / '.join(f'{x:+.4f}' for x in d)} | " +
+                         (f"{st.mean(d):+.4f} | {sd(d)} |" if d else " | |"))
+    text = "\n".join(lines) + "\n"
+    out = spec.path.with_name(spec.path.stem + "-table.md")
+    out.write_text(text)
+    print(text + f"\nwritten to {out}")
+    return 0
+
+
+def _cellstat(summary, key):
+    v = summary.get(key)
+    return "-" if v is None else f"{v:.4f}" if key == "val_bpb" else f"{v:,.0f}" if key == "tok_per_sec" else f"{v:g}"

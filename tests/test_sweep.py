@@ -209,6 +209,54 @@ def test_a_cell_another_runner_holds_is_left_to_it(tmp_path, capsys):
     held.close()
 
 
+def test_cells_runs_only_the_named_cells_and_refuses_unknown_names(tmp_path, capsys):
+    """--cells: one machine runs its share of a sweep by name (one real, tiny cell here); a name the
+    spec does not make is one error line listing the names it does."""
+    from conftest import prepared_stdlib
+
+    data = prepared_stdlib(tmp_path / "corpus", 20, 300, 0.2, 0.2)
+    path = write(tmp_path, spec_text({"train_args": f"--data {data} --depth 1 {TINY}", "seeds": [0, 1]},
+                                     {"tokens": [256.0, 512.0]}))
+    cells = tmp_path / "sw" / "cells"
+    assert cli.main(["sweep", "run", str(path), "--dir", str(tmp_path / "sw"), "--cells", "tok512_s1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cells (chosen by --cells of the spec's 4" in out and "1 of 1 cells done (1 of the sweep's 4)" in out
+    assert [p.name for p in cells.iterdir() if (p / "summary.json").exists()] == ["tok512_s1"]
+    assert json.loads((cells / "tok512_s1" / "config.json").read_text())["seed"] == 1
+    assert cli.main(["sweep", "run", str(path), "--dir", str(tmp_path / "sw"), "--cells", "tok512_s1,tok9_s0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cells: tok9_s0 not in" in err[0] and "tok256_s0, tok256_s1, tok512_s0, tok512_s1" in err[0]
+
+
+def test_table_gives_each_points_seeds_and_the_paired_differences(tmp_path, capsys):
+    """Two arms x 3 seeds with known val_bpb, one cell unfinished: means and sample standard deviations
+    against the statistics module, differences paired by seed (the unfinished seed left out)."""
+    import statistics as st
+
+    path = write(tmp_path, spec_text({"seeds": [0, 1, 2]}, {"fp8": ["none", "tensorwise"]}))
+    s = sweep.load_spec(path)
+    sweep_dir = sweep.open_sweep(s, tmp_path / "sw")
+    bpb = {"fp8none_s0": 1.0406, "fp8none_s1": 0.8042, "fp8none_s2": 0.7961, "fp8tensorwise_s0": 1.0405,
+           "fp8tensorwise_s1": 0.8030}  # fp8tensorwise_s2 not done
+    for name, v in bpb.items():
+        (sweep_dir / "cells" / name).mkdir()
+        (sweep_dir / "cells" / name / "summary.json").write_text(json.dumps(
+            {"val_bpb": v, "total_tokens_M": 33.55, "tok_per_sec": 123456.7, "training_seconds": 47.5}))
+    assert cli.main(["sweep", "table", str(path), "--dir", str(sweep_dir)]) == 0
+    table = (tmp_path / "spec-table.md").read_text()
+    assert table in capsys.readouterr().out and "5 of 6 cells done" in table and "loss falls with D" in table
+    assert "| fp8tensorwise_s2 | not done |" in table and "| fp8none_s1 | 0.8042 | 33.55 | 123,457 | 47.5 |" in table
+    base = [1.0406, 0.8042, 0.7961]
+    assert f"| fp8 none | 3 of 3 | {st.mean(base):.4f} | {st.stdev(base):.4f} | 0.7961 | 1.0406 |" in table
+    assert f"| fp8 tensorwise | 2 of 3 | {st.mean([1.0405, 0.8030]):.4f} | {st.stdev([1.0405, 0.8030]):.4f} |" in table
+    d = [1.0405 - 1.0406, 0.8030 - 0.8042]
+    assert f"| fp8 tensorwise | 2 | -0.0001 / -0.0012 | {st.mean(d):+.4f} | {st.stdev(d):.4f} |" in table
+    empty = write(tmp_path, spec_text({"name": "u"}), "empty.toml")
+    sweep.open_sweep(sweep.load_spec(empty), tmp_path / "sw2")
+    assert cli.main(["sweep", "table", str(empty), "--dir", str(tmp_path / "sw2")]) == 2
+    assert "none of the 2 cells in" in capsys.readouterr().err
+
+
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
     path = write(tmp_path, spec_text())
