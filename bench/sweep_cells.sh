@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Some cells of a preregistered sweep on a lent GPU machine, in one call, their records brought back:
+#
+#     bash bench/sweep_cells.sh SPEC CELL[,CELL...] OUT_DIR [RUNNERS]
+#
+# A lent machine starts bare and holds 10 minutes a call, so a sweep of 5-minute cells runs a cell or
+# two a call (`llmlabs sweep run --cells`), each call preparing pysrc first (~50 s; before any optional
+# package is installed, since pysrc is the interpreter's own packages). RUNNERS > 1 starts that many
+# runners on the one sweep directory, so the named cells run side by side on the one GPU: for cells at
+# equal tokens only, never for cells at equal time, whose val_bpb depends on the speed they get.
+# OUT_DIR gets cells.tgz (the sweep directory's sweep.json and spec.toml, and each named cell's
+# directory without its checkpoints: summary.json, metrics.jsonl, train.log, config.json, loss.png,
+# samples.txt) and run.log, whose last lines are each cell's val_bpb. Back here, the calls' archives
+# unpack into one sweep directory (the first call's sweep.json kept), read by `llmlabs sweep table`:
+#     mkdir -p sweeps/NAME && tar xzf cells.tgz --skip-old-files -C sweeps/NAME
+set -uo pipefail
+spec=${1:?usage: bash bench/sweep_cells.sh SPEC CELL[,CELL...] OUT_DIR [RUNNERS]}
+cells=${2:?usage: bash bench/sweep_cells.sh SPEC CELL[,CELL...] OUT_DIR [RUNNERS]}
+out=${3:?usage: bash bench/sweep_cells.sh SPEC CELL[,CELL...] OUT_DIR [RUNNERS]}
+runners=${4:-1}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+sw=${SWEEP_DIR:-/tmp/sweep}
+{
+    echo "# $(date +%F) | $(python3 -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1 | tail -1) | commit ${LLMLABS_COMMIT:-unknown}"
+    echo "# command: bash bench/sweep_cells.sh $spec $cells OUT $runners"
+    python3 -m llmlabs prepare pysrc 2>&1 | tail -4
+    for ((i = 1; i <= runners; i++)); do
+        python3 -m llmlabs sweep run "$spec" --dir "$sw" --cells "$cells" > "$sw.runner$i.log" 2>&1 &
+        sleep 3  # the first runner writes sweep.json; the others then read it
+    done
+    wait
+    cat "$sw".runner*.log
+} > "$out/run.log" 2>&1
+# --exclude before the operands: GNU tar applies it only to the names that follow it
+(cd "$sw" && tar czf "$out/cells.tgz" --exclude=checkpoints --exclude=.claim --exclude=.lock sweep.json spec.toml \
+    $(echo "$cells" | tr , '\n' | sed 's|^|cells/|'))
+grep -E "val_bpb|FAILED|done" "$out/run.log" | tail -20
