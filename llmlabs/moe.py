@@ -39,6 +39,19 @@ ALIGN_ROWS = 16
 WGRAD_PIECES = 0
 
 
+def top_k_indices(x, k: int):
+    """Indices of the k largest entries along the last dimension, in descending order, by k argmax
+    passes (ties to the lower index). For the few experts a router picks from, each pass is one
+    reduction that torch.compile fuses with the scores' own math, where torch.topk stays a library
+    call: 0.42 ms each at d8's 262,144 x 8 scores on an H200, 6 ms a step (moe_profile_d8-h200-a00384c)."""
+    picked = []
+    for _ in range(k):
+        i = x.argmax(-1, keepdim=True)
+        picked.append(i)
+        x = x.scatter(-1, i, float("-inf"))
+    return torch.cat(picked, -1)
+
+
 class MoE(nn.Module):
     """Fills the MLP slot (model.MLP's three methods, plus balance() and adamw_params())."""
 
@@ -92,7 +105,7 @@ class MoE(nn.Module):
         """x [N, C] -> (chosen experts [N, k], gate weights [N, k], scores [N, E]), all float32."""
         with torch.autocast(x.device.type, enabled=False):
             scores = torch.sigmoid(F.linear(x.float(), self.router.weight.float()))
-        chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1, sorted=False).indices
+        chosen = top_k_indices(scores + self.expert_bias, self.top_k)
         gates = scores.gather(-1, chosen)
         if not self.raw_gates:
             gates = gates / gates.sum(-1, keepdim=True)

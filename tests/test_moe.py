@@ -9,6 +9,7 @@ from conftest import sigint_after
 import torch
 
 from llmlabs import checkpoint, train
+from llmlabs import moe as moe_mod
 from llmlabs.common import LabError
 from llmlabs.config import GPTConfig
 from llmlabs.engine import generate
@@ -61,6 +62,16 @@ def naive_moe(m, x):
         if m.shared_fc is not None:
             out[t] += m.shared_proj.weight.double() @ torch.relu(m.shared_fc.weight.double() @ x[t].double()).square()
     return out
+
+
+@pytest.mark.parametrize("E,k", [(8, 1), (8, 2), (16, 4), (5, 5)])
+def test_top_k_indices_are_torch_topk_in_order(E, k):
+    # random float64 scores (no ties), and a row of equal scores, where the lower index wins
+    x = torch.randn(300, E, dtype=torch.float64)
+    got = moe_mod.top_k_indices(x, k)
+    assert torch.equal(got, torch.topk(x, k, dim=-1, sorted=True).indices)
+    assert moe_mod.top_k_indices(torch.zeros(1, E), k).tolist() == [list(range(k))]
+    # compiled fullgraph inside the whole MoE layer: test_grouped_path_on_cuda_matches_the_loop_path_compiled_and_not
 
 
 @pytest.mark.parametrize("raw_gates,scale", [(False, 1.0), (True, 2.5)])
