@@ -296,6 +296,10 @@ def _train(args, held):
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token{' (LM + vision encoder)' if mm else ''}; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
            f"{world} ranks x {accum} accum; attention {attention.describe(device, head_dim=mcfg.head_dim)}")
+    print0(f"optimizer: Muon matrix lr {cfg['matrix_lr']:.4g}; AdamW embedding {cfg['embedding_lr']:.4g}, unembedding "
+           f"{cfg['unembedding_lr']:.4g}, scalars {cfg['scalar_lr']:.4g}; weight decay {cfg['weight_decay']:.4g}" +
+           ("" if run.lr_batch in (None, cfg["total_batch_size"]) else f" (the scaling rules' for a {run.lr_batch:,}-token"
+            f" batch, not this run's {cfg['total_batch_size']:,}; --matrix-lr and the others set them)"))
     if run.fp8_layers:
         print0(fp8.describe(peak, cfg["fp8"], run.fp8_layers))
     if run.distributed:
@@ -461,8 +465,8 @@ def setup(cfg, device, rank=0, world=1):
     data = _open_data(cfg.get("data"), device)  # prepared once, never re-tokenized here
     cfg["data"] = str(data.path)
     mcfg = _model_config(cfg, data.tokenizer.vocab_size)
-    # the rules' LRs are for the rules' batch; a --total-batch-size far from it may want other LRs too
-    for k, v in hyperparams_for(mcfg).items():
+    rules, lr_given = hyperparams_for(mcfg), "matrix_lr" in cfg
+    for k, v in rules.items():
         cfg.setdefault(k, v)
     T = cfg["seq_len"]
     # a forward pass never holds more rows than one optimizer step needs
@@ -485,6 +489,7 @@ def setup(cfg, device, rank=0, world=1):
                                                 device=device)
     return SimpleNamespace(data=data, mcfg=mcfg, model=model, optimizer=optimizer, loader=loader, mm=mm,
                            distributed=distributed, fp8_layers=fp8_layers,
+                           lr_batch=None if lr_given else rules["total_batch_size"],  # the batch the LRs were made for
                            accum=cfg["total_batch_size"] // (B * T * world), counts=model.num_params(),
                            flops_per_token=model.flops_per_token() + (mm.flops_per_token() if mm else 0))
 

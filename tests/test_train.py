@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from llmlabs import checkpoint, cli, common, engine, preflight, tracking, train
 from llmlabs.common import LabError
 from llmlabs.data.shards import DataDir
+from llmlabs.scaling import hyperparams_for
 
 REPO = Path(__file__).resolve().parents[1]
 # a model small enough that a step takes milliseconds on 2 cores
@@ -58,6 +59,10 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     assert summary["mfu_percent"].strip() == "n/a"  # a CPU's peak is unknown: not 0.0
     assert summary["run_dir"].strip() == str(tmp_path / "run")
     assert "; scoring val_bpb on " in out and "; writing samples.txt and loss.png ..." in out  # no silent tail
+    # TINY's d2 takes the scaling rules' learning rates, made for the rules' batch, not TINY's 512 tokens
+    rules = hyperparams_for(train._model_config(json.loads((tmp_path / "run" / "config.json").read_text()), 512))
+    assert f"optimizer: Muon matrix lr {rules['matrix_lr']:.4g}; AdamW embedding {rules['embedding_lr']:.4g}" in out
+    assert f"(the scaling rules' for a {rules['total_batch_size']:,}-token batch, not this run's 512; " in out
     # samples continue the openings of validation documents, whatever the corpus is
     data = DataDir.open(data_dir)
     prompts = engine.sample_prompts(data)
@@ -409,7 +414,7 @@ def test_seed_changes_weights_and_data_order(data_dir, tmp_path):
     assert a == b and a != c
 
 
-def test_optimizer_and_schedule_flags_reach_the_optimizer(data_dir, tmp_path):
+def test_optimizer_and_schedule_flags_reach_the_optimizer(data_dir, tmp_path, capsys):
     lrs = {"--matrix-lr": 0.011, "--embedding-lr": 0.12, "--unembedding-lr": 0.0013, "--scalar-lr": 0.17}
     flags = [str(x) for kv in lrs.items() for x in kv]
     run_train(data_dir, tmp_path / "run", "--tokens", str(512 * 20), "--weight-decay", "0.05", "--warmup-frac", "0.2",
@@ -419,6 +424,8 @@ def test_optimizer_and_schedule_flags_reach_the_optimizer(data_dir, tmp_path):
     width_scale = (64 / 768) ** -0.5  # AdamW embedding/unembedding LRs are given for width 768
     expect = {0.011, 0.17, round(0.12 * width_scale, 6), round(0.0013 * width_scale, 6)}
     assert expect <= initial, (expect, initial)
+    out = capsys.readouterr().out  # given learning rates: printed, with no note about the rules' batch
+    assert "optimizer: Muon matrix lr 0.011; AdamW embedding 0.12, unembedding 0.0013, scalars 0.17; weight decay 0.05\n" in out
     cfg = ck["state"]["model_config"]
     assert cfg["n_kv_head"] == 1 and cfg["n_head"] == 4
     rows = metrics(tmp_path / "run")
