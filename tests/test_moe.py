@@ -74,6 +74,28 @@ def test_top_k_indices_are_torch_topk_in_order(E, k):
     # compiled fullgraph inside the whole MoE layer: test_grouped_path_on_cuda_matches_the_loop_path_compiled_and_not
 
 
+def test_grouped_buffer_layout_against_a_python_loop(monkeypatch):
+    """Each expert's assignments fill a block of the buffer in assignment order, the blocks in expert
+    order, each starting on a multiple of ALIGN_ROWS (an idle expert's block is empty): the rows the
+    one-hot running count gives, against a loop that deals the assignments out one by one."""
+    m = random_moe(moe_config())
+    seen = {}
+    dispatch = moe_mod._Dispatch.apply
+    monkeypatch.setattr(moe_mod._Dispatch, "apply", lambda x, src, row, k: seen.update(src=src, row=row) or dispatch(x, src, row, k))
+    x = torch.randn(37, 48)
+    m.path = "grouped"
+    m(x.view(1, 37, 48))
+    expert = m.route(x)[0].flatten().tolist()
+    want, start = [None] * len(expert), 0
+    for e in range(m.n_experts):
+        mine = [i for i, c in enumerate(expert) if c == e]
+        for j, i in enumerate(mine):
+            want[i] = start + j
+        start += -(-len(mine) // moe_mod.ALIGN_ROWS) * moe_mod.ALIGN_ROWS
+    assert seen["row"].tolist() == want
+    assert (seen["src"][seen["row"]] == torch.arange(len(expert)) // m.top_k).all()  # each row reads its own token
+
+
 @pytest.mark.parametrize("raw_gates,scale", [(False, 1.0), (True, 2.5)])
 def test_routing_gates_and_shared_expert_match_a_token_by_token_loop(raw_gates, scale):
     m = random_moe(moe_config(moe_raw_gates=raw_gates, moe_routed_scale=scale))
