@@ -83,7 +83,7 @@ def add_args(p):
     s.add_argument("--dir", help="the sweep directory (default: sweeps/<name> under the current directory)")
     s.add_argument("--gpus", type=gpu_list, help="one cell per GPU at a time, e.g. 0,1,2,3 (default: one cell at a time)")
     s.add_argument("--max-cells", type=flags.positive_int, help="start at most this many cells, then stop (run again to go on)")
-    s.add_argument("--cells", type=lambda v: [c for c in v.split(",") if c], metavar="NAME,...",
+    s.add_argument("--cells", type=cell_list, metavar="NAME,...",
                    help="run only these cells (names as SWEEP/cells/ has them), e.g. to split a sweep across machines")
     g = s.add_argument_group("SLURM (through submitit: pip install 'llmlabs[sweep]')")
     g.add_argument("--slurm", action="store_true", help="submit the cells as a job array and wait for them")
@@ -113,6 +113,13 @@ def gpu_list(s):
     if len(set(ids)) != len(ids) or min(ids) < 0:
         raise argparse.ArgumentTypeError(f"{s!r}: each GPU once, indices >= 0")
     return ids
+
+
+def cell_list(s):
+    names = [c for c in s.split(",") if c]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{s!r}: give cell names separated by commas, e.g. d1_tok512_s0,d2_tok512_s0")
+    return names
 
 
 def run(args):

@@ -11,12 +11,12 @@ import pytest
 
 from llmlabs import cli, flags
 from llmlabs.evaluate import _tasks
-from llmlabs.sweep import gpu_list
+from llmlabs.sweep import cell_list, gpu_list
 
 # a value each checked type refuses
 BAD = {int: "x1", float: "one", flags.positive_int: "0", flags.positive_float: "-1", flags.count: "-1",
        flags.nonnegative: "-0.5", flags.fraction: "1.5", flags.depth: "0",
-       flags.layers: "1:x", _tasks: ",", gpu_list: "0,x"}
+       flags.layers: "1:x", _tasks: ",", gpu_list: "0,x", cell_list: ","}
 # free-text flags whose every value is legal: what they take
 FREE = {
     ("sample", "--prompt"): "any text",
@@ -134,6 +134,8 @@ RUNTIME = [
     (["sweep", "run", "{tmp}/spec.toml", "--partition", "gpu"], ("sweep run", "--partition"), "--partition is for --slurm"),
     (["sweep", "fit", "{file}"], ("sweep fit", "spec"), r"spec .*file is not valid TOML"),
     (["sweep", "fit", "{tmp}/spec.toml", "--dir", "{tmp}/none"], ("sweep fit", "--dir"), r"none holds no sweep"),
+    (["sweep", "table", "{tmp}/none.toml"], ("sweep table", "spec"), r"spec .*none.toml: cannot read it"),
+    (["sweep", "table", "{tmp}/spec.toml", "--dir", "{tmp}/none"], ("sweep table", "--dir"), r"none holds no sweep"),
     (["auto", "init", "--tag", "a/b"], ("auto init", "--tag"), "cannot name a git branch"),
     (["auto", "init", "--tag", "t2", "--data", "{tmp}/none"], ("auto init", "--data"), r"none.*llmlabs prepare"),
     (["auto", "init", "--tag", "t3", "--data", "{data}", "--train-args", "--seed 3"], ("auto init", "--train-args"), "may not set --seed"),
