@@ -146,16 +146,17 @@ class MoE(nn.Module):
         buffer, the rows of expert e together in a block that starts on a multiple of ALIGN_ROWS;
         the buffer's size is fixed (N*k + E*(ALIGN_ROWS-1)), so nothing here depends on the routing's
         values and no step syncs with the host. Rows move by gathers only, forward and backward
-        (_Dispatch, _Combine): no scatter-add, no atomics. Nor a sort: with few experts, a one-hot
-        count and its running sum place each assignment in its expert's block, in assignment order."""
+        (_Dispatch, _Combine): no scatter-add, no atomics. (A running one-hot count could replace the
+        sort, but aten's CUDA cumsum down N*k rows walks them with one thread per expert column.)"""
         N, k, E = chosen.shape[0], self.top_k, self.n_experts
         expert = chosen.flatten()                                      # [N*k] expert of assignment token*k + slot
-        hot = one_hot(expert, E)                                       # [N*k, E]
-        load = hot.sum(0)
+        order = torch.argsort(expert, stable=True)                     # assignments grouped by expert
+        load = one_hot(expert, E).sum(0)
         padded = (load + ALIGN_ROWS - 1) // ALIGN_ROWS * ALIGN_ROWS
         ends = padded.cumsum(0)
-        before = hot.cumsum(0).gather(1, expert[:, None]).squeeze(1) - 1  # earlier assignments to the same expert
-        row = (ends - padded)[expert] + before                         # each assignment's buffer row
+        e_sorted = expert[order]
+        rank_in_expert = torch.arange(N * k, device=x.device) - (load.cumsum(0) - load)[e_sorted]
+        row = torch.empty_like(order).scatter_(0, order, (ends - padded)[e_sorted] + rank_in_expert)  # per assignment
         R = N * k + E * (ALIGN_ROWS - 1)
         assignment = torch.zeros(R, dtype=torch.long, device=x.device).scatter_(0, row, torch.arange(N * k, device=x.device))
         real = torch.zeros(R, dtype=torch.bool, device=x.device).scatter_(0, row, True)  # not a padding row
