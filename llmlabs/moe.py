@@ -40,10 +40,11 @@ WGRAD_PIECES = 0
 
 
 def one_hot(index, n: int):
-    """index [...] -> [..., n] of 0/1 (long). Counting experts by its sum is a reduction that
-    torch.compile fuses; scatter_add into a handful of counters serialises on atomics instead (the
-    kernel holding the router's took 0.29 ms a call, 4 ms of a d8 step: moe_profile_d8-h200-a00384c)."""
-    return (index.unsqueeze(-1) == torch.arange(n, device=index.device)).long()
+    """index [...] -> [..., n] bool (a byte an entry where eager mode materialises it; its sum counts
+    in int64). Counting experts by its sum is a reduction that torch.compile fuses; scatter_add into a
+    handful of counters serialises on atomics instead (the kernel holding the router's took 0.29 ms
+    a call, 4 ms of a d8 step: moe_profile_d8-h200-a00384c)."""
+    return index.unsqueeze(-1) == torch.arange(n, device=index.device)
 
 
 def top_k_indices(x, k: int):
