@@ -123,12 +123,13 @@ class MoE(nn.Module):
         B, T, C = x.shape
         flat = x.reshape(-1, C)
         chosen, gates, scores = self.route(flat)
+        load = one_hot(chosen.flatten(), self.n_experts).sum(0)  # assignments per expert
         if self.training and torch.is_grad_enabled():  # training forwards count; eval and generate never do
-            self.expert_load += one_hot(chosen.flatten(), self.n_experts).sum(0)
+            self.expert_load += load
             if self.aux_weight > 0:
                 self.aux_loss = self.aux_weight * self._sequence_balance_loss(chosen.view(B, T, -1), scores.view(B, T, -1))
         grouped = self.path == "grouped" or (self.path == "auto" and x.is_cuda)
-        y = (self._experts_grouped if grouped else self._experts_loop)(flat, chosen, gates)
+        y = self._experts_grouped(flat, chosen, gates, load) if grouped else self._experts_loop(flat, chosen, gates)
         if self.shared_fc is not None:
             y = y + relu2_mlp(flat, self.shared_fc, self.shared_proj)
         return y.view(B, T, C)
@@ -142,7 +143,7 @@ class MoE(nn.Module):
             out = out.index_add(0, token, (y * gates[token, slot, None]).to(out.dtype))
         return out
 
-    def _experts_grouped(self, x, chosen, gates):
+    def _experts_grouped(self, x, chosen, gates, load):
         """All experts in two grouped matmuls. Every (token, slot) assignment gets a row of one
         buffer, the rows of expert e together in a block that starts on a multiple of ALIGN_ROWS;
         the buffer's size is fixed (N*k + E*(ALIGN_ROWS-1)), so nothing here depends on the routing's
@@ -152,7 +153,6 @@ class MoE(nn.Module):
         N, k, E = chosen.shape[0], self.top_k, self.n_experts
         expert = chosen.flatten()                                      # [N*k] expert of assignment token*k + slot
         order = torch.argsort(expert, stable=True)                     # assignments grouped by expert
-        load = one_hot(expert, E).sum(0)
         padded = (load + ALIGN_ROWS - 1) // ALIGN_ROWS * ALIGN_ROWS
         ends = padded.cumsum(0)
         e_sorted = expert[order]
