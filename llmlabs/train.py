@@ -465,6 +465,9 @@ def setup(cfg, device, rank=0, world=1):
     data = _open_data(cfg.get("data"), device)  # prepared once, never re-tokenized here
     cfg["data"] = str(data.path)
     mcfg = _model_config(cfg, data.tokenizer.vocab_size)
+    if mcfg.moe_experts:  # config.json names every MoE knob, the unset ones at the defaults this run used
+        for k in MOE_KEYS:
+            cfg.setdefault(k, getattr(mcfg, k))
     rules, lr_given = hyperparams_for(mcfg), "matrix_lr" in cfg
     for k, v in rules.items():
         cfg.setdefault(k, v)

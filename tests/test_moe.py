@@ -1,8 +1,10 @@
 """Mixture-of-Experts (llmlabs/moe.py): the dense limit, the two dispatch paths against each other,
 routing and gates by hand, balancing, counters that evaluation never touches, Muon per expert, the
 model, generation, training, checkpoints and resume."""
+import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import sigint_after
@@ -16,6 +18,8 @@ from llmlabs.engine import generate
 from llmlabs.model import MLP, build_model
 from llmlabs.moe import MoE
 from llmlabs.optim import MuonAdamW
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def moe_config(**kw):
@@ -319,6 +323,20 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     assert all(r["moe_load_max"] >= 1 >= r["moe_load_min"] and r["moe_load_cv"] >= 0 for r in rows)
     assert all(r["moe_routed"] == 512 * 2 for r in rows)  # both micro-batches, k = 2, nothing dropped
     assert (tmp_path / "full" / "expert_load.png").stat().st_size > 0
+    # config.json names the knobs left unset at the values the run used (GPTConfig's defaults)
+    run_cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert {k: run_cfg[k] for k in ("moe_bias_rate", "moe_routed_scale", "moe_aux_loss", "moe_shared", "moe_top_k")} \
+        == {"moe_bias_rate": GPTConfig.moe_bias_rate, "moe_routed_scale": GPTConfig.moe_routed_scale,
+            "moe_aux_loss": GPTConfig.moe_aux_loss, "moe_shared": GPTConfig.moe_shared, "moe_top_k": GPTConfig.moe_top_k}
+    # bench/moe_load_table.py reads the same rows: its per-run figures against the rows read here
+    spec = importlib.util.spec_from_file_location("moe_load_table", REPO / "bench" / "moe_load_table.py")
+    load_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_table)
+    row = load_table.load_row(tmp_path / "full")
+    assert row["mean_cv"] == pytest.approx(sum(r["moe_load_cv"] for r in rows) / 12, rel=1e-12)
+    assert row["starved"] == sum(r["moe_load_min"] < 0.1 for r in rows) / 12
+    assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], GPTConfig.moe_bias_rate, 12)
+    assert "| full | 0.001 | 0 | 12 |" in load_table.table([row])
     saved = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     assert saved["state"]["model_config"]["moe_experts"] == 4
     assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in saved["model"].items())
