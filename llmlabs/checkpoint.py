@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,18 @@ def candidates(run_dir) -> list[Path]:
     first = latest(run_dir)
     rest = sorted((Path(run_dir) / "checkpoints").glob("step_*"), key=_step_of, reverse=True)
     return ([first] if first else []) + [d for d in rest if d != first]
+
+
+def saved_model_config(run_dir) -> dict | None:
+    """The model config the run's newest readable checkpoint holds (its meta.json alone, no tensors
+    read), or None where there is none."""
+    for path in candidates(run_dir):
+        try:
+            skeleton = json.loads((path / "meta.json").read_text())["skeleton"]
+            return unflatten(skeleton, defaultdict(lambda: None))["state"]["model_config"]  # tensors as None
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def load_newest(run_dir, device="cpu"):

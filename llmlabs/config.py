@@ -32,7 +32,12 @@ class GPTConfig:
     moe_expert_width: int | None = None  # None: active MLP parameters per token match the dense MLP's
     moe_raw_gates: bool = False   # gates = the chosen sigmoid scores as they are, not normalised over the k
     moe_routed_scale: float = 1.0  # the routed experts' sum is multiplied by this (DeepSeek-V3: 2.5)
-    moe_bias_rate: float = 1e-3   # balancing bias step per optimizer step (DeepSeek-V3's gamma); 0 = off
+    # balancing bias step per optimizer step; 0 = off. DeepSeek-V3's gamma is 1e-3 (arXiv 2412.19437),
+    # over ~10^5 steps; runs here take 10^2-10^3, and at 1e-3 a CPU-preset run's load never evened out
+    # (64-83% of steps left an expert under a tenth of the mean) while 1e-2 halved the load's CV at no
+    # val_bpb cost over 3 seeds (bench/results/moe_cpu_bias-table-cpu2-07c57e6.md); a d8 GPU run at
+    # 1e-3 needed ~80 steps to even out (moe_d8_40s-h200-81130ab)
+    moe_bias_rate: float = 1e-2
     moe_aux_loss: float = 0.0     # weight of the sequence-level balance loss (DeepSeek-V3's alpha: 1e-4)
 
     def __post_init__(self):

@@ -312,8 +312,11 @@ TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--seq-len",
 def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, capsys):
     """A run with 2 micro-batches a step: every step's load covers both (tokens x k x layers), the
     summary says MoE, expert_load.png exists; a run stopped at step 6 and resumed ends where an
-    uninterrupted one does (the balancing bias is in the checkpoint)."""
-    args = TINY + ["--data", str(data_dir), "--device-batch-size", "4", "--total-batch-size", "512"]
+    uninterrupted one does (the balancing bias is in the checkpoint), also when its config.json, like
+    those written before config.json named every MoE knob, leaves the bias rate out: the rate comes
+    from the checkpoint (here 1e-3, the default before 1e-2), not from today's default."""
+    assert GPTConfig.moe_bias_rate != 0.001
+    args = TINY + ["--data", str(data_dir), "--device-batch-size", "4", "--total-batch-size", "512", "--moe-bias-rate", "0.001"]
     assert train.main(args + ["--run-dir", str(tmp_path / "full"), "--tokens", str(512 * 12)]) == 0
     out = capsys.readouterr().out
     assert "moe:              4 experts top-2 + 1 shared, width 32, 2 of 2 layers, dropless" in out
@@ -325,9 +328,9 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     assert (tmp_path / "full" / "expert_load.png").stat().st_size > 0
     # config.json names the knobs left unset at the values the run used (GPTConfig's defaults)
     run_cfg = json.loads((tmp_path / "full" / "config.json").read_text())
-    assert {k: run_cfg[k] for k in ("moe_bias_rate", "moe_routed_scale", "moe_aux_loss", "moe_shared", "moe_top_k")} \
-        == {"moe_bias_rate": GPTConfig.moe_bias_rate, "moe_routed_scale": GPTConfig.moe_routed_scale,
-            "moe_aux_loss": GPTConfig.moe_aux_loss, "moe_shared": GPTConfig.moe_shared, "moe_top_k": GPTConfig.moe_top_k}
+    assert {k: run_cfg[k] for k in ("moe_routed_scale", "moe_aux_loss", "moe_shared", "moe_top_k", "moe_layers")} \
+        == {"moe_routed_scale": GPTConfig.moe_routed_scale, "moe_aux_loss": GPTConfig.moe_aux_loss,
+            "moe_shared": GPTConfig.moe_shared, "moe_top_k": GPTConfig.moe_top_k, "moe_layers": "0:"}
     # bench/moe_load_table.py reads the same rows: its per-run figures against the rows read here
     spec = importlib.util.spec_from_file_location("moe_load_table", REPO / "bench" / "moe_load_table.py")
     load_table = importlib.util.module_from_spec(spec)
@@ -335,7 +338,7 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     row = load_table.load_row(tmp_path / "full")
     assert row["mean_cv"] == pytest.approx(sum(r["moe_load_cv"] for r in rows) / 12, rel=1e-12)
     assert row["starved"] == sum(r["moe_load_min"] < 0.1 for r in rows) / 12
-    assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], GPTConfig.moe_bias_rate, 12)
+    assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], 0.001, 12)
     assert "| full | 0.001 | 0 | 12 |" in load_table.table([row])
     saved = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     assert saved["state"]["model_config"]["moe_experts"] == 4
@@ -346,7 +349,11 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
         mp.setattr(train, "train_step", sigint_after(6))
         assert train.main(args + ["--run-dir", str(tmp_path / "cut"), "--tokens", str(512 * 12)]) == 130
     assert checkpoint.load(checkpoint.latest(tmp_path / "cut"))["step"] == 6
+    cut_cfg = json.loads((tmp_path / "cut" / "config.json").read_text())
+    old = {k: v for k, v in cut_cfg.items() if k not in ("moe_bias_rate", "moe_routed_scale", "moe_aux_loss")}
+    (tmp_path / "cut" / "config.json").write_text(json.dumps(old))  # as a run begun before 07c57e6 wrote it
     assert train.main(["--resume", str(tmp_path / "cut")]) == 0
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["moe_bias_rate"] == 0.001
     full = [json.loads(r) for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     cut = [json.loads(r) for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in cut] == [r["step"] for r in full]
