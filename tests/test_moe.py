@@ -340,6 +340,22 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     assert row["starved"] == sum(r["moe_load_min"] < 0.1 for r in rows) / 12
     assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], 0.001, 12)
     assert "| full | 0.001 | 0 | 12 |" in load_table.table([row])
+    # bench/moe_router_scores.py's load, chosen from the scores it computes, against the model's own count
+    spec = importlib.util.spec_from_file_location("moe_router_scores", REPO / "bench" / "moe_router_scores.py")
+    router_scores = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(router_scores)
+    model, _ = checkpoint.load_run(tmp_path / "full", "cpu")
+    x = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    inputs = router_scores.router_inputs(model, x)
+    assert sorted(inputs) == [0, 1] and all(h.shape == (4 * 64, model.config.n_embd) for h in inputs.values())
+    model.train()
+    model(x, x).backward()  # a training forward counts each layer's load as it routes
+    for i, h in inputs.items():
+        moe = model.blocks[i].mlp
+        stats = router_scores.layer_stats(moe, h)
+        load = moe.expert_load
+        assert stats["cv_bias"] == pytest.approx((load.std(unbiased=False) / load.mean()).item(), rel=1e-6)
+        assert 0 <= stats["common"] <= 0.5 and stats["bias"] == moe.expert_bias.tolist()
     saved = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     assert saved["state"]["model_config"]["moe_experts"] == 4
     assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in saved["model"].items())
