@@ -10,7 +10,10 @@ pystdlib` (unless --data), `auto init`, `auto baseline`, `auto loop` with a comm
 one real edit of the research surface per iteration (EDITS, in order; an edit whose text a keep has
 changed is skipped for the next), `auto report`. Then per run, from the harness's result files: wall
 time, training seconds, and the overhead (warm-up, tail, evaluation), whose mean per experiment is
-what the shared compile cache cuts. Writes NAME.{log,md,tsv,png} and NAME-findings.md into --out.
+what the shared compile cache cuts. With workers (--gpus), also what the multi-GPU issue asks of them:
+experiments per hour, each worker's idle fraction of the loop, seeds never used twice, and every
+decision recomputed from the ledger rows before it (workers_section). Writes NAME.{log,md,tsv,png}
+and NAME-findings.md into --out.
 """
 import argparse
 import json
@@ -123,12 +126,13 @@ def main():
     agent_dir.mkdir()
     (agent_dir / "agent.py").write_text(AGENT)
     (agent_dir / "edits.json").write_text(json.dumps(EDITS))
+    loop_t0 = time.time()
     loop_s = sh([py, "-m", "llmlabs", "auto", "loop", "--agent", f"{py} {agent_dir / 'agent.py'} {agent_dir / 'edits.json'}",
                  "--agent-rw", str(agent_dir), "--iterations", str(a.experiments), *gpus,
                  *(["--hours", f"{a.loop_minutes / 60:.4f}"] if a.loop_minutes else [])], log, lab, env)
     sh([py, "-m", "llmlabs", "auto", "report"], log, lab, env)
     sdir = lab / ".auto" / "bench"
-    table = summarize(sdir, loop_s, a)
+    table = summarize(sdir, loop_s, a) + workers_section(ledger_rows(sdir), loop_t0, loop_s)
     header = (f"<!-- {time.strftime('%Y-%m-%d')} | {device} | commit {commit} | total {time.time() - t0:.0f} s |\n"
               f"     PYTHONPATH=. python3 bench/auto_session.py --budget {a.budget:g} --train-args '{a.train_args}' "
               f"--baselines {a.baselines} --experiments {a.experiments}"
@@ -141,9 +145,58 @@ def main():
     print(table)
 
 
-def summarize(sdir, loop_s, a) -> str:
+def ledger_rows(sdir) -> list[dict]:
     cells = [r.split("\t") for r in (sdir / "results.tsv").read_text().splitlines()]
-    rows = [dict(zip(cells[0], r)) for r in cells[1:]]
+    return [dict(zip(cells[0], r)) for r in cells[1:]]
+
+
+VAL_STATUSES = ("baseline", "keep", "discard", "crash", "invalid")  # runs on the val split; test runs share seeds by design
+
+
+def workers_section(rows, loop_t0, loop_s) -> str:
+    """What parallel workers cost and whether they kept the bookkeeping right, from the ledger alone:
+    experiments per hour in the loop; per worker the share of the loop's wall time its runs did not
+    fill (the device idle: agent turns, git, waiting on the ledger); seeds never used twice on the val
+    split; and every decided experiment's delta and sigma_d recomputed from the rows before it (the
+    harness's own frontier, scores and noise floor), i.e. no worker decided on a stale ledger."""
+    from llmlabs.auto.runner import frontier, noise, scores
+
+    loop = [r for r in rows if r["run"] and r["status"] != "baseline" and float(r["started"]) >= loop_t0]
+    busy = {}
+    for r in loop:
+        busy[r["worker"]] = busy.get(r["worker"], 0.0) + float(r["wall_s"])
+    exps = len({r["commit"] for r in rows if r["status"] in VAL_STATUSES[1:] and float(r["started"] or 0) >= loop_t0})
+    lines = ["", f"parallel workers: {exps} experiments in {loop_s:.0f} s of loop = {3600 * exps / loop_s:.1f} an hour",
+             "", "| worker | runs | run seconds | idle fraction |", "|---|---|---|---|"]
+    for w in sorted(busy):
+        n = sum(r["worker"] == w for r in loop)
+        lines.append(f"| {w} | {n} | {busy[w]:.0f} | {max(0.0, 1 - busy[w] / loop_s):.2f} |")
+    seeds = [r["seed"] for r in rows if r["status"] in VAL_STATUSES and r["run"]]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    stale, i = [], 0
+    while i < len(rows):  # an experiment's rows (its near-threshold repeats) are appended together
+        j = i + 1
+        while j < len(rows) and (rows[j]["commit"], rows[j]["description"]) == (rows[i]["commit"], rows[i]["description"]):
+            j += 1
+        group = rows[i:j]
+        if group[0]["status"] in ("keep", "discard"):
+            before = rows[:i]
+            ref, (sigma, _) = scores(before, frontier(before)), noise(before)
+            new = [float(r["val_bpb"]) for r in group]
+            delta = sum(new) / len(new) - sum(ref) / len(ref)
+            sigma_d = sigma * (1 / len(new) + 1 / len(ref)) ** 0.5
+            for r in group:
+                if abs(float(r["delta"]) - delta) > 1e-5 or abs(float(r["sigma"]) - sigma_d) > 1e-5:
+                    stale.append(f"{r['run']} (delta {r['delta']} sigma_d {r['sigma']}; the rows before it: "
+                                 f"{delta:.6f}, {sigma_d:.6f})")
+        i = j
+    lines += ["", f"seeds used twice on the val split: {', '.join(twice) or 'none'}",
+              f"experiments decided on other rows than the ledger's before them: {', '.join(stale) or 'none'}"]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(sdir, loop_s, a) -> str:
+    rows = ledger_rows(sdir)
     lines = ["| run | status | val_bpb | wall s | warm-up s | training s | tail s | eval s |", "|---|---|---|---|---|---|---|---|"]
     over = {"baseline": [], "experiment": []}
     order = []  # every scored run's overhead in ledger order: the first one compiled with an empty cache

@@ -7,6 +7,7 @@ Runs are capped at 30 steps (--tokens) on top of the time budget, so a seed give
 however loaded the machine is. The starting commit is made deliberately weak (learning rates x 0.1,
 about 0.6 bpb worse after 30 steps, ~10 sigma), so that restoring the tuned rates is a real
 improvement the keep rule must accept."""
+import importlib.util
 import json
 import shutil
 import statistics
@@ -307,6 +308,22 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     assert git(sdir / "gpu0", "rev-parse", "--short=12", "HEAD") == kept
     prompts = sorted((sdir / "agent").glob("gpu1-*.prompt.md"))
     assert len(prompts) == 2 and "Your last run crashed" in prompts[1].read_text()
+    # bench/auto_session.py's account of parallel workers, on this real two-worker ledger: 4 experiments,
+    # no seed twice, every decision on the rows before it; then on a tampered copy
+    spec = importlib.util.spec_from_file_location("auto_session", REPO / "bench" / "auto_session.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t0 = min(float(r["started"]) for r in exp) - 1
+    loop_s = max(float(r["started"]) + float(r["wall_s"]) for r in exp) - t0
+    text = bench.workers_section(rows, t0, loop_s)
+    assert f"4 experiments in {loop_s:.0f} s of loop" in text and "| gpu0 | 2 |" in text and "| gpu1 | 2 |" in text
+    assert "used twice on the val split: none" in text and "before them: none" in text
+    bad = [dict(r) for r in rows]
+    bad[5]["seed"] = bad[0]["seed"]
+    keep = next(r for r in bad if r["status"] == "keep")
+    keep["sigma"] = str(float(keep["sigma"]) * 1.5)
+    text = bench.workers_section(bad, t0, loop_s)
+    assert f"used twice on the val split: {bad[0]['seed']}" in text and f"before them: {keep['run']} (delta" in text
 
 
 def test_slurm_workers_run_each_experiment_as_a_submitit_job(lab, data_dir, monkeypatch, tmp_path):
