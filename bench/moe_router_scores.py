@@ -38,7 +38,8 @@ def router_inputs(model, x) -> dict:
 
 
 def layer_stats(moe: MoE, h) -> dict:
-    scores = torch.sigmoid(h.float() @ moe.router.weight.float().T)  # [N, E], as MoE.route computes them
+    with torch.no_grad():
+        chosen, _, scores = moe.route(h)  # the layer's own routing: [N, k] with the bias, [N, E] scores
     mean = scores.mean(0)
 
     def cv(chosen):
@@ -49,7 +50,7 @@ def layer_stats(moe: MoE, h) -> dict:
     return {"mean_scores": mean.tolist(), "common": mean.std(unbiased=False).item(),
             "per_token": (scores - mean).std(1, unbiased=False).mean().item(), "bias": bias.tolist(),
             "corr": torch.corrcoef(torch.stack([mean, bias]))[0, 1].item() if bias.std() > 0 else float("nan"),
-            "cv_bias": cv(top_k_indices(scores + bias, moe.top_k)), "cv_raw": cv(top_k_indices(scores, moe.top_k))}
+            "cv_bias": cv(chosen), "cv_raw": cv(top_k_indices(scores, moe.top_k))}
 
 
 def report(run_dir, rows: int) -> list[str]:
