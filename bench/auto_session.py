@@ -46,9 +46,11 @@ EDITS = [
 ]
 AGENT = '''import json, os, pathlib, sys
 edits = json.loads(pathlib.Path(sys.argv[1]).read_text())
-# with two workers (--gpus 0,1), gpu1 starts half the list further along: they try different edits
-w = os.environ["LLMLABS_AUTO_WORKER"]
-i = (int(os.environ["LLMLABS_AUTO_ITERATION"]) - 1 + (len(edits) // 2 * int(w[3:]) if w.startswith("gpu") else 0)) % len(edits)
+# workers (--gpus, passed on as argv[2]) start evenly spread over the list, worker j of n at j * len / n,
+# so that at any iteration they try different edits (up to one worker per edit)
+gpus, w = (sys.argv[2].split(",") if len(sys.argv) > 2 else []), os.environ["LLMLABS_AUTO_WORKER"]
+j = gpus.index(w[3:]) if w.startswith("gpu") and w[3:] in gpus else 0
+i = (int(os.environ["LLMLABS_AUTO_ITERATION"]) - 1 + len(edits) * j // max(len(gpus), 1)) % len(edits)
 for path, old, new, what in edits[i:] + edits[:i]:
     f = pathlib.Path(path)
     if f.read_text().count(old) == 1:
@@ -127,7 +129,7 @@ def main():
     (agent_dir / "agent.py").write_text(AGENT)
     (agent_dir / "edits.json").write_text(json.dumps(EDITS))
     loop_t0 = time.time()
-    loop_s = sh([py, "-m", "llmlabs", "auto", "loop", "--agent", f"{py} {agent_dir / 'agent.py'} {agent_dir / 'edits.json'}",
+    loop_s = sh([py, "-m", "llmlabs", "auto", "loop", "--agent", f"{py} {agent_dir / 'agent.py'} {agent_dir / 'edits.json'} {a.gpus or ''}".strip(),
                  "--agent-rw", str(agent_dir), "--iterations", str(a.experiments), *gpus,
                  *(["--hours", f"{a.loop_minutes / 60:.4f}"] if a.loop_minutes else [])], log, lab, env)
     sh([py, "-m", "llmlabs", "auto", "report"], log, lab, env)

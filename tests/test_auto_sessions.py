@@ -326,6 +326,36 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     assert f"used twice on the val split: {bad[0]['seed']}" in text and f"before them: {keep['run']} (delta" in text
 
 
+
+@pytest.mark.parametrize("gpus", ["0,1,2,3,4,5,6,7", "2,5"])
+def test_the_benchmark_agent_gives_parallel_workers_different_edits(tmp_path, gpus):
+    """bench/auto_session.py's scripted agent, run as the loop runs it (argv: the edits, the --gpus list;
+    env: worker and iteration): at each iteration every worker makes another real edit, the workers
+    spread evenly over the list whatever GPU numbers they have."""
+    spec = importlib.util.spec_from_file_location("auto_session", REPO / "bench" / "auto_session.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "agent.py").write_text(bench.AGENT)
+    edits = [(f"f{e}.py", f"x = {e}", f"x = {e + 100}", f"edit {e}") for e in range(12)]
+    (tmp_path / "edits.json").write_text(json.dumps(edits))
+    ids = gpus.split(",")
+    for iteration in (1, 2):
+        made = []
+        for g in ids:
+            wt = tmp_path / f"wt{g}-{iteration}"
+            wt.mkdir()
+            for path, old, _, _ in edits:
+                (wt / path).write_text(old + "\n")
+            out = subprocess.run([sys.executable, str(tmp_path / "agent.py"), str(tmp_path / "edits.json"), gpus], cwd=wt,
+                                 env={"LLMLABS_AUTO_WORKER": f"gpu{g}", "LLMLABS_AUTO_ITERATION": str(iteration)},
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            changed = [e for e, (path, old, _, _) in enumerate(edits) if (wt / path).read_text() != old + "\n"]
+            assert len(changed) == 1 and out == f"edit {changed[0]}"
+            made.append(changed[0])
+        # worker j of n starts j * 12 / n along the list, one further each iteration
+        assert made == [(iteration - 1 + 12 * j // len(ids)) % 12 for j in range(len(ids))]
+        assert len(set(made)) == len(ids)
+
 def test_slurm_workers_run_each_experiment_as_a_submitit_job(lab, data_dir, monkeypatch, tmp_path):
     """`loop --slurm 2 --cluster local`: every run (training and the harness's evaluation) is a submitit
     job, here a process on this machine, on a cluster a SLURM job on any node; the ledger, the seeds and
