@@ -61,9 +61,9 @@ def report(run_dir, rows: int) -> list[str]:
     lines = [f"## {run_dir} (step {info['step']}, bias rate {rate:g})", "",
              "| layer | spread of experts' mean scores | token spread around them | load CV, bias / none | "
              "corr(mean score, bias) | mean score per expert | bias per expert |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: " ".join(f"{a:.2f}" for a in v)  # noqa: E731
     for i, h in router_inputs(model, x).items():
         s = layer_stats(model.blocks[i].mlp, h)
-        fmt = lambda v: " ".join(f"{a:.2f}" for a in v)  # noqa: E731
         lines.append(f"| {i} | {s['common']:.3f} | {s['per_token']:.3f} | {s['cv_bias']:.2f} / {s['cv_raw']:.2f} | "
                      f"{s['corr']:+.2f} | {fmt(s['mean_scores'])} | {fmt(s['bias'])} |")
     return lines + [""]

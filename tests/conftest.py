@@ -1,4 +1,5 @@
 """Shared fixtures: a seeded multilingual text corpus and one data directory prepared from it."""
+import importlib.util
 import random
 import struct
 import sysconfig
@@ -6,6 +7,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ASCII words, accented Latin, CJK, Hangul, emoji (incl. ZWJ sequences) and symbols, plus a seeded lexicon
 # of made-up words: BPE learns tokens inside multi-byte characters from this, which the tokenizer tests need.
@@ -17,6 +20,14 @@ _SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "
 WORDS = tuple(_BASE) + tuple("".join(_rng.choices(_SYLLABLES, k=_rng.randint(1, 4))) for _ in range(400)) + \
     tuple("".join(chr(_rng.randint(0x4E00, 0x4FFF)) for _ in range(_rng.randint(1, 3))) for _ in range(150)) + \
     tuple(chr(_rng.randint(0x1F600, 0x1F64F)) + chr(_rng.randint(0x1F680, 0x1F6C5)) for _ in range(40))
+
+
+def bench_script(name: str):
+    """bench/NAME.py imported as a module (bench/ is scripts, not a package), for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_text(rng: random.Random, n_words: int) -> str:

@@ -7,7 +7,6 @@ Runs are capped at 30 steps (--tokens) on top of the time budget, so a seed give
 however loaded the machine is. The starting commit is made deliberately weak (learning rates x 0.1,
 about 0.6 bpb worse after 30 steps, ~10 sigma), so that restoring the tuned rates is a real
 improvement the keep rule must accept."""
-import importlib.util
 import json
 import shutil
 import statistics
@@ -16,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import prepared_stdlib
+from conftest import bench_script, prepared_stdlib
 
 from llmlabs import cli
 
@@ -310,9 +309,7 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     assert len(prompts) == 2 and "Your last run crashed" in prompts[1].read_text()
     # bench/auto_session.py's account of parallel workers, on this real two-worker ledger: 4 experiments,
     # no seed twice, every decision on the rows before it; then on a tampered copy
-    spec = importlib.util.spec_from_file_location("auto_session", REPO / "bench" / "auto_session.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("auto_session")
     t0 = min(float(r["started"]) for r in exp) - 1
     loop_s = max(float(r["started"]) + float(r["wall_s"]) for r in exp) - t0
     text = bench.workers_section(rows, t0, loop_s)
@@ -326,15 +323,12 @@ def test_two_workers_share_one_ledger(lab, data_dir, monkeypatch, tmp_path):
     assert f"used twice on the val split: {bad[0]['seed']}" in text and f"before them: {keep['run']} (delta" in text
 
 
-
 @pytest.mark.parametrize("gpus", ["0,1,2,3,4,5,6,7", "2,5"])
 def test_the_benchmark_agent_gives_parallel_workers_different_edits(tmp_path, gpus):
     """bench/auto_session.py's scripted agent, run as the loop runs it (argv: the edits, the --gpus list;
     env: worker and iteration): at each iteration every worker makes another real edit, the workers
     spread evenly over the list whatever GPU numbers they have."""
-    spec = importlib.util.spec_from_file_location("auto_session", REPO / "bench" / "auto_session.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("auto_session")
     (tmp_path / "agent.py").write_text(bench.AGENT)
     edits = [(f"f{e}.py", f"x = {e}", f"x = {e + 100}", f"edit {e}") for e in range(12)]
     (tmp_path / "edits.json").write_text(json.dumps(edits))
@@ -355,6 +349,7 @@ def test_the_benchmark_agent_gives_parallel_workers_different_edits(tmp_path, gp
         # worker j of n starts j * 12 / n along the list, one further each iteration
         assert made == [(iteration - 1 + 12 * j // len(ids)) % 12 for j in range(len(ids))]
         assert len(set(made)) == len(ids)
+
 
 def test_slurm_workers_run_each_experiment_as_a_submitit_job(lab, data_dir, monkeypatch, tmp_path):
     """`loop --slurm 2 --cluster local`: every run (training and the harness's evaluation) is a submitit

@@ -215,9 +215,7 @@ def test_bench_lm_eval_local_agrees_with_the_labs_scoring(tmp_path, capsys, monk
     """bench/lm_eval_local.py on a run of random weights over held-out stdlib source: lm-eval's acc and acc_bytes
     equal tasks.evaluate's acc and acc_norm on the same items; the rolling task's bits per byte is a number; a
     disagreement, or a RUN that is no run, is one line and a non-zero exit."""
-    import importlib.util
-
-    from conftest import prepared_stdlib
+    from conftest import bench_script, prepared_stdlib
     from llmlabs.data.shards import DataDir
 
     data = DataDir.open(prepared_stdlib(tmp_path, 60, 400, 0.3, 0.1))
@@ -226,9 +224,7 @@ def test_bench_lm_eval_local_agrees_with_the_labs_scoring(tmp_path, capsys, monk
     checkpoint.save(run, 5, model, {}, {"model_config": vars(model.config), "tokenizer_hash": data.tokenizer.hash,
                                         "run_config": {"data": str(data.path), "device_batch_size": 8, "seq_len": 128,
                                                        "eval_tokens": 1024}})
-    spec = importlib.util.spec_from_file_location("lm_eval_local", "bench/lm_eval_local.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("lm_eval_local")
     out = tmp_path / "rows.jsonl"
     assert bench.main([str(run), "--items", "12", "--device", "cpu", "--out", str(out),
                        "--tasks-dir", str(tmp_path / "tasks")]) == 0

@@ -1,13 +1,11 @@
 """Mixture-of-Experts (llmlabs/moe.py): the dense limit, the two dispatch paths against each other,
 routing and gates by hand, balancing, counters that evaluation never touches, Muon per expert, the
 model, generation, training, checkpoints and resume."""
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
-from conftest import sigint_after
+from conftest import bench_script, sigint_after
 import torch
 
 from llmlabs import checkpoint, train
@@ -18,9 +16,6 @@ from llmlabs.engine import generate
 from llmlabs.model import MLP, build_model
 from llmlabs.moe import MoE
 from llmlabs.optim import MuonAdamW
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def moe_config(**kw):
     base = dict(sequence_len=32, vocab_size=61, n_layer=3, n_embd=48, n_head=4, n_kv_head=2, head_dim=12,
@@ -332,18 +327,14 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
         == {"moe_routed_scale": GPTConfig.moe_routed_scale, "moe_aux_loss": GPTConfig.moe_aux_loss,
             "moe_shared": GPTConfig.moe_shared, "moe_top_k": GPTConfig.moe_top_k, "moe_layers": "0:"}
     # bench/moe_load_table.py reads the same rows: its per-run figures against the rows read here
-    spec = importlib.util.spec_from_file_location("moe_load_table", REPO / "bench" / "moe_load_table.py")
-    load_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_table)
+    load_table = bench_script("moe_load_table")
     row = load_table.load_row(tmp_path / "full")
     assert row["mean_cv"] == pytest.approx(sum(r["moe_load_cv"] for r in rows) / 12, rel=1e-12)
     assert row["starved"] == sum(r["moe_load_min"] < 0.1 for r in rows) / 12
     assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], 0.001, 12)
     assert "| full | 0.001 | 0 | 12 |" in load_table.table([row])
     # bench/moe_router_scores.py's load, chosen from the scores it computes, against the model's own count
-    spec = importlib.util.spec_from_file_location("moe_router_scores", REPO / "bench" / "moe_router_scores.py")
-    router_scores = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(router_scores)
+    router_scores = bench_script("moe_router_scores")
     model, _ = checkpoint.load_run(tmp_path / "full", "cpu")
     x = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
     inputs = router_scores.router_inputs(model, x)
