@@ -608,6 +608,54 @@ def test_torchrun_ranks_follow_one_process_and_resume_on_another_rank_count(data
         assert json.loads((tmp_path / name / "summary.json").read_text())["val_bpb"] == pytest.approx(bpb, rel=1e-6)
 
 
+def multi_gpu_bench(*args, **kw):
+    return subprocess.run([sys.executable, str(REPO / "bench" / "multi_gpu.py"), *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_the_multi_gpu_benchmark_reports_what_its_runs_measured(data_dir, tmp_path):
+    """bench/multi_gpu.py end to end on 2 gloo ranks (the x8 measurement's dry run): every figure in
+    report.md is recomputed here from the runs' own summaries and metrics, and each run had the
+    shape the report says (the floor's micro-batches cut in two, the resume on half the ranks)."""
+    from conftest import bench_script
+
+    out = tmp_path / "mg"
+    res = multi_gpu_bench("--data", str(data_dir), "--ranks", "1,2", "--depth", "2", "--rows", "4", "--seq-len", "64",
+                          "--steps", "3", "--trajectory-steps", "6", "--out-dir", str(out), "--aspect-ratio", "32",
+                          "--head-dim", "16", "--window-pattern", "SL", "--device", "cpu")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "- device: cpu" in report and "- commit: " in report and (out / "trajectory.png").stat().st_size > 10_000
+    tok = {n: json.loads((out / f"scaling-{n}" / "summary.json").read_text())["tok_per_sec"] for n in (1, 2)}
+    assert f"| 2 | 512 | {tok[2]:,.0f} | n/a | {tok[2] / (2 * tok[1]):.3f} |" in report
+    assert "= 4 x 64 x 2 ranks x 1 accum" in (out / "scaling-2.log").read_text()
+
+    bench = bench_script("multi_gpu")
+    two, one, halves = (bench.losses(out / name) for name in ("trajectory-2", "trajectory-1", "trajectory-1-halves"))
+    assert len(two) == len(one) == len(halves) == 6
+    assert "= 2 x 64 x 1 ranks x 4 accum" in (out / "trajectory-1-halves.log").read_text()
+    assert f"largest relative loss gap {bench.gap(two, one):.2e}" in report
+    assert bench.gap(two, one) < 1e-5 and bench.gap(halves, one) < 1e-4  # the same rows each step, summed apart
+    assert f"against 1 rank: largest relative gap {bench.gap(halves, one):.2e}" in report
+    cut = bench.losses(out / "trajectory-2-cut")
+    assert "x 1 ranks x 2 accum" in (out / "trajectory-2-cut.log").read_text()
+    assert sorted(s for s in cut if s > 3) == [4, 5, 6]
+    assert bench.gap({s: cut[s] for s in (4, 5, 6)}, two) < 1e-5
+    assert "checkpoint finished on 1 rank: largest relative loss gap" in report
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--parts", "scaling,trajectory,bogus"], "--parts: unknown bogus"),
+    (["--parts", "floor", "--rows", "1"], "--parts floor runs --rows cut in two"),
+    (["--ranks", "2,4"], "--ranks must start at 1"),
+    (["--device-batch-size=8", "--time-budget", "60"], "--device-batch-size, --time-budget: set by this script"),
+])
+def test_the_multi_gpu_benchmark_refuses_bad_flags_before_any_run(args, error, tmp_path):
+    res = multi_gpu_bench("--data", str(tmp_path), "--out-dir", str(tmp_path / "mg"), *args)
+    assert res.returncode == 2 and error in res.stderr.splitlines()[-1], res.stderr
+    assert not (tmp_path / "mg").exists()
+
+
 def test_a_second_run_on_a_locked_run_dir_is_refused(data_dir, tmp_path):
     """Two processes on one run directory would interleave checkpoints and metrics: the second one
     (new run or --resume) is refused, naming the holder; once the holder dies the lock is free."""
