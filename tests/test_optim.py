@@ -2,6 +2,7 @@
 reference written out step by step, AdamW against torch's, a real loss decrease, and state_dict
 round trips."""
 import copy
+import uuid
 
 import pytest
 import torch
@@ -218,7 +219,10 @@ def _run_dist(world, tmp_path, resume_state=None):
     import torch.multiprocessing as mp
 
     out = tmp_path / f"dist{world}.pt"
-    mp.spawn(_dist_worker, args=(world, str(tmp_path / f"init{world}"), str(out), resume_state), nprocs=world)
+    # a fresh rendezvous file every run: a second run on a file the first left behind read the first's
+    # addresses and timed out connecting to a rank long gone (seen once in CI, 2026-12-05)
+    init = tmp_path / f"init{world}-{uuid.uuid4().hex}"
+    mp.spawn(_dist_worker, args=(world, str(init), str(out), resume_state), nprocs=world)
     return torch.load(out)
 
 
