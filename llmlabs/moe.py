@@ -34,9 +34,10 @@ ALIGN_ROWS = 16
 # balanced, 1.37 ms at twice the mean load, 2.03 ms at three times (moe_grouped_mm_skew-h200-81130ab),
 # and a d8 run's busiest expert holds 2-3.8x the mean in its first 100 steps (moe_d8_40s-h200-81130ab).
 # Pieces spread a busy expert over more tiles, split-K style: 4 pieces take 0.82-0.86 ms at any skew
-# there, but 0.85 against 0.63 ms at even load (moe_grouped_mm_skew-h200-eea7591). 0: one group per
-# expert, the default until the whole step is timed with pieces (bench/moe_speed.py --pieces 0,4).
-WGRAD_PIECES = 0
+# there, but 0.85 against 0.63 ms at even load (moe_grouped_mm_skew-h200-eea7591). The whole d8 step
+# at steps 41-50, load as even as a run's early steps get: 352.0 ms with 4 pieces against 365.0 with
+# none, 1.489M against 1.437M tokens/s (moe_speed_balanced-h200-96a6456). 0: one group per expert.
+WGRAD_PIECES = 4
 
 
 def one_hot(index, n: int):
