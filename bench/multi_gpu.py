@@ -130,13 +130,14 @@ def plot_trajectory(path: Path, ln: dict, l1: dict, floor: dict | None, n: int, 
     plt.close(fig)
 
 
-def machine() -> list[str]:
-    """The report's provenance lines: device, commit (LLMLABS_COMMIT first: a lent machine's copy of the
-    tree has no .git, or a stale one), torch."""
+def machine(run_dirs: list[Path]) -> list[str]:
+    """The report's provenance lines: the device the runs trained on (their summaries say; not this
+    process's, since `--device cpu` makes a dry run on a GPU host too), commit (LLMLABS_COMMIT first: a
+    lent machine's copy of the tree has no .git, or a stale one), torch."""
     import torch
 
-    device = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-              else f"cpu ({os.cpu_count()} cores): a dry run, not a GPU figure")
+    devices = sorted({json.loads((d / "summary.json").read_text())["device"] for d in run_dirs})
+    device = ", ".join(devices) + (f" ({os.cpu_count()} cores, gloo): a dry run, not a GPU figure" if "cpu" in devices else "")
     commit = os.environ.get("LLMLABS_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
         cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
@@ -174,7 +175,7 @@ def main():
     if "floor" in parts and a.rows < 2:
         p.error("--parts floor runs --rows cut in two: give --rows >= 2, or drop floor from --parts")
     out, report = a.out_dir, [f"# bench/multi_gpu.py, {time.strftime('%Y-%m-%d')}", "",
-                              f"`PYTHONPATH=. python3 {' '.join(sys.argv)}`", "", *machine(), ""]
+                              f"`PYTHONPATH=. python3 {' '.join(sys.argv)}`", ""]
 
     if "scaling" in parts:
         report += ["## scaling: the same per-GPU batch", "", "| ranks | batch tokens | tokens/s | MFU % | efficiency |",
@@ -238,6 +239,9 @@ def main():
         report += ["## resume on fewer ranks", "",
                    f"the {n}-rank run's step-{steps // 2} checkpoint finished on {n // 2} rank{'s' * (n > 2)}: largest relative loss "
                    f"gap after the cut against the uninterrupted run {gap(after, losses(big)):.2e} over {len(after)} steps", ""]
+    ran = [*(out / f"scaling-{k}" for k in ranks if "scaling" in parts),
+           *([big] if "trajectory" in parts or "resume" in parts else []), *(d for *_, d in side)]
+    report[4:4] = [*machine(ran), ""]
     (out / "report.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
 

@@ -625,7 +625,7 @@ def test_the_multi_gpu_benchmark_reports_what_its_runs_measured(data_dir, tmp_pa
                           "--head-dim", "16", "--window-pattern", "SL", "--device", "cpu")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = (out / "report.md").read_text()
-    assert "- device: cpu" in report and "- commit: " in report and (out / "trajectory.png").stat().st_size > 10_000
+    assert "- device: cpu (" in report and "a dry run" in report and "- commit: " in report and (out / "trajectory.png").stat().st_size > 10_000
     tok = {n: json.loads((out / f"scaling-{n}" / "summary.json").read_text())["tok_per_sec"] for n in (1, 2)}
     assert f"| 2 | 512 | {tok[2]:,.0f} | n/a | {tok[2] / (2 * tok[1]):.3f} |" in report
     assert "= 4 x 64 x 2 ranks x 1 accum" in (out / "scaling-2.log").read_text()
