@@ -304,6 +304,27 @@ TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "16", "--seq-len",
         "--moe-experts", "4", "--moe-layers", "0:", "--moe-expert-width", "32"]
 
 
+def test_load_table_tells_a_bouncing_load_from_a_steady_one(tmp_path):
+    """bench/moe_load_table.py's shift columns on loads known by hand (4 experts, 2 layers, 6 steps):
+    layer 0 swaps all its load between two expert pairs every step (4 expert-means moved over one
+    step, none over two), layer 1 holds still; the columns average the layers."""
+    load_table = bench_script("moe_load_table")
+    a, b, even = [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5], [0.25] * 4
+    rows = [{"step": t, "moe_load_cv": 0.5, "moe_load_min": 0.0, "moe_bias_spread": 0.01,
+             "moe_load": [a if t % 2 else b, even]} for t in range(1, 7)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = load_table.load_row(tmp_path)
+    assert (row["moved_1"], row["moved_2"]) == (2.0, 0.0)
+    assert "| 2.00 | 0.00 |" in load_table.table([row])
+    by_layer = load_table.per_layer(tmp_path, 4)  # the last 4 steps, each layer alone
+    assert "its last 4 steps" in by_layer and "| 1 | 4.00 | 0.00 | 0.00 | 2.00 |" in by_layer
+    assert "| 2 | 0.00 | 0.00 | 1.00 | 1.00 |" in by_layer
+    drift = [{**r, "moe_load": [[0.25 + 0.01 * r["step"], 0.25 - 0.01 * r["step"], 0.25, 0.25], even]} for r in rows]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in drift))
+    row = load_table.load_row(tmp_path)  # a steady drift: twice as much over two steps as over one
+    assert row["moved_1"] == pytest.approx(0.02) and row["moved_2"] == pytest.approx(0.04)  # layer 1 still
+
+
 def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, capsys):
     """A run with 2 micro-batches a step: every step's load covers both (tokens x k x layers), the
     summary says MoE, expert_load.png exists; a run stopped at step 6 and resumed ends where an
@@ -333,6 +354,9 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     assert row["starved"] == sum(r["moe_load_min"] < 0.1 for r in rows) / 12
     assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], 0.001, 12)
     assert "| full | 0.001 | 0 | 12 |" in load_table.table([row])
+    assert row["moved_1"] == pytest.approx(sum(sum(abs(x - y) for x, y in zip(now[i], then[i])) for now, then in
+                                               ((r["moe_load"], q["moe_load"]) for r, q in zip(rows[1:], rows))
+                                               for i in range(2)) * 4 / 2 / 2 / 11, rel=1e-9)
     # bench/moe_router_scores.py's load, chosen from the scores it computes, against the model's own count
     router_scores = bench_script("moe_router_scores")
     model, _ = checkpoint.load_run(tmp_path / "full", "cpu")
