@@ -32,12 +32,14 @@ class GPTConfig:
     moe_expert_width: int | None = None  # None: active MLP parameters per token match the dense MLP's
     moe_raw_gates: bool = False   # gates = the chosen sigmoid scores as they are, not normalised over the k
     moe_routed_scale: float = 1.0  # the routed experts' sum is multiplied by this (DeepSeek-V3: 2.5)
-    # balancing bias step per optimizer step; 0 = off. DeepSeek-V3's gamma is 1e-3 (arXiv 2412.19437),
-    # over ~10^5 steps; runs here take 10^2-10^3, and at 1e-3 a CPU-preset run's load never evened out
-    # (64-83% of steps left an expert under a tenth of the mean) while 1e-2 halved the load's CV at no
-    # val_bpb cost over 3 seeds (bench/results/moe_cpu_bias-table-cpu2-07c57e6.md); a d8 GPU run at
-    # 1e-3 needed ~80 steps to even out (moe_d8_40s-h200-81130ab)
-    moe_bias_rate: float = 1e-2
+    # balancing bias step per optimizer step; 0 = off. DeepSeek-V3's gamma, 1e-3 (arXiv 2412.19437).
+    # 1e-2 was the default from 62b04e7 to 2026-12-05: at the CPU preset it halved the load's CV at no
+    # val_bpb cost (bench/results/moe_cpu_bias-table-cpu2-07c57e6.md), but a 5-minute d8 run on an H200
+    # at 1e-2 bounced: a step's bias move flips so many tokens that one layer's expert was starved and
+    # doubled on alternate steps, another's took every token on odd steps (moe_d8_load_bounce-h200-
+    # bb2246d). At 1e-3 no bounce in a d8 run's first 112 steps, whose load took ~80 to even out; at
+    # the CPU preset 1e-3 leaves the load uneven for all 256 steps, at no val_bpb cost either.
+    moe_bias_rate: float = 1e-3
     moe_aux_loss: float = 0.0     # weight of the sequence-level balance loss (DeepSeek-V3's alpha: 1e-4)
 
     def __post_init__(self):

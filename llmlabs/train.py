@@ -97,7 +97,7 @@ def add_args(p):
                                                                 "normalised over the k (an ablation)")
     g.add_argument("--moe-routed-scale", type=flags.positive_float, help="multiplies the routed experts' output (default 1)")
     g.add_argument("--moe-bias-rate", type=flags.nonnegative,
-                   help="balancing bias step per optimizer step (default 0.01; 0: no balancing)")
+                   help="balancing bias step per optimizer step (default 0.001; 0: no balancing)")
     g.add_argument("--moe-aux-loss", type=flags.nonnegative, help="weight of the sequence-level balance loss (default 0: off)")
     g = p.add_argument_group("batch and optimizer (unset values follow the depth's scaling rules)")
     g.add_argument("--total-batch-size", type=flags.positive_int, help="tokens per optimizer step, across accumulation and ranks")
@@ -228,7 +228,7 @@ def _train(args, held):
         _check_resume_flags(args)
         if cfg.get("moe_experts") and (saved := checkpoint.saved_model_config(run_dir)):
             for k in MOE_KEYS:  # an MoE run begun before config.json named every knob: the checkpoint's
-                if k in saved:  # values, not today's defaults (GPTConfig.moe_bias_rate went 1e-3 -> 1e-2)
+                if k in saved:  # values, not today's defaults (GPTConfig.moe_bias_rate has changed)
                     cfg.setdefault(k, saved[k])
         device, rank, _, world = compute_init(args.device or cfg.get("device"))
         if not args.device and cfg.get("device"):

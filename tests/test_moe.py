@@ -330,9 +330,9 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     summary says MoE, expert_load.png exists; a run stopped at step 6 and resumed ends where an
     uninterrupted one does (the balancing bias is in the checkpoint), also when its config.json, like
     those written before config.json named every MoE knob, leaves the bias rate out: the rate comes
-    from the checkpoint (here 1e-3, the default before 1e-2), not from today's default."""
-    assert GPTConfig.moe_bias_rate != 0.001
-    args = TINY + ["--data", str(data_dir), "--device-batch-size", "4", "--total-batch-size", "512", "--moe-bias-rate", "0.001"]
+    from the checkpoint (here 3e-3, not the default), not from today's default."""
+    assert GPTConfig.moe_bias_rate != 0.003
+    args = TINY + ["--data", str(data_dir), "--device-batch-size", "4", "--total-batch-size", "512", "--moe-bias-rate", "0.003"]
     assert train.main(args + ["--run-dir", str(tmp_path / "full"), "--tokens", str(512 * 12)]) == 0
     out = capsys.readouterr().out
     assert "moe:              4 experts top-2 + 1 shared, width 32, 2 of 2 layers, dropless" in out
@@ -352,8 +352,8 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     row = load_table.load_row(tmp_path / "full")
     assert row["mean_cv"] == pytest.approx(sum(r["moe_load_cv"] for r in rows) / 12, rel=1e-12)
     assert row["starved"] == sum(r["moe_load_min"] < 0.1 for r in rows) / 12
-    assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], 0.001, 12)
-    assert "| full | 0.001 | 0 | 12 |" in load_table.table([row])
+    assert (row["final_spread"], row["bias_rate"], row["steps"]) == (rows[-1]["moe_bias_spread"], 0.003, 12)
+    assert "| full | 0.003 | 0 | 12 |" in load_table.table([row])
     assert row["moved_1"] == pytest.approx(sum(sum(abs(x - y) for x, y in zip(now[i], then[i])) for now, then in
                                                ((r["moe_load"], q["moe_load"]) for r, q in zip(rows[1:], rows))
                                                for i in range(2)) * 4 / 2 / 2 / 11, rel=1e-9)
@@ -384,7 +384,7 @@ def test_moe_training_run_metrics_plot_and_exact_resume(data_dir, tmp_path, caps
     old = {k: v for k, v in cut_cfg.items() if k not in ("moe_bias_rate", "moe_routed_scale", "moe_aux_loss")}
     (tmp_path / "cut" / "config.json").write_text(json.dumps(old))  # as a run begun before 07c57e6 wrote it
     assert train.main(["--resume", str(tmp_path / "cut")]) == 0
-    assert json.loads((tmp_path / "cut" / "config.json").read_text())["moe_bias_rate"] == 0.001
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["moe_bias_rate"] == 0.003
     full = [json.loads(r) for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     cut = [json.loads(r) for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in cut] == [r["step"] for r in full]
