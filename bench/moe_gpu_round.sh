@@ -7,8 +7,9 @@
 # 1. bench/moe_speed.py at d8 after the load has evened (--warmup 40: steps 41-50; the default
 #    --warmup 4 times steps 5-14, the most uneven), the weight gradient whole and in 4 pieces, and the
 #    routing's old torch.topk: sets moe.WGRAD_PIECES and times top_k_indices and the one-hot counts.
-# 2. Two 40 s d8 MoE runs, balancing bias rate 1e-3 (DeepSeek-V3's, the default until 62b04e7) and
-#    1e-2 (the default since), each step's load in its metrics; bench/moe_load_table.py over both.
+# 2. Two 40 s d8 MoE runs, balancing bias rate 1e-3 (DeepSeek-V3's, the default but from 62b04e7 to
+#    e1e9cdb) and 1e-2, each step's load in its metrics; bench/moe_load_table.py over both.
+# Run once, at 96a6456 (bench/results/*-h200-96a6456*): it set WGRAD_PIECES = 4.
 # About 4 + 2 x 2 minutes: a 10-minute call holds it, with the timeouts below.
 set -uo pipefail
 out=${1:?usage: bash bench/moe_gpu_round.sh OUT_DIR COMMIT}
