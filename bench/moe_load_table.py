@@ -34,9 +34,9 @@ def run_dirs(paths) -> list[Path]:
     return out
 
 
-def shift(steps: list[dict], d: int) -> float | None:
-    """The load moved between steps d apart, in expert-mean units, averaged over layers and step pairs."""
-    shares = [s["moe_load"] for s in steps if "moe_load" in s]
+def shift(shares: list, d: int) -> float | None:
+    """The load moved between steps d apart, in expert-mean units, averaged over layers and step pairs
+    (shares: per step, per layer, each expert's share of the layer's load)."""
     pairs = list(zip(shares[d:], shares))
     if not pairs:
         return None
@@ -57,7 +57,7 @@ def per_layer(run: Path, last: int) -> str:
         layer = [[s[i]] for s in shares]  # shift() averages over layers: one layer at a time here
         E = len(shares[0][i])
         lo, hi = min(min(s[i]) for s in shares) * E, max(max(s[i]) for s in shares) * E
-        m1, m2 = (shift([{"moe_load": x} for x in layer], d) for d in (1, 2))
+        m1, m2 = (shift(layer, d) for d in (1, 2))
         lines.append(f"| {i + 1} | {m1:.2f} | {'-' if m2 is None else format(m2, '.2f')} | {lo:.2f} | {hi:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -76,7 +76,7 @@ def load_row(run: Path) -> dict | None:
         "mean_min": statistics.fmean(s["moe_load_min"] for s in steps),
         "starved": sum(s["moe_load_min"] < STARVED for s in steps) / len(steps),
         "final_spread": steps[-1]["moe_bias_spread"],
-        "moved_1": shift(steps, 1), "moved_2": shift(steps, 2),
+        **{f"moved_{d}": shift([s["moe_load"] for s in steps if "moe_load" in s], d) for d in (1, 2)},
         "val_bpb": summary.get("val_bpb"), "tok_per_sec": summary.get("tok_per_sec"),
     }
 
@@ -102,14 +102,15 @@ def main(argv=None):
     missing = [str(d) for d in run_dirs(args.paths) if not (d / "metrics.jsonl").exists()]
     if missing:
         sys.exit(f"no metrics.jsonl in {', '.join(missing)}: give run directories of `llmlabs train` or a sweep's directory")
-    rows = [r for r in map(load_row, run_dirs(args.paths)) if r]
+    runs = [(d, row) for d in run_dirs(args.paths) if (row := load_row(d))]
+    rows = [row for _, row in runs]
     if not rows:
         sys.exit("none of these runs has MoE load metrics (moe_load_cv): dense runs only")
     if args.per_layer is not None and args.per_layer < 2:
         sys.exit(f"--per-layer {args.per_layer}: the load moved needs 2 steps or more; give N >= 2")
     text = table(rows)
     if args.per_layer:
-        text += "".join("\n" + per_layer(d, args.per_layer) for d in run_dirs(args.paths) if load_row(d))
+        text += "".join("\n" + per_layer(d, args.per_layer) for d, _ in runs)
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)

@@ -132,16 +132,15 @@ def plot_trajectory(path: Path, ln: dict, l1: dict, floor: dict | None, n: int, 
 
 def machine(run_dirs: list[Path]) -> list[str]:
     """The report's provenance lines: the device the runs trained on (their summaries say; not this
-    process's, since `--device cpu` makes a dry run on a GPU host too), commit (LLMLABS_COMMIT first: a
-    lent machine's copy of the tree has no .git, or a stale one), torch."""
+    process's, since `--device cpu` makes a dry run on a GPU host too), commit (train_speed's: LLMLABS_COMMIT
+    first, since a lent machine's copy of the tree has no .git or a stale one), torch."""
     import torch
 
     devices = sorted({json.loads((d / "summary.json").read_text())["device"] for d in run_dirs})
     device = ", ".join(devices) + (f" ({os.cpu_count()} cores, gloo): a dry run, not a GPU figure" if "cpu" in devices else "")
-    commit = os.environ.get("LLMLABS_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    return [f"- device: {device}", f"- commit: {commit}", f"- torch: {torch.__version__}"]
+    from train_speed import _commit  # bench/ is the script's own directory, first on sys.path
+
+    return [f"- device: {device}", f"- commit: {_commit()}", f"- torch: {torch.__version__}"]
 
 
 def main():
