@@ -40,9 +40,12 @@ def session(tmp_path_factory):
     mp.chdir(repo)
     assert cli.main(["auto", "init", "--tag", "rt", "--data", str(data), "--time-budget", BUDGET,
                      "--train-args", TINY, "--repeat-near", "0", "--baselines", "3",
-                     # time-budgeted CPU runs are noisy (the clock attacks need a time budget): a looser keep
-                     # rule than the default 0.01, so the honest change below is kept however loaded the machine
-                     "--alpha", "0.05"]) == 0
+                     # time-budgeted CPU runs are noisy (the clock attacks need a time budget), most of all on a
+                     # loaded machine: on an H200 host's 16 cores under 8 test workers (2026-12-05, 2190fe7) the
+                     # baselines' sigma was 0.195 and the honest change below measured t = -2.13, which alpha 0.05
+                     # (t < -2.92 at 2 degrees of freedom) discarded. Every attack here is refused for a reason it
+                     # names, never by the keep rule, so a loose rule (t < -1.06) weakens no test.
+                     "--alpha", "0.2"]) == 0
     assert cli.main(["auto", "baseline"]) == 0
     yield repo / ".auto" / "rt", data
     mp.undo()
