@@ -4,8 +4,11 @@
 #     bash bench/sweep_cells.sh SPEC CELL[,CELL...] OUT_DIR [RUNNERS]
 #
 # A lent machine starts bare and holds 10 minutes a call, so a sweep of 5-minute cells runs a cell or
-# two a call (`llmlabs sweep run --cells`), each call preparing pysrc first (~50 s; before any optional
-# package is installed, since pysrc is the interpreter's own packages). RUNNERS > 1 starts that many
+# two a call (`llmlabs sweep run --cells`), each call preparing pysrc first (~50 s). pysrc is the
+# interpreter's own sources, so it changes with what is installed: the calls of one sweep must install
+# the same (`source bench/gpu_setup.sh` and nothing else; a GPU suite's lm_eval on a warm machine made
+# another corpus, 2026-12-05). run.log records the corpus's data_id; DATA_ID=<the first call's> makes a
+# later call refuse to run on another (`llmlabs sweep table` refuses to pool them). RUNNERS > 1 starts that many
 # runners on the one sweep directory, so the named cells run side by side on the one GPU: for cells at
 # equal tokens only, never for cells at equal time, whose val_bpb depends on the speed they get.
 # OUT_DIR gets cells.tgz (the sweep directory's sweep.json and spec.toml, and each named cell's
@@ -20,17 +23,23 @@ out=${3:?usage: bash bench/sweep_cells.sh SPEC CELL[,CELL...] OUT_DIR [RUNNERS]}
 runners=${4:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 sw=${SWEEP_DIR:-/tmp/sweep}
-{
+(
     echo "# $(date +%F) | $(python3 -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1 | tail -1) | commit ${LLMLABS_COMMIT:-unknown}"
     echo "# command: bash bench/sweep_cells.sh $spec $cells OUT $runners"
     python3 -m llmlabs prepare pysrc 2>&1 | tail -4
+    id=$(python3 -c 'from llmlabs.data.shards import DataDir; print(DataDir.open("pysrc").data_id)')
+    echo "data_id $id"
+    if [[ -n "${DATA_ID:-}" && "$id" != "$DATA_ID" ]]; then
+        echo "refused: pysrc here is data_id $id, not the sweep's $DATA_ID (other packages installed?): no cell run"
+        exit 3
+    fi
     for ((i = 1; i <= runners; i++)); do
         python3 -m llmlabs sweep run "$spec" --dir "$sw" --cells "$cells" > "$sw.runner$i.log" 2>&1 &
         sleep 3  # the first runner writes sweep.json; the others then read it
     done
     wait
     cat "$sw".runner*.log
-} > "$out/run.log" 2>&1
+) > "$out/run.log" 2>&1 || { tail -3 "$out/run.log"; exit 1; }
 # --exclude before the operands: GNU tar applies it only to the names that follow it
 (cd "$sw" && tar czf "$out/cells.tgz" --exclude=checkpoints --exclude=.claim --exclude=.lock sweep.json spec.toml \
     $(echo "$cells" | tr , '\n' | sed 's|^|cells/|'))

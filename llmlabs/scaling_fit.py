@@ -264,10 +264,11 @@ def cell_point(cell_dir):
 
 def fit_sweep(spec, sweep_dir, samples):
     from llmlabs.common import LabError, atomic_write_json
-    from llmlabs.sweep import is_done
+    from llmlabs.sweep import is_done, one_corpus
 
     manifest = json.loads((sweep_dir / "sweep.json").read_text())
     done = [c for c in spec.cells if is_done(sweep_dir / "cells" / c.name)]
+    corpus = one_corpus(sweep_dir, [c.name for c in done])  # cells of two corpora are refused first
     if len(done) < MIN_CELLS_TO_FIT:
         raise LabError(f"{sweep_dir}: {len(done)} of {len(spec.cells)} cells are done; the fit needs at least "
                        f"{MIN_CELLS_TO_FIT}: `llmlabs sweep run {spec.path}` first")
@@ -292,7 +293,7 @@ def fit_sweep(spec, sweep_dir, samples):
             "", "Hypotheses (preregistered):", *[f"- {h}" for h in spec.hypotheses], "",
             f"Success criteria (preregistered): {spec.success}", "",
             "L = val_bpb; N = scaling parameters (block matrices + lm_head); D = training tokens; C = 6ND. "
-            "Fit: Hoffmann et al. approach 3 (Huber 1e-3 on log residuals), llmlabs/scaling_fit.py."]
+            "Fit: Hoffmann et al. approach 3 (Huber 1e-3 on log residuals), llmlabs/scaling_fit.py.", "", corpus + "."]
     notes = warnings(p, L, intervals, budgets)
     files["fit.md"].write_text(table(points, p, intervals, budgets, head, notes))
     atomic_write_json(files["fit.json"], {"params": p, "intervals": intervals, "points": points, "bootstrap": samples,

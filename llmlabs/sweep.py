@@ -297,6 +297,37 @@ def is_done(cell_dir) -> bool:
     return (Path(cell_dir) / "summary.json").exists()
 
 
+def one_corpus(sweep_dir, names) -> str:
+    """What the finished cells `names` read, checked to be one corpus (raises LabError naming the groups
+    if not), as a line for a report. Two marks per cell: the tokenizer saved in its run directory (every
+    cell has one; BPE is trained on the corpus, so another corpus almost surely gives another) and the
+    data_id its summary records (cells run since 2026-12-05: the hash of every shard). A cell of one
+    sweep run on another machine can silently read other data: `pysrc` is the running interpreter's
+    own sources, so it changes with the packages installed, and its val split with it."""
+    from llmlabs.data.tokenizer import Tokenizer
+
+    marks = {}
+    for name in names:
+        cell = Path(sweep_dir) / "cells" / name
+        tok = Tokenizer.load(cell / "tokenizer.json").hash[:12] if (cell / "tokenizer.json").is_file() else None
+        marks[name] = {"tokenizer": tok, "data_id": json.loads((cell / "summary.json").read_text()).get("data_id")}
+    seen = {}
+    for what in ("tokenizer", "data_id"):
+        groups = {}
+        for name, m in marks.items():
+            if m[what] is not None:
+                groups.setdefault(m[what], []).append(name)
+        if len(groups) > 1:
+            raise LabError(f"{sweep_dir}: its cells read different data (" + "; ".join(
+                f"{what} {k}: {', '.join(v)}" for k, v in groups.items()) + "), and val_bpb on different val splits "
+                "compares nothing: rerun the odd cells on the sweep's data (for pysrc, the same packages installed "
+                "when it is prepared) or move them to a sweep directory of their own")
+        seen[what] = (next(iter(groups), None), sum(map(len, groups.values())))
+    (tok, n_tok), (did, n_id) = seen["tokenizer"], seen["data_id"]
+    return (f"data: tokenizer {tok} in {n_tok} of {len(marks)} cells; " if tok else "data: ") + \
+        (f"data_id {did} in the {n_id} that record one" if did else "no cell records a data_id (run before 2026-12-05)")
+
+
 # ---------------------------------------------------------------------------------------------
 # running the cells
 
@@ -496,7 +527,7 @@ def seed_table(spec, sweep_dir) -> int:
         groups.setdefault(point(c), {})[c.seed] = done.get(c.name, {}).get("val_bpb")
     sd = lambda v: f"{st.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
     lines = [f"# sweep {spec.name}: val_bpb over seeds", "", f"spec `{spec.path}` (sha256 {spec.sha256[:12]}), "
-             f"{len(done)} of {len(spec.cells)} cells done", "", *[f"- hypothesis: {h}" for h in spec.hypotheses],
+             f"{len(done)} of {len(spec.cells)} cells done", "", one_corpus(sweep_dir, done), "", *[f"- hypothesis: {h}" for h in spec.hypotheses],
              f"- success: {spec.success}", "", "| cell | val_bpb | tokens (M) | tokens/s | training s |", "|---|---|---|---|---|"]
     for c in spec.cells:
         r = done.get(c.name)

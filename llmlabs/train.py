@@ -297,6 +297,7 @@ def _train(args, held):
     fwd = mm.loss_fn(lm) if mm else lm  # a vision run: the encoder eager (compiling it gained nothing, vision_speed)
     untimed_steps = UNTIMED_STEPS if compiled else EAGER_UNTIMED_STEPS
     peak = peak_flops(device)
+    print0(f"data: {data.path} (data_id {data.data_id}; {data.num_tokens('train'):,} train tokens)")
     print0(f"model: depth {cfg['depth']}, width {mcfg.n_embd}, {mcfg.n_head} heads, {counts['total'] / 1e6:.1f}M params, "
            f"{flops_per_token / 1e6:.1f} MFLOP/token{' (LM + vision encoder)' if mm else ''}; batch {cfg['total_batch_size']} tokens = {B} x {T} x "
            f"{world} ranks x {accum} accum; attention {attention.describe(device, head_dim=mcfg.head_dim)}")
@@ -435,6 +436,7 @@ def _train(args, held):
         "attention": ",".join(f"{k}={v}" for k, v in attention.describe().items()),
         "device": torch.cuda.get_device_name(device) if use_cuda else device.type,
         "seed": cfg["seed"],
+        "data_id": data.data_id,  # what it read: sweep table / fit refuse to pool cells of different data
         "run_dir": str(run_dir),  # where config, metrics, checkpoints, samples and the plot are
     }
     if rank == 0 and res:  # --eval-split none: the launcher scores the run; no time spent on extras

@@ -93,6 +93,18 @@ def test_force_rebuild_is_deterministic(corpus, tmp_path):
     assert not list(tmp_path.glob("d.*"))  # no tmp/old folders left
 
 
+def test_data_id_names_the_content_not_the_place(data_dir, corpus, tmp_path):
+    """data_id, which a run's summary records and `sweep table` compares: the same source prepared again
+    elsewhere (other workers) has the same id; one document more gives another."""
+    d = DataDir.open(data_dir)
+    again = prepare(str(corpus[0]), out=tmp_path / "again", vocab_size=600, val_frac=0.15, test_frac=0.1, workers=1)
+    assert DataDir.open(again).data_id == d.data_id and len(d.data_id) == 16 and int(d.data_id, 16) >= 0
+    shutil.copytree(corpus[0], tmp_path / "more")
+    (tmp_path / "more" / "extra.txt").write_text("one document more, of words seen nowhere else\n" * 20)
+    more = prepare(str(tmp_path / "more"), out=tmp_path / "m", vocab_size=600, val_frac=0.15, test_frac=0.1)
+    assert DataDir.open(more).data_id != d.data_id
+
+
 def test_pystdlib_subset_end_to_end(tmp_path, capsys):
     out = prepare("pystdlib", out=tmp_path / "std", vocab_size=300, glob="*json*", val_frac=0.3, test_frac=0.3)
     text = capsys.readouterr().out

@@ -2,8 +2,12 @@
 scaling-law fit on data whose parameters are known."""
 import argparse
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +155,7 @@ def test_sweep_fit_writes_table_and_plots_next_to_the_spec(tmp_path, capsys):
         assert np.isclose(res["params"][k], TRUE[k], rtol=0.02), (k, res["params"][k])
     table = (tmp_path / "spec-fit.md").read_text()
     assert "loss falls with D" in table and "| d4_flops1e21_s0 |" in table and "D_opt/N_opt" in table
+    assert "data: no cell records a data_id (run before 2026-12-05)." in table
     assert (tmp_path / "spec-curves.png").stat().st_size > 1000 and (tmp_path / "spec-predicted.png").exists()
 
 
@@ -245,6 +250,7 @@ def test_table_gives_each_points_seeds_and_the_paired_differences(tmp_path, caps
     assert cli.main(["sweep", "table", str(path), "--dir", str(sweep_dir)]) == 0
     table = (tmp_path / "spec-table.md").read_text()
     assert table in capsys.readouterr().out and "5 of 6 cells done" in table and "loss falls with D" in table
+    assert "data: no cell records a data_id (run before 2026-12-05)" in table
     assert "| fp8tensorwise_s2 | not done |" in table and "| fp8none_s1 | 0.8042 | 33.55 | 123,457 | 47.5 |" in table
     base = [1.0406, 0.8042, 0.7961]
     assert f"| fp8 none | 3 of 3 | {st.mean(base):.4f} | {st.stdev(base):.4f} | 0.7961 | 1.0406 |" in table
@@ -255,6 +261,85 @@ def test_table_gives_each_points_seeds_and_the_paired_differences(tmp_path, caps
     sweep.open_sweep(sweep.load_spec(empty), tmp_path / "sw2")
     assert cli.main(["sweep", "table", str(empty), "--dir", str(tmp_path / "sw2")]) == 2
     assert "none of the 2 cells in" in capsys.readouterr().err
+
+
+def test_the_device_cells_script_refuses_another_corpus_and_records_its_own(tmp_path):
+    """bench/sweep_cells.sh, which runs a sweep's cells on a lent GPU machine: it prepares pysrc (here a
+    small stand-in, cached under LLMLABS_HOME with the settings `prepare pysrc` checks), records its
+    data_id, refuses to run any cell when DATA_ID names another corpus, else runs the cell and packs
+    its records, whose summary holds that data_id."""
+    from conftest import prepared_stdlib
+    from llmlabs.data import prepare
+    from llmlabs.data.shards import DataDir
+    from llmlabs.data.sources import resolve_source
+
+    pysrc = tmp_path / "home" / "data" / "pysrc-v8192"
+    shutil.copytree(prepared_stdlib(tmp_path / "corpus", 20, 300, 0.2, 0.2), pysrc)
+    manifest = json.loads((pysrc / "manifest.json").read_text())
+    manifest["settings"] = {**resolve_source("pysrc").settings, "vocab_size": 8192, "val_frac": prepare.VAL_FRAC,
+                            "test_frac": prepare.TEST_FRAC, "tokenizer_chars": prepare.TOKENIZER_CHARS}
+    (pysrc / "manifest.json").write_text(json.dumps(manifest))
+    data_id = DataDir.open(pysrc).data_id
+    spec = write(tmp_path, spec_text({"train_args": f"--data pysrc --depth 1 {TINY}"}, {"tokens": [256.0]}))
+    env = {**os.environ, "LLMLABS_HOME": str(tmp_path / "home"), "SWEEP_DIR": str(tmp_path / "sw"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3: this interpreter
+
+    def script(out, want):
+        out.mkdir()
+        return subprocess.run(["bash", str(REPO / "bench" / "sweep_cells.sh"), str(spec), "tok256_s0", str(out)],
+                              cwd=REPO, env={**env, "DATA_ID": want}, capture_output=True, text=True, timeout=600)
+
+    r = script(tmp_path / "o1", "0" * 16)
+    assert r.returncode == 1 and f"refused: pysrc here is data_id {data_id}, not the sweep's {'0' * 16}" in r.stdout
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "o1" / "cells.tgz").exists()
+    r = script(tmp_path / "o2", data_id)
+    assert r.returncode == 0 and "tok256_s0: val_bpb" in r.stdout, r.stdout + r.stderr
+    log = (tmp_path / "o2" / "run.log").read_text()
+    assert "already prepared" in log and f"data_id {data_id}\n" in log
+    with tarfile.open(tmp_path / "o2" / "cells.tgz") as t:
+        assert json.load(t.extractfile("cells/tok256_s0/summary.json"))["data_id"] == data_id
+
+
+def _tokenizer(extra: bytes):
+    """A valid tokenizer: the 256 byte tokens, one merge `extra` and the special block."""
+    from llmlabs.data.tokenizer import SPECIAL_NAMES, SPLIT_PATTERN, Tokenizer
+
+    ranks = [bytes([b]) for b in range(256)] + [extra]
+    return Tokenizer(SPLIT_PATTERN, ranks, {n: len(ranks) + i for i, n in enumerate(SPECIAL_NAMES)})
+
+
+def test_table_and_fit_refuse_cells_that_read_different_data(tmp_path, capsys):
+    """Cells of one sweep run on two machines can read two corpora (pysrc follows the installed packages):
+    `table` and `fit` refuse to pool them, by the tokenizer each run directory holds and by the summary's
+    data_id, and name the groups (in the spec's cell order) in one line; one corpus is named in the header."""
+    path = write(tmp_path, spec_text({"seeds": [0, 1]}, {"fp8": ["none", "tensorwise"]}))
+    s = sweep.load_spec(path)
+    sweep_dir = sweep.open_sweep(s, tmp_path / "sw")
+    tok_a, tok_b = _tokenizer(b"ab"), _tokenizer(b"cd")
+    assert tok_a.hash != tok_b.hash
+
+    def cell(name, tok, data_id=None):
+        d = sweep_dir / "cells" / name
+        d.mkdir(exist_ok=True)
+        tok.save(d / "tokenizer.json")
+        (d / "summary.json").write_text(json.dumps({"val_bpb": 1.0, **({"data_id": data_id} if data_id else {})}))
+
+    cell("fp8none_s0", tok_a)  # run before summaries recorded a data_id: its tokenizer still speaks
+    cell("fp8tensorwise_s0", tok_a, "0123456789abcdef")
+    assert cli.main(["sweep", "table", str(path), "--dir", str(sweep_dir)]) == 0
+    assert (f"data: tokenizer {tok_a.hash[:12]} in 2 of 2 cells; data_id 0123456789abcdef in the 1 that record one"
+            in (tmp_path / "spec-table.md").read_text())
+    for bad, said in ((("fp8none_s1", tok_b, None), f"tokenizer {tok_a.hash[:12]}: fp8none_s0, fp8tensorwise_s0; "
+                                                    f"tokenizer {tok_b.hash[:12]}: fp8none_s1"),
+                      (("fp8none_s1", tok_a, "fedcba9876543210"), "data_id fedcba9876543210: fp8none_s1; "
+                                                                  "data_id 0123456789abcdef: fp8tensorwise_s0")):
+        cell(*bad)
+        for cmd in ("table", "fit"):
+            capsys.readouterr()
+            assert cli.main(["sweep", cmd, str(path), "--dir", str(sweep_dir)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "its cells read different data (" + said + ")" in err[0], err
+            assert "rerun the odd cells on the sweep's data" in err[0]
 
 
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, capsys):

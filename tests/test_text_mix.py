@@ -4,6 +4,7 @@ text rows with plain positions and no patches (their loss is the LM's alone), va
 evaluate_bpb on the nested directory, a mixed run resumes exactly, and bad combinations are one line."""
 import json
 import re
+import shutil
 
 import pytest
 from conftest import prepared_shapes, sigint_after, stdlib_folder
@@ -70,6 +71,15 @@ def test_prepare_text_nests_a_text_directory_with_the_captions_tokenizer(mixed, 
     assert "already prepared" in capsys.readouterr().out
     with pytest.raises(LabError, match=r"prepared with other settings \(text: .* -> None\)"):
         prepared_shapes(tmp_path, val_frac=0.15)
+    # the nested text directory is part of what a run reads, so part of its data_id
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "text" / "manifest.json").read_text())
+    name = sorted(manifest["files"])[0]
+    manifest["files"][name]["sha256"] = "0" * 64
+    (copy / "text" / "manifest.json").write_text(json.dumps(manifest))
+    assert DataDir.open(copy).data_id != DataDir.open(out).data_id
+    assert DataDir.open(out).data_id == DataDir.open(data_path).data_id  # the same sources, built twice
 
 
 def test_a_mixed_batch_has_fixed_text_rows_with_plain_positions_and_the_plain_models_loss(mixed):

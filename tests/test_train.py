@@ -82,6 +82,9 @@ def test_train_writes_a_complete_run(data_dir, tmp_path, capsys):
     assert [r["step"] for r in rows] == list(range(1, 17)) and rows[-1]["tokens"] == 16 * 512
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert json.loads((run / "summary.json").read_text())["num_steps"] == 16
+    # what it read, as `sweep table` compares it
+    assert json.loads((run / "summary.json").read_text())["data_id"] == data.data_id
+    assert f"data: {data.path} (data_id {data.data_id}; {data.num_tokens('train'):,} train tokens)" in out
 
 
 def test_eval_split_none_and_the_launchers_event_pipe(data_dir, tmp_path, monkeypatch, capsys):

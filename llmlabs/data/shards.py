@@ -150,6 +150,19 @@ class DataDir:
                                f"with `{rebuild}`")
         return cls(path, manifest, tokenizer)
 
+    @property
+    def data_id(self) -> str:
+        """16 hex digits naming exactly what a run reads: the tokenizer's hash and every file's sha256,
+        a nested text directory's (--text) included. Two runs with one id read the same data. A run's
+        summary records it and `sweep table` / `sweep fit` refuse to pool cells with different ones:
+        `pysrc`, the interpreter's own sources, differs between machines with different packages
+        installed, and a val split that differs makes val_bpb incomparable."""
+        manifests = [self.manifest]
+        if (self.path / TEXT_DIR / MANIFEST).is_file():
+            manifests.append(json.loads((self.path / TEXT_DIR / MANIFEST).read_text()))
+        content = [[m["tokenizer"]["hash"], sorted((n, f["sha256"]) for n, f in m["files"].items())] for m in manifests]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
     def _split(self, split: str) -> dict:
         if split not in SPLITS:
             raise LabError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
