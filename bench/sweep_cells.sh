@@ -7,8 +7,9 @@
 # two a call (`llmlabs sweep run --cells`), each call preparing pysrc first (~50 s). pysrc is the
 # interpreter's own sources, so it changes with what is installed: the calls of one sweep must install
 # the same (`source bench/gpu_setup.sh` and nothing else; a GPU suite's lm_eval on a warm machine made
-# another corpus, 2026-12-05). run.log records the corpus's data_id; DATA_ID=<the first call's> makes a
-# later call refuse to run on another (`llmlabs sweep table` refuses to pool them). RUNNERS > 1 starts that many
+# another corpus, 2026-12-05). run.log records the corpus's data_id and tokenizer hash; DATA_ID=<the
+# first call's>, or TOKENIZER=<a prefix of its tokenizer hash> for cells run before data_id existed,
+# makes a later call refuse to run on another (`llmlabs sweep table` refuses to pool them). RUNNERS > 1 starts that many
 # runners on the one sweep directory, so the named cells run side by side on the one GPU: for cells at
 # equal tokens only, never for cells at equal time, whose val_bpb depends on the speed they get.
 # OUT_DIR gets cells.tgz (the sweep directory's sweep.json and spec.toml, and each named cell's
@@ -27,10 +28,10 @@ sw=${SWEEP_DIR:-/tmp/sweep}
     echo "# $(date +%F) | $(python3 -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1 | tail -1) | commit ${LLMLABS_COMMIT:-unknown}"
     echo "# command: bash bench/sweep_cells.sh $spec $cells OUT $runners"
     python3 -m llmlabs prepare pysrc 2>&1 | tail -4
-    id=$(python3 -c 'from llmlabs.data.shards import DataDir; print(DataDir.open("pysrc").data_id)')
-    echo "data_id $id"
-    if [[ -n "${DATA_ID:-}" && "$id" != "$DATA_ID" ]]; then
-        echo "refused: pysrc here is data_id $id, not the sweep's $DATA_ID (other packages installed?): no cell run"
+    read -r id tok < <(python3 -c 'from llmlabs.data.shards import DataDir; d = DataDir.open("pysrc"); print(d.data_id, d.tokenizer.hash)')
+    echo "data_id $id tokenizer $tok"
+    if [[ -n "${DATA_ID:-}" && "$id" != "$DATA_ID" ]] || [[ -n "${TOKENIZER:-}" && "$tok" != "$TOKENIZER"* ]]; then
+        echo "refused: pysrc here is data_id $id, tokenizer ${tok:0:12}, not the sweep's ${DATA_ID:-}${TOKENIZER:-} (other packages installed?): no cell run"
         exit 3
     fi
     for ((i = 1; i <= runners; i++)); do

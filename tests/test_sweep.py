@@ -266,8 +266,8 @@ def test_table_gives_each_points_seeds_and_the_paired_differences(tmp_path, caps
 def test_the_device_cells_script_refuses_another_corpus_and_records_its_own(tmp_path):
     """bench/sweep_cells.sh, which runs a sweep's cells on a lent GPU machine: it prepares pysrc (here a
     small stand-in, cached under LLMLABS_HOME with the settings `prepare pysrc` checks), records its
-    data_id, refuses to run any cell when DATA_ID names another corpus, else runs the cell and packs
-    its records, whose summary holds that data_id."""
+    data_id and tokenizer, refuses to run any cell when DATA_ID or TOKENIZER names another corpus, else
+    runs the cell and packs its records, whose summary holds that data_id."""
     from conftest import prepared_stdlib
     from llmlabs.data import prepare
     from llmlabs.data.shards import DataDir
@@ -279,24 +279,27 @@ def test_the_device_cells_script_refuses_another_corpus_and_records_its_own(tmp_
     manifest["settings"] = {**resolve_source("pysrc").settings, "vocab_size": 8192, "val_frac": prepare.VAL_FRAC,
                             "test_frac": prepare.TEST_FRAC, "tokenizer_chars": prepare.TOKENIZER_CHARS}
     (pysrc / "manifest.json").write_text(json.dumps(manifest))
-    data_id = DataDir.open(pysrc).data_id
+    data_id, tok = DataDir.open(pysrc).data_id, DataDir.open(pysrc).tokenizer.hash
     spec = write(tmp_path, spec_text({"train_args": f"--data pysrc --depth 1 {TINY}"}, {"tokens": [256.0]}))
     env = {**os.environ, "LLMLABS_HOME": str(tmp_path / "home"), "SWEEP_DIR": str(tmp_path / "sw"),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3: this interpreter
 
-    def script(out, want):
+    def script(out, **want):
         out.mkdir()
         return subprocess.run(["bash", str(REPO / "bench" / "sweep_cells.sh"), str(spec), "tok256_s0", str(out)],
-                              cwd=REPO, env={**env, "DATA_ID": want}, capture_output=True, text=True, timeout=600)
+                              cwd=REPO, env={**env, **want}, capture_output=True, text=True, timeout=600)
 
-    r = script(tmp_path / "o1", "0" * 16)
-    assert r.returncode == 1 and f"refused: pysrc here is data_id {data_id}, not the sweep's {'0' * 16}" in r.stdout
-    assert not (tmp_path / "sw").exists() and not (tmp_path / "o1" / "cells.tgz").exists()
-    r = script(tmp_path / "o2", data_id)
+    other = "0" * 16 if not data_id.startswith("0") else "1" * 16
+    for i, want in enumerate(({"DATA_ID": other}, {"DATA_ID": data_id, "TOKENIZER": other[:12]})):
+        r = script(tmp_path / f"o{i}", **want)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"refused: pysrc here is data_id {data_id}, tokenizer {tok[:12]}, not the sweep's " in r.stdout
+        assert not (tmp_path / "sw").exists() and not (tmp_path / f"o{i}" / "cells.tgz").exists()
+    r = script(tmp_path / "ok", DATA_ID=data_id, TOKENIZER=tok[:12])
     assert r.returncode == 0 and "tok256_s0: val_bpb" in r.stdout, r.stdout + r.stderr
-    log = (tmp_path / "o2" / "run.log").read_text()
-    assert "already prepared" in log and f"data_id {data_id}\n" in log
-    with tarfile.open(tmp_path / "o2" / "cells.tgz") as t:
+    log = (tmp_path / "ok" / "run.log").read_text()
+    assert "already prepared" in log and f"data_id {data_id} tokenizer {tok}\n" in log
+    with tarfile.open(tmp_path / "ok" / "cells.tgz") as t:
         assert json.load(t.extractfile("cells/tok256_s0/summary.json"))["data_id"] == data_id
 
 
