@@ -9,7 +9,9 @@
 # the same (`source bench/gpu_setup.sh` and nothing else; a GPU suite's lm_eval on a warm machine made
 # another corpus, 2026-12-05). run.log records the corpus's data_id and tokenizer hash; DATA_ID=<the
 # first call's>, or TOKENIZER=<a prefix of its tokenizer hash> for cells run before data_id existed,
-# makes a later call refuse to run on another (`llmlabs sweep table` refuses to pool them). RUNNERS > 1 starts that many
+# makes a later call refuse to run on another (`llmlabs sweep table` refuses to pool them); DEVICE=<a part of the
+# GPU's name, e.g. H200> refuses before preparing anything on another card: cells at equal time must share one
+# (`sweep table` refuses to pool them too), cells at equal tokens may mix. RUNNERS > 1 starts that many
 # runners on the one sweep directory, so the named cells run side by side on the one GPU: for cells at
 # equal tokens only, never for cells at equal time, whose val_bpb depends on the speed they get.
 # OUT_DIR gets cells.tgz (the sweep directory's sweep.json and spec.toml, and each named cell's
@@ -25,8 +27,13 @@ runners=${4:-1}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 sw=${SWEEP_DIR:-/tmp/sweep}
 (
-    echo "# $(date +%F) | $(python3 -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__)' 2>&1 | tail -1) | commit ${LLMLABS_COMMIT:-unknown}"
+    read -r torch_version device < <(python3 -c 'import torch as t; print(t.__version__, t.cuda.get_device_name() if t.cuda.is_available() else "cpu")')
+    echo "# $(date +%F) | $device | torch $torch_version | commit ${LLMLABS_COMMIT:-unknown}"
     echo "# command: bash bench/sweep_cells.sh $spec $cells OUT $runners"
+    if [[ -n "${DEVICE:-}" && "$device" != *"$DEVICE"* ]]; then
+        echo "refused: this machine's device is $device, not the sweep's $DEVICE (equal time on another card is not equal compute): no cell run"
+        exit 3
+    fi
     python3 -m llmlabs prepare pysrc 2>&1 | tail -4
     read -r id tok < <(python3 -c 'from llmlabs.data.shards import DataDir; d = DataDir.open("pysrc"); print(d.data_id, d.tokenizer.hash)')
     echo "data_id $id tokenizer $tok"

@@ -328,6 +328,28 @@ def one_corpus(sweep_dir, names) -> str:
         (f"data_id {did} in the {n_id} that record one" if did else "no cell records a data_id (run before 2026-12-05)")
 
 
+def one_device(sweep_dir, names) -> str:
+    """The devices the finished cells `names` trained on, as a line for a report; cells under a time
+    budget must share one (raises LabError naming the groups if not). Equal time on two cards is not
+    equal compute (an H200 has an H100's matmul peak and 1.43x its memory bandwidth, and runs a d8 step
+    faster), so a difference between such cells would measure the cards too. Cells under a token, FLOP or data-ratio budget
+    train the same tokens anywhere and may mix devices (bf16 kernels differ only in rounding)."""
+    groups, timed = {}, []
+    for name in names:
+        cell = Path(sweep_dir) / "cells" / name
+        groups.setdefault(json.loads((cell / "summary.json").read_text()).get("device", "unknown"), []).append(name)
+        config = cell / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("time_budget"):
+            timed.append(name)
+    if len(groups) > 1 and timed:
+        raise LabError(f"{sweep_dir}: its cells trained on different devices (" + "; ".join(
+            f"{k}: {', '.join(v)}" for k, v in groups.items()) + f") under a time budget ({', '.join(timed)}), "
+            "and equal time on two devices is not equal compute: rerun the odd cells on the sweep's device "
+            "(bench/sweep_cells.sh: DEVICE=<its name>) or move them to a sweep directory of their own")
+    return "device: " + "; ".join(f"{k} ({len(v)} of {len(names)} cells)" for k, v in groups.items()) + \
+        (" (under a time budget: one device)" if timed else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # running the cells
 
@@ -527,7 +549,7 @@ def seed_table(spec, sweep_dir) -> int:
         groups.setdefault(point(c), {})[c.seed] = done.get(c.name, {}).get("val_bpb")
     sd = lambda v: f"{st.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
     lines = [f"# sweep {spec.name}: val_bpb over seeds", "", f"spec `{spec.path}` (sha256 {spec.sha256[:12]}), "
-             f"{len(done)} of {len(spec.cells)} cells done", "", one_corpus(sweep_dir, done), "",
+             f"{len(done)} of {len(spec.cells)} cells done", "", one_corpus(sweep_dir, done), "", one_device(sweep_dir, done), "",
              *[f"- hypothesis: {h}" for h in spec.hypotheses], f"- success: {spec.success}", "",
              "| cell | val_bpb | tokens (M) | tokens/s | training s |", "|---|---|---|---|---|"]
     for c in spec.cells:

@@ -266,8 +266,8 @@ def test_table_gives_each_points_seeds_and_the_paired_differences(tmp_path, caps
 def test_the_device_cells_script_refuses_another_corpus_and_records_its_own(tmp_path):
     """bench/sweep_cells.sh, which runs a sweep's cells on a lent GPU machine: it prepares pysrc (here a
     small stand-in, cached under LLMLABS_HOME with the settings `prepare pysrc` checks), records its
-    data_id and tokenizer, refuses to run any cell when DATA_ID or TOKENIZER names another corpus, else
-    runs the cell and packs its records, whose summary holds that data_id."""
+    data_id and tokenizer, refuses to run any cell when DATA_ID or TOKENIZER names another corpus or
+    DEVICE another card, else runs the cell and packs its records, whose summary holds that data_id."""
     from conftest import prepared_stdlib
     from llmlabs.data import prepare
     from llmlabs.data.shards import DataDir
@@ -295,10 +295,13 @@ def test_the_device_cells_script_refuses_another_corpus_and_records_its_own(tmp_
         assert r.returncode == 1, r.stdout + r.stderr
         assert f"refused: pysrc here is data_id {data_id}, tokenizer {tok[:12]}, not the sweep's " in r.stdout
         assert not (tmp_path / "sw").exists() and not (tmp_path / f"o{i}" / "cells.tgz").exists()
-    r = script(tmp_path / "ok", DATA_ID=data_id, TOKENIZER=tok[:12])
+    r = script(tmp_path / "o2", DEVICE="H200")  # another card: refused before pysrc is even prepared
+    assert r.returncode == 1 and "refused: this machine's device is cpu, not the sweep's H200" in r.stdout, r.stdout
+    assert "prepared" not in (tmp_path / "o2" / "run.log").read_text() and not (tmp_path / "sw").exists()
+    r = script(tmp_path / "ok", DATA_ID=data_id, TOKENIZER=tok[:12], DEVICE="cpu")
     assert r.returncode == 0 and "tok256_s0: val_bpb" in r.stdout, r.stdout + r.stderr
     log = (tmp_path / "ok" / "run.log").read_text()
-    assert "already prepared" in log and f"data_id {data_id} tokenizer {tok}\n" in log
+    assert "already prepared" in log and f"data_id {data_id} tokenizer {tok}\n" in log and "| cpu | torch " in log
     with tarfile.open(tmp_path / "ok" / "cells.tgz") as t:
         assert json.load(t.extractfile("cells/tok256_s0/summary.json"))["data_id"] == data_id
 
@@ -343,6 +346,45 @@ def test_table_and_fit_refuse_cells_that_read_different_data(tmp_path, capsys):
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "its cells read different data (" + said + ")" in err[0], err
             assert "rerun the odd cells on the sweep's data" in err[0]
+
+
+def test_table_refuses_cells_of_two_devices_under_a_time_budget_only(tmp_path, capsys):
+    """Equal time on an H100 and on an H200 is not equal compute: `table` refuses to pool time-budgeted
+    cells of two devices, naming the groups; token-budgeted cells (the same tokens anywhere) may mix
+    devices, and the header names each device with its count."""
+    path = write(tmp_path, spec_text({"seeds": [0, 1]}, {"fp8": ["none", "tensorwise"]}))
+    s = sweep.load_spec(path)
+    sweep_dir = sweep.open_sweep(s, tmp_path / "sw")
+    tok = _tokenizer(b"ab")
+
+    def cells(budget, devices):
+        for name, device in zip(("fp8none_s0", "fp8tensorwise_s0", "fp8none_s1"), devices):
+            d = sweep_dir / "cells" / name
+            d.mkdir(exist_ok=True)
+            tok.save(d / "tokenizer.json")
+            (d / "summary.json").write_text(json.dumps({"val_bpb": 1.0, "device": device}))
+            (d / "config.json").write_text(json.dumps({"depth": 1, **budget}))
+
+    def table():
+        capsys.readouterr()
+        rc = cli.main(["sweep", "table", str(path), "--dir", str(sweep_dir)])
+        return rc, capsys.readouterr()
+
+    cells({"time_budget": 300.0}, ["NVIDIA H200"] * 3)
+    rc, _ = table()
+    assert rc == 0 and ("device: NVIDIA H200 (3 of 3 cells) (under a time budget: one device)"
+                        in (tmp_path / "spec-table.md").read_text())
+    cells({"time_budget": 300.0}, ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+    rc, out = table()
+    err = out.err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, out
+    assert ("its cells trained on different devices (NVIDIA H200: fp8none_s0, fp8none_s1; NVIDIA H100 80GB HBM3: "
+            "fp8tensorwise_s0) under a time budget (fp8none_s0, fp8none_s1, fp8tensorwise_s0)") in err[0]
+    assert "DEVICE=" in err[0]
+    cells({"tokens": 5e5}, ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+    rc, _ = table()
+    assert rc == 0 and ("device: NVIDIA H200 (2 of 3 cells); NVIDIA H100 80GB HBM3 (1 of 3 cells)\n"
+                        in (tmp_path / "spec-table.md").read_text())
 
 
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, capsys):
