@@ -332,8 +332,8 @@ def one_device(sweep_dir, names) -> str:
     """The devices the finished cells `names` trained on, as a line for a report; cells under a time
     budget must share one (raises LabError naming the groups if not). Equal time on two cards is not
     equal compute (an H200 has an H100's matmul peak and 1.43x its memory bandwidth, and runs a d8 step
-    faster), so a difference between such cells would measure the cards too. Cells under a token, FLOP or data-ratio budget
-    train the same tokens anywhere and may mix devices (bf16 kernels differ only in rounding)."""
+    faster), so a difference between such cells would measure the cards too. Cells under a token, FLOP
+    or data-ratio budget train the same tokens anywhere and may mix devices (kernels differ in rounding)."""
     groups, timed = {}, []
     for name in names:
         cell = Path(sweep_dir) / "cells" / name
