@@ -1,5 +1,5 @@
 """The `llmlabs` dispatcher: --version, --help without torch (instant), and a bad flag value is one
-`error:` line with exit code 2, never a traceback (a flag's own check raises while argparse parses)."""
+`error:` line with exit code 2, never a traceback (a flag's own check raises while argparse parses); .ci/run runs the README's test command."""
 import subprocess
 import sys
 
@@ -43,3 +43,18 @@ def test_train_help_shows_the_presets(capsys):
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
     assert f"CPU: --depth {CPU_PRESET['depth']}, " in out and f"GPU: --depth {GPU_PRESET['depth']}, " in out
     assert f"--tokens {CPU_PRESET['tokens']}" in out and "--time-budget 300" in out
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """README.md opens with two commands, the main job and the tests; .ci/run must run the second as
+    written (CI is then what a user runs), and the first must be the plain `llmlabs train`."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    blocks = [line.strip() for line in (root / "README.md").read_text().split("## ")[0].splitlines()
+              if line.startswith("    python3 -m venv .venv")]
+    assert len(blocks) == 2, blocks
+    assert blocks[0].endswith("&& .venv/bin/llmlabs train")
+    assert blocks[1].startswith("python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e '.[test]'")
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == blocks[1]
