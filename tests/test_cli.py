@@ -1,5 +1,6 @@
 """The `llmlabs` dispatcher: --version, --help without torch (instant), and a bad flag value is one
-`error:` line with exit code 2, never a traceback (a flag's own check raises while argparse parses); .ci/run runs the README's test command."""
+`error:` line with exit code 2, never a traceback (a flag's own check raises while argparse parses);
+.ci/run runs the README's test command."""
 import subprocess
 import sys
 
