@@ -549,7 +549,8 @@ def seed_table(spec, sweep_dir) -> int:
         groups.setdefault(point(c), {})[c.seed] = done.get(c.name, {}).get("val_bpb")
     sd = lambda v: f"{st.stdev(v):.4f}" if len(v) > 1 else "-"  # noqa: E731
     lines = [f"# sweep {spec.name}: val_bpb over seeds", "", f"spec `{spec.path}` (sha256 {spec.sha256[:12]}), "
-             f"{len(done)} of {len(spec.cells)} cells done", "", one_corpus(sweep_dir, done), "", one_device(sweep_dir, done), "",
+             f"{len(done)} of {len(spec.cells)} cells done", "", one_corpus(sweep_dir, done), "",
+             one_device(sweep_dir, done), "",
              *[f"- hypothesis: {h}" for h in spec.hypotheses], f"- success: {spec.success}", "",
              "| cell | val_bpb | tokens (M) | tokens/s | training s |", "|---|---|---|---|---|"]
     for c in spec.cells:
