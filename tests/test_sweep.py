@@ -295,13 +295,15 @@ def test_the_device_cells_script_refuses_another_corpus_and_records_its_own(tmp_
         assert r.returncode == 1, r.stdout + r.stderr
         assert f"refused: pysrc here is data_id {data_id}, tokenizer {tok[:12]}, not the sweep's " in r.stdout
         assert not (tmp_path / "sw").exists() and not (tmp_path / f"o{i}" / "cells.tgz").exists()
-    r = script(tmp_path / "o2", DEVICE="H200")  # another card: refused before pysrc is even prepared
-    assert r.returncode == 1 and "refused: this machine's device is cpu, not the sweep's H200" in r.stdout, r.stdout
+    # the script names the card as torch does (the test ran on an H100 too, 2026-12-06, where "cpu" was wrong)
+    here = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    r = script(tmp_path / "o2", DEVICE="B300")  # another card: refused before pysrc is even prepared
+    assert r.returncode == 1 and f"refused: this machine's device is {here}, not the sweep's B300" in r.stdout, r.stdout
     assert "prepared" not in (tmp_path / "o2" / "run.log").read_text() and not (tmp_path / "sw").exists()
-    r = script(tmp_path / "ok", DATA_ID=data_id, TOKENIZER=tok[:12], DEVICE="cpu")
+    r = script(tmp_path / "ok", DATA_ID=data_id, TOKENIZER=tok[:12], DEVICE=here)
     assert r.returncode == 0 and "tok256_s0: val_bpb" in r.stdout, r.stdout + r.stderr
     log = (tmp_path / "ok" / "run.log").read_text()
-    assert "already prepared" in log and f"data_id {data_id} tokenizer {tok}\n" in log and "| cpu | torch " in log
+    assert "already prepared" in log and f"data_id {data_id} tokenizer {tok}\n" in log and f"| {here} | torch " in log
     with tarfile.open(tmp_path / "ok" / "cells.tgz") as t:
         assert json.load(t.extractfile("cells/tok256_s0/summary.json"))["data_id"] == data_id
 
